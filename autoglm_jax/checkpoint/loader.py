@@ -1,0 +1,105 @@
+"""One entry point from "what the user named" to a ready model: preset, HF dir, GGUF file or Orbax.
+
+Owns: recognising the kind of checkpoint and turning its parameter tree into a ``CausalLM`` on the
+device. Random-weight presets are initialised on the device (no host copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from autoglm_jax.checkpoint.gguf_file import CheckpointError
+from autoglm_jax.config import PRESETS, ModelConfig
+from autoglm_jax.model.decoder import CausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """What ``model=`` named, resolved: kind in {"preset", "hf", "gguf", "orbax"} and the path/name."""
+
+    kind: str
+    path: str
+
+
+def resolve_model_source(model: str | None) -> ModelSource:
+    from autoglm_jax.checkpoint.hf import is_hf_directory
+    from autoglm_jax.default_model import default_model_path
+
+    if model is None:
+        return ModelSource("gguf", default_model_path())
+    if model in PRESETS and not os.path.exists(model):
+        return ModelSource("preset", model)
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        return ModelSource("gguf", model)
+    if is_hf_directory(model):
+        return ModelSource("hf", model)
+    if os.path.isdir(model):
+        from autoglm_jax.checkpoint.orbax_io import is_orbax_checkpoint
+
+        if is_orbax_checkpoint(model):
+            return ModelSource("orbax", model)
+        raise CheckpointError(f"{model} is a directory with neither config.json (Hugging Face) nor an Orbax checkpoint")
+    raise CheckpointError(
+        f"model {model!r} is not a preset ({', '.join(sorted(PRESETS))}), a .gguf file, a Hugging Face "
+        f"directory or an Orbax checkpoint"
+    )
+
+
+def load_params(source: ModelSource, dtype) -> tuple[ModelConfig, dict | None]:
+    """(config, host parameter tree) for a checkpoint; (config, None) for a random preset."""
+    if source.kind == "preset":
+        return ModelConfig.from_preset(source.path), None
+    if source.kind == "hf":
+        from autoglm_jax.checkpoint.hf import load_hf_directory
+
+        return load_hf_directory(source.path, dtype)
+    if source.kind == "gguf":
+        from autoglm_jax.checkpoint.gguf import config_from_gguf, iter_gguf_tensors
+        from autoglm_jax.checkpoint.params import assemble_params
+
+        config = config_from_gguf(source.path)
+        named = ((name, tensor, os.path.basename(source.path)) for name, tensor in iter_gguf_tensors(source.path, config))
+        return config, assemble_params(config, named, dtype)
+    if source.kind == "orbax":
+        from autoglm_jax.checkpoint.orbax_io import restore_checkpoint
+
+        config, params, _ = restore_checkpoint(source.path, dtype=dtype)
+        return config, params
+    raise ValueError(f"unknown model source kind {source.kind!r}")
+
+
+def abstract_model(config: ModelConfig, dtype, attention_backend: str = "xla") -> CausalLM:
+    return nnx.eval_shape(lambda: CausalLM(config, param_dtype=dtype, attention_backend=attention_backend,
+                                           rngs=nnx.Rngs(0)))
+
+
+def build_model(config: ModelConfig, params: dict | None, dtype, attention_backend: str = "xla", seed: int = 0) -> CausalLM:
+    """A CausalLM on the default device: from a host parameter tree (consumed: each host buffer is
+    dropped once on the device), or random weights created on the device when ``params`` is None."""
+    if params is None:
+        return nnx.jit(lambda: CausalLM(config, param_dtype=dtype, attention_backend=attention_backend,
+                                        rngs=nnx.Rngs(seed)))()
+    graphdef, state = nnx.split(abstract_model(config, dtype, attention_backend))
+    on_device = _to_device(params, dtype)
+    nnx.replace_by_pure_dict(state, on_device)
+    return nnx.merge(graphdef, state)
+
+
+def _to_device(tree: dict, dtype) -> dict:
+    out = {}
+    for key in list(tree):
+        value = tree.pop(key)
+        out[key] = _to_device(value, dtype) if isinstance(value, dict) else jax.device_put(jnp.asarray(value, dtype))
+    return out
+
+
+def load_model(model: str | None, dtype=jnp.bfloat16, attention_backend: str = "xla", seed: int = 0):
+    """(config, CausalLM, source) for a preset name, HF directory, GGUF file, Orbax checkpoint or None."""
+    source = resolve_model_source(model)
+    config, params = load_params(source, dtype)
+    return config, build_model(config, params, dtype, attention_backend, seed), source

@@ -1,0 +1,59 @@
+"""The scheduler's working state for one step: what is scheduled so far and what budget is left.
+
+Owns: token-budget accounting (total budget and the prefill share) and the growing list of
+``ScheduledSequence`` entries, including taking an entry back when its request is preempted later
+in the same step. It does not decide what to schedule (``engine.scheduler``).
+"""
+
+from __future__ import annotations
+
+from autoglm_jax.engine.scheduler_config import SchedulerConfig
+from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+
+
+class StepPlan:
+    """Mutable builder of one ``SchedulerOutput``."""
+
+    def __init__(self, config: SchedulerConfig, num_lookahead_tokens: int):
+        self._token_budget = config.max_num_batched_tokens
+        self._prefill_cap_with_decodes = config.prefill_token_cap
+        self.num_lookahead_tokens = num_lookahead_tokens
+        self._entries: dict[str, ScheduledSequence] = {}
+        self.preempted: list[str] = []
+        self.finished: list[str] = []
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(e.num_tokens for e in self._entries.values() if e.is_decode)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(e.num_tokens for e in self._entries.values() if not e.is_decode)
+
+    def decode_tokens_left(self) -> int:
+        return self._token_budget - self.num_decode_tokens - self.num_prefill_tokens
+
+    def prefill_tokens_left(self) -> int:
+        """Prefill tokens still allowed: the prefill share when decodes run, else the whole budget."""
+        decode, prefill = self.num_decode_tokens, self.num_prefill_tokens
+        cap = self._prefill_cap_with_decodes if decode > 0 else self._token_budget
+        return max(0, min(self._token_budget - decode - prefill, cap - prefill))
+
+    def add(self, entry: ScheduledSequence) -> None:
+        if entry.request_id in self._entries:
+            raise RuntimeError(f"request {entry.request_id!r} scheduled twice in one step")
+        self._entries[entry.request_id] = entry
+
+    def withdraw(self, request_id: str) -> None:
+        """Drop the request's entry, if any (its request was preempted later in the step)."""
+        self._entries.pop(request_id, None)
+
+    def build(self) -> SchedulerOutput:
+        entries = list(self._entries.values())
+        ordered = [e for e in entries if e.is_decode] + [e for e in entries if not e.is_decode]
+        return SchedulerOutput(
+            scheduled=tuple(ordered),
+            preempted=tuple(self.preempted),
+            finished=tuple(self.finished),
+            num_lookahead_tokens=self.num_lookahead_tokens,
+        )

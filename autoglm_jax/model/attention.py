@@ -1,0 +1,70 @@
+"""The attention dispatch point: write this step's K/V into the paged cache, then attend.
+
+Owns: the cache write and the choice of attention implementation (``"xla"`` below, ``"pallas"`` from
+``pallas_kernels``). It does not know which pages belong to whom: that arrives in AttentionMetadata.
+
+Shapes: q [T, Nq, D]; k_new, v_new [T, Nkv, D]; cache k, v [L, P, page_size, Nkv, D].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from autoglm_jax.model.attention_metadata import AttentionMetadata
+
+ATTENTION_BACKENDS = ("xla", "pallas")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def write_kv(k_cache, v_cache, layer, slot_mapping, k_new, v_new):
+    """Scatters k_new/v_new [T, Nkv, D] into layer ``layer`` at flat slots [T] (in place once donated)."""
+    page_size = k_cache.shape[2]
+    pages, rows = slot_mapping // page_size, slot_mapping % page_size
+    k_cache = k_cache.at[layer, pages, rows].set(k_new.astype(k_cache.dtype))
+    v_cache = v_cache.at[layer, pages, rows].set(v_new.astype(v_cache.dtype))
+    return k_cache, v_cache
+
+
+def paged_attention_xla(q, k_cache, v_cache, layer, md: AttentionMetadata, sm_scale: float):
+    """Plain-XLA ragged paged attention: each token gathers the pages of its own sequence.
+
+    Token t attends to positions 0..positions[t] of sequence seq_ids[t] (causal by position). Memory is
+    O(T * MP * page_size * Nkv * D): fine for CPU and as a reference; the Pallas kernel is the GPU path.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, _, page_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    pages = md.page_table[md.seq_ids]  # [T, MP]
+    context = pages.shape[1] * page_size
+    k = k_cache[layer, pages].reshape(num_tokens, context, num_kv_heads, head_dim)
+    v = v_cache[layer, pages].reshape(num_tokens, context, num_kv_heads, head_dim)
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    scores = jnp.einsum("tkgd,tskd->tkgs", qg, k, preferred_element_type=jnp.float32, precision=precision)
+    visible = jnp.arange(context)[None, :] <= md.positions[:, None]  # [T, S]
+    scores = jnp.where(visible[:, None, None, :], scores * sm_scale, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("tkgs,tskd->tkgd", probs, v, preferred_element_type=jnp.float32, precision=precision)
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+
+
+def paged_attention_pallas(q, k_cache, v_cache, layer, md: AttentionMetadata, sm_scale: float):
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+    return ragged_paged_attention(
+        q, k_cache, v_cache, layer, md.seq_ids, md.positions, md.page_table, md.context_lens,
+        md.query_start_loc, md.num_tokens, sm_scale=sm_scale,
+    )
+
+
+_IMPLEMENTATIONS = {"xla": paged_attention_xla, "pallas": paged_attention_pallas}
+
+
+def attention(backend: str, q, k_new, v_new, k_cache, v_cache, layer, md: AttentionMetadata, sm_scale: float):
+    """Writes k_new/v_new for this step's tokens, then attends; returns (out [T, Nq, D], k_cache, v_cache)."""
+    if backend not in _IMPLEMENTATIONS:
+        raise ValueError(f"attention_backend={backend!r}; choose one of {ATTENTION_BACKENDS}")
+    k_cache, v_cache = write_kv(k_cache, v_cache, layer, md.slot_mapping, k_new, v_new)
+    out = _IMPLEMENTATIONS[backend](q, k_cache, v_cache, layer, md, sm_scale)
+    return out, k_cache, v_cache
