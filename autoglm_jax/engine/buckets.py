@@ -1,0 +1,54 @@
+"""The bucket ladder: the only shapes the jitted steps ever see.
+
+Owns: rounding a step's sizes up to a precompiled shape. Ladder (documented, all compiled by warmup):
+  - decode calls: batch rows B in powers of two 1, 2, 4, ... up to max_batch_size (T = B);
+  - mixed/prefill steps: flat tokens T in powers of two from 16 up to max_num_batched_tokens, with
+    B = min(T, max_batch_size) rows;
+  - the page-table width is fixed at ceil(max_sequence_length / page_size) (kernels loop only over a
+    sequence's real pages, so a wider table costs nothing there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MIN_TOKEN_BUCKET = 16
+
+
+def _powers_of_two(low: int, high: int) -> tuple[int, ...]:
+    out, value = [], low
+    while value < high:
+        out.append(value)
+        value *= 2
+    out.append(high)
+    return tuple(sorted(set(out)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketLadder:
+    max_batch_size: int
+    max_num_batched_tokens: int
+
+    @property
+    def decode_batches(self) -> tuple[int, ...]:
+        return _powers_of_two(1, self.max_batch_size)
+
+    @property
+    def token_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two(min(MIN_TOKEN_BUCKET, self.max_num_batched_tokens), self.max_num_batched_tokens)
+
+    def rows_for_tokens(self, token_bucket: int) -> int:
+        return min(token_bucket, self.max_batch_size)
+
+    def decode_batch(self, num_rows: int) -> int:
+        return _round_up(num_rows, self.decode_batches)
+
+    def token_bucket(self, num_tokens: int) -> int:
+        return _round_up(num_tokens, self.token_buckets)
+
+
+def _round_up(value: int, ladder: tuple[int, ...]) -> int:
+    for bucket in ladder:
+        if value <= bucket:
+            return bucket
+    raise ValueError(f"{value} exceeds the largest bucket {ladder[-1]}")

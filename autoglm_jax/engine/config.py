@@ -1,0 +1,111 @@
+"""Engine settings: one frozen dataclass, built from keyword args, a dict (the seed's entry point) or flags.
+
+Owns: every knob of the serving engine and its validation. The model's architecture lives in
+``autoglm_jax.config.ModelConfig``; scheduling limits are derived here into ``SchedulerConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from autoglm_jax.engine.scheduler_config import SchedulerConfig
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Settings of ``LLM`` / ``AutoGLMEngine``.
+
+    model: preset name, Hugging Face directory, .gguf file or Orbax checkpoint; None = the embedded
+        SmolLM2-135M-Instruct. dtype: "auto" = bfloat16 on GPU, float32 on CPU.
+    max_batch_size: sequences decoding together (and slots of per-sequence sampling state).
+    max_sequence_length: prompt + output tokens of one sequence (None = min(model limit, 4096)).
+    max_num_batched_tokens: token budget of one step (decodes + prefill chunks).
+    prefill_ratio: share of a step's token budget prefill may take while sequences are decoding.
+    page_size: tokens per KV page. num_pages: KV pool size (None = sized from free device memory
+        times memory_fraction; on CPU, enough for every slot at max_sequence_length).
+    decode_steps_per_call: decode steps run inside one jitted call (lax.while_loop) when no prefill
+        work is waiting.
+    use_dynamic_batching: False = static batching (the seed's baseline).
+    adaptive_batching: wait up to batching_window_max_ms for more requests under light load.
+    max_logprobs: most top-logprobs a request may ask for (compiled into the step's output shape).
+    max_waiting_requests: bound of the waiting queue (the server answers 429 past it).
+    """
+
+    model: str | None = None
+    tokenizer: str | None = None
+    skip_tokenizer_init: bool = False
+    dtype: str = "auto"
+    seed: int = 0
+    max_batch_size: int = 32
+    max_sequence_length: int | None = None
+    max_num_batched_tokens: int = 512
+    prefill_ratio: float = 0.8
+    page_size: int = 16
+    num_pages: int | None = None
+    memory_fraction: float = 0.85
+    decode_steps_per_call: int = 8
+    use_dynamic_batching: bool = True
+    adaptive_batching: bool = True
+    batching_window_min_ms: float = 0.0
+    batching_window_max_ms: float = 5.0
+    attention_backend: str = "auto"
+    matmul_backend: str = "xla"
+    max_logprobs: int = 20
+    max_waiting_requests: int = 4096
+    compilation_cache_dir: str | None = os.path.join(os.path.expanduser("~"), ".cache", "autoglm_jax", "xla")
+    warmup: bool = True
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; choose one of {DTYPES}")
+        for name in ("max_batch_size", "max_num_batched_tokens", "page_size", "decode_steps_per_call",
+                     "max_waiting_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if self.max_sequence_length is not None and (not isinstance(self.max_sequence_length, int) or self.max_sequence_length < 2):
+            raise ValueError(f"max_sequence_length={self.max_sequence_length!r} must be an int >= 2")
+        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
+            raise ValueError(f"num_pages={self.num_pages!r} must be an int >= 2 (page 0 is scratch)")
+        if not 0.0 < self.prefill_ratio <= 1.0:
+            raise ValueError(f"prefill_ratio={self.prefill_ratio!r} must be in (0, 1]")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction={self.memory_fraction!r} must be in (0, 1]")
+        if self.attention_backend not in ("auto", "xla", "pallas"):
+            raise ValueError(f"attention_backend={self.attention_backend!r}; choose auto, xla or pallas")
+        if self.matmul_backend not in ("xla", "pallas"):
+            raise ValueError(f"matmul_backend={self.matmul_backend!r}; choose xla or pallas")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs={self.max_logprobs!r} must be an int >= 0")
+        if not 0 <= self.batching_window_min_ms <= self.batching_window_max_ms:
+            raise ValueError("need 0 <= batching_window_min_ms <= batching_window_max_ms, got "
+                             f"{self.batching_window_min_ms} and {self.batching_window_max_ms}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | "EngineConfig" | None = None, **overrides) -> "EngineConfig":
+        """From a dict (unknown keys are an error naming them and the accepted ones) or a config."""
+        if isinstance(values, EngineConfig):
+            return dataclasses.replace(values, **overrides) if overrides else values
+        merged = {**(values or {}), **overrides}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown engine settings {unknown}; accepted: {sorted(known)}")
+        return cls(**merged)
+
+    def resolved_max_sequence_length(self, model_limit: int) -> int:
+        return self.max_sequence_length or min(model_limit, 4096)
+
+    def scheduler_config(self, max_sequence_length: int) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_batch_size=self.max_batch_size,
+            max_num_batched_tokens=max(self.max_num_batched_tokens, self.max_batch_size),
+            page_size=self.page_size,
+            max_sequence_length=max_sequence_length,
+            prefill_ratio=self.prefill_ratio,
+            use_dynamic_batching=self.use_dynamic_batching,
+        )

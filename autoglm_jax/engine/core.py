@@ -1,0 +1,208 @@
+"""The synchronous engine core: requests in, one ``step()`` at a time, RequestOutputs out.
+
+Owns: wiring model, tokenizer, scheduler, runner and output state together; request validation;
+n > 1 fan-out and seeds. ``LLM`` drives it in a loop; ``AutoGLMEngine`` drives it from a thread.
+It is not thread-safe: one caller at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+
+import jax
+import jax.numpy as jnp
+
+from autoglm_jax.checkpoint.loader import load_model
+from autoglm_jax.engine.config import EngineConfig
+from autoglm_jax.engine.memory import enable_compilation_cache, plan_num_pages
+from autoglm_jax.engine.output_state import RequestState, SequenceState
+from autoglm_jax.engine.page_allocator import PageAllocator
+from autoglm_jax.engine.request import FinishReason, Request
+from autoglm_jax.engine.runner import ModelRunner, RowRequest
+from autoglm_jax.engine.scheduler import Scheduler
+from autoglm_jax.outputs import RequestOutput
+from autoglm_jax.sampling_params import SamplingParams
+from autoglm_jax.tokenizer_loading import load_tokenizer
+
+log = logging.getLogger(__name__)
+_FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    return jnp.dtype(name)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig | dict | None = None, **overrides):
+        self.config = cfg = EngineConfig.from_dict(config, **overrides)
+        enable_compilation_cache(cfg.compilation_cache_dir)
+        self.dtype = resolve_dtype(cfg.dtype)
+        backend = cfg.attention_backend
+        if backend == "auto":
+            backend = "pallas" if jax.default_backend() == "gpu" else "xla"
+        self.model_config, model, source = load_model(cfg.model, self.dtype, backend, cfg.seed)
+        self.tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg.tokenizer, source)
+        eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self.model_config.eos_token_ids
+        self.eos_token_ids = eos or self.model_config.eos_token_ids
+        self.max_sequence_length = cfg.resolved_max_sequence_length(self.model_config.max_position_embeddings)
+        sched_config = cfg.scheduler_config(self.max_sequence_length)
+        num_pages = cfg.num_pages or plan_num_pages(
+            self.model_config, page_size=cfg.page_size, cache_dtype=self.dtype, max_batch_size=cfg.max_batch_size,
+            max_sequence_length=self.max_sequence_length, max_num_batched_tokens=sched_config.max_num_batched_tokens,
+            memory_fraction=cfg.memory_fraction)
+        self.allocator = PageAllocator(num_pages, cfg.page_size)
+        self.scheduler = Scheduler(sched_config, self.allocator)
+        self.runner = ModelRunner(
+            model, self.model_config, max_batch_size=cfg.max_batch_size,
+            max_num_batched_tokens=sched_config.max_num_batched_tokens, max_sequence_length=self.max_sequence_length,
+            page_size=cfg.page_size, num_pages=num_pages, cache_dtype=self.dtype,
+            decode_steps_per_call=cfg.decode_steps_per_call, max_logprobs=cfg.max_logprobs,
+            eos_token_ids=self.eos_token_ids)
+        del model
+        self.requests: dict[str, RequestState] = {}
+        self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}
+        self._seed_rng = random.Random(cfg.seed)
+        self._ids = itertools.count()
+        self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0
+        if cfg.warmup:
+            log.info("warmup compiled %d step variants in %.1f s", self.runner.num_traces, self.warmup_seconds)
+
+    # ------------------------------------------------------------------ requests
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> RequestState:
+        """Validates and queues a request. prompt: str, list of token ids or {"prompt_token_ids": [...]}.
+        Raises ValueError (nothing is queued) for an empty or too long prompt or bad parameters."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        request_id = request_id or self.new_request_id()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self._prompt_tokens(prompt)
+        self._validate(token_ids, params)
+        state = RequestState(request_id, text, token_ids, params, [], tokenizer=self.tokenizer)
+        base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
+        for index in range(params.n):
+            sequence_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            seq = SequenceState(sequence_id, index, params, token_ids, self.tokenizer, self.eos_token_ids,
+                                self.max_sequence_length)
+            seq.seed = base_seed + index
+            state.sequences.append(seq)
+        for seq in state.sequences:
+            self.scheduler.add_request(Request(seq.sequence_id, tuple(token_ids), params, time.monotonic()))
+            self.sequences[seq.sequence_id] = (state, seq)
+        self.requests[request_id] = state
+        return state
+
+    def _prompt_tokens(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError("a dict prompt needs 'prompt_token_ids'")
+            prompt = list(prompt["prompt_token_ids"])
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})")
+        return None, ids
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty (no tokens)")
+        if len(token_ids) >= self.max_sequence_length:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens; max_sequence_length={self.max_sequence_length} "
+                             f"leaves room for at most {self.max_sequence_length - 1}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.config.max_logprobs:
+                raise ValueError(f"{name}={value} exceeds max_logprobs={self.config.max_logprobs}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+
+    def abort(self, request_id: str) -> bool:
+        """Aborts a request (all its sequences); its pages are freed at once. False if unknown/finished."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return False
+        for seq in state.sequences:
+            self.sequences.pop(seq.sequence_id, None)
+            self.scheduler.abort(seq.sequence_id)
+            seq.finish("abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[RequestOutput]:
+        """Schedules and runs one step; returns the outputs of requests that changed (cumulative)."""
+        output = self.scheduler.schedule(self._lookahead())
+        changed: dict[str, RequestState] = {}
+        for sequence_id in output.finished:  # could never fit the KV pool
+            self._finish_sequence(sequence_id, "error", changed)
+        if not output.scheduled:
+            return self._collect(changed)
+        rows = {s.request_id: self._row(s) for s in output.scheduled}
+        sampled, prompt_logprobs = self.runner.execute(output, rows)
+        for sequence_id, entries in prompt_logprobs.items():
+            state, _ = self.sequences[sequence_id]
+            state.add_prompt_logprobs(entries)
+        kept, finished = {}, []
+        for sequence_id, results in sampled.items():
+            state, seq = self.sequences[sequence_id]
+            kept[sequence_id] = []
+            for result in results:
+                kept[sequence_id].append(result.token_id)
+                seq.append(result)
+                if seq.finished:
+                    finished.append(sequence_id)
+                    break
+            changed[state.request_id] = state
+        self.scheduler.update(kept)
+        for sequence_id in finished:
+            _, seq = self.sequences[sequence_id]
+            self.scheduler.finish(sequence_id, _FINISH_REASONS[seq.finish_reason])
+            self._finish_sequence(sequence_id, seq.finish_reason, changed)
+        return self._collect(changed)
+
+    def _lookahead(self) -> int:
+        if self.scheduler.num_waiting or any(r.num_uncomputed_tokens != 1 for r in self.scheduler.running):
+            return 0
+        return self.config.decode_steps_per_call - 1
+
+    def _row(self, scheduled) -> RowRequest:
+        state, seq = self.sequences[scheduled.request_id]
+        request = self.scheduler.get_request(scheduled.request_id)
+        params = state.params
+        remaining = self.max_sequence_length - request.num_tokens
+        if params.max_tokens is not None:
+            remaining = min(remaining, params.max_tokens - request.num_output_tokens)
+        stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(self.eos_token_ids))
+        return RowRequest(sampling_params=params, seed=seq.seed, num_generated=request.num_output_tokens,
+                          num_prompt_tokens=len(state.prompt_token_ids), all_token_ids=request.all_token_ids,
+                          max_new_tokens=max(remaining, 1), stop_ids=stop_ids if params.min_tokens == 0 else ())
+
+    def _finish_sequence(self, sequence_id: str, reason: str, changed: dict) -> None:
+        state, seq = self.sequences.pop(sequence_id)
+        seq.finish(reason)
+        changed[state.request_id] = state
+
+    def _collect(self, changed: dict[str, RequestState]) -> list[RequestOutput]:
+        outputs = []
+        for request_id, state in changed.items():
+            outputs.append(state.output())
+            if state.finished:
+                self.requests.pop(request_id, None)
+        return outputs

@@ -1,0 +1,103 @@
+"""Host-side output state of requests: detokenized text, stop decisions, logprobs, RequestOutput.
+
+Owns: turning sampled token ids (and their logprobs) into what users see, per output sequence, and
+grouping a request's n sequences into one ``RequestOutput``. It does not schedule or sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from autoglm_jax.detokenizer import IncrementalDetokenizer
+from autoglm_jax.engine.runner import PromptLogprob, TokenResult
+from autoglm_jax.outputs import CompletionOutput, RequestOutput, make_logprob_dict
+from autoglm_jax.sampling_params import SamplingParams
+from autoglm_jax.stop_checker import StopChecker
+
+
+class SequenceState:
+    """One of a request's n output sequences (one scheduler Request)."""
+
+    def __init__(self, sequence_id: str, index: int, params: SamplingParams, prompt_token_ids, tokenizer,
+                 eos_token_ids, max_model_len: int):
+        self.sequence_id = sequence_id
+        self.index = index
+        self.params = params
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.logprobs = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.stop = StopChecker(params, eos_token_ids, prompt_len=len(prompt_token_ids), max_model_len=max_model_len)
+        self.detokenizer = None
+        if tokenizer is not None:
+            self.detokenizer = IncrementalDetokenizer(
+                tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens)
+        self.finish_reason: str | None = None
+        self.stop_reason = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, result: TokenResult) -> None:
+        """Accounts one sampled token; may finish the sequence (then later tokens are not given)."""
+        self.token_ids.append(result.token_id)
+        self.cumulative_logprob += result.logprob
+        if self.logprobs is not None:
+            n = self.params.logprobs
+            self.logprobs.append(make_logprob_dict(result.token_id, result.logprob, result.rank,
+                                                   result.top_token_ids[:n], result.top_logprobs[:n], self._decode_one))
+        delta = self.detokenizer.add(result.token_id) if self.detokenizer is not None else ""
+        outcome = self.stop.update(result.token_id, delta)
+        self.text = self.stop.output_text
+        if outcome.finished:
+            self.finish(outcome.finish_reason, outcome.stop_reason)
+
+    def finish(self, reason: str, stop_reason=None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason, self.stop_reason = reason, stop_reason
+            self.text = self.stop.output_text
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer is not None else None
+
+    def completion(self) -> CompletionOutput:
+        return CompletionOutput(index=self.index, text=self.text, token_ids=list(self.token_ids),
+                                cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+                                logprobs=self.logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+
+
+@dataclasses.dataclass
+class RequestState:
+    """A user's request: its prompt and n sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[SequenceState]
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    prompt_logprobs: list | None = None
+    tokenizer: object = None
+
+    def __post_init__(self):
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] + [None] * (len(self.prompt_token_ids) - 1)
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.sequences)
+
+    def add_prompt_logprobs(self, entries: list[PromptLogprob]) -> None:
+        n = self.params.prompt_logprobs
+        decode = (lambda t: self.tokenizer.decode([t], skip_special_tokens=False)) if self.tokenizer is not None else None
+        for e in entries:
+            self.prompt_logprobs[e.position] = make_logprob_dict(
+                e.token_id, e.logprob, e.rank, e.top_token_ids[:n], e.top_logprobs[:n], decode)
+
+    def output(self, metrics=None) -> RequestOutput:
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_token_ids),
+                             prompt_logprobs=self.prompt_logprobs, outputs=[s.completion() for s in self.sequences],
+                             finished=self.finished, metrics=metrics)

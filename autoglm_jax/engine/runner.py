@@ -1,0 +1,250 @@
+"""The model runner: turns a SchedulerOutput into bucketed device arrays, runs the jitted step, and
+returns each sequence's sampled tokens (and logprobs) as host data.
+
+Owns: the device state (params split once, KV pools + sampler slots, donated each call), the
+compiled functions of the bucket ladder and ``warmup()``. It makes no scheduling decisions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from autoglm_jax.config import ModelConfig
+from autoglm_jax.engine.buckets import BucketLadder
+from autoglm_jax.engine.device_state import TOKEN_NOT_COUNTED, TOKEN_OUTPUT, TOKEN_PROMPT, DeviceState
+from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from autoglm_jax.engine.step_functions import DecodeInput, StepInput, decode_loop, mixed_step
+from autoglm_jax.model.attention_metadata import AttentionMetadata
+from autoglm_jax.sampler import SamplingTensors
+
+log = logging.getLogger(__name__)
+STOP_IDS_WIDTH = 16  # on-device stop ids per row in the decode loop (eos + stop_token_ids, padded)
+
+
+@dataclasses.dataclass
+class TokenResult:
+    """One sampled token of one sequence, with the logprobs the request may want."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_token_ids: np.ndarray  # [N]
+    top_logprobs: np.ndarray   # [N]
+
+
+@dataclasses.dataclass
+class PromptLogprob:
+    """Logprob of prompt token at ``position`` (>= 1) given the tokens before it."""
+
+    position: int
+    token_id: int
+    logprob: float
+    rank: int
+    top_token_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class RowRequest:
+    """What the runner needs to know about a scheduled sequence beyond the scheduler's entry."""
+
+    sampling_params: object        # SamplingParams
+    seed: int
+    num_generated: int             # output tokens before this step
+    num_prompt_tokens: int
+    all_token_ids: tuple[int, ...]  # prompt + outputs (for prompt logprobs' next tokens)
+    max_new_tokens: int            # tokens it may still generate (max_tokens / length limit)
+    stop_ids: tuple[int, ...]      # eos (unless ignore_eos) + stop_token_ids, for on-device stops
+
+
+class ModelRunner:
+    def __init__(self, model: nnx.Module, model_config: ModelConfig, *, max_batch_size: int,
+                 max_num_batched_tokens: int, max_sequence_length: int, page_size: int, num_pages: int,
+                 cache_dtype, decode_steps_per_call: int, max_logprobs: int, eos_token_ids=()):
+        self.config = model_config
+        self.graphdef, self.params = nnx.split(model)  # split once; never per step
+        self.ladder = BucketLadder(max_batch_size, max_num_batched_tokens)
+        self.max_batch_size = max_batch_size
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_pages_per_sequence = -(-max_sequence_length // page_size)
+        self.decode_steps_per_call = decode_steps_per_call
+        self.num_logprobs = max_logprobs
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.state = DeviceState.create(model_config, num_pages, page_size, max_batch_size, cache_dtype)
+        self.num_traces = 0
+        self._mixed = jax.jit(self._counted(functools.partial(mixed_step, self.graphdef)),
+                              static_argnames=("num_logprobs",), donate_argnums=(1,))
+        self._decode = jax.jit(self._counted(functools.partial(decode_loop, self.graphdef)),
+                               static_argnames=("max_steps", "num_logprobs"), donate_argnums=(1,))
+
+    def _counted(self, fn):
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            self.num_traces += 1  # runs only while tracing: counts (re)compilations
+            return fn(*args, **kwargs)
+        return traced
+
+    # ------------------------------------------------------------------ warmup
+    def warmup(self) -> float:
+        """Compiles every bucket of the ladder with empty (all-padding) inputs; returns seconds."""
+        start = time.perf_counter()
+        for tokens in self.ladder.token_buckets:
+            self._run_mixed(self._empty_step_input(tokens))
+        for rows in self.ladder.decode_batches:
+            self._run_decode(self._empty_decode_input(rows))
+        jax.block_until_ready(self.state)
+        return time.perf_counter() - start
+
+    def _empty_step_input(self, token_bucket: int) -> StepInput:
+        rows = self.ladder.rows_for_tokens(token_bucket)
+        return self._step_input([], {}, token_bucket, rows, want_prompt_logprobs=False)
+
+    def _empty_decode_input(self, rows: int) -> DecodeInput:
+        return self._decode_input([], {}, rows, 1)
+
+    # ------------------------------------------------------------------ execution
+    def execute(self, output: SchedulerOutput, rows: dict[str, RowRequest]):
+        """Runs one scheduled step. Returns (sampled, prompt_logprobs): sampled[request_id] is the list
+        of TokenResult for sequences with ``sample=True``; prompt_logprobs[request_id] the list of
+        PromptLogprob for this step's prompt tokens of requests that asked for them."""
+        scheduled = output.scheduled
+        if not scheduled:
+            return {}, {}
+        if all(seq.is_decode for seq in scheduled):
+            return self._execute_decode(scheduled, rows), {}
+        return self._execute_mixed(scheduled, rows)
+
+    def _execute_mixed(self, scheduled, rows):
+        num_tokens = sum(seq.num_tokens for seq in scheduled)
+        token_bucket = self.ladder.token_bucket(num_tokens)
+        row_bucket = self.ladder.rows_for_tokens(token_bucket)
+        want = any(_wants_prompt_logprobs(rows[s.request_id]) and not s.is_decode for s in scheduled)
+        inp = self._step_input(scheduled, rows, token_bucket, row_bucket, want)
+        out = jax.device_get(self._run_mixed(inp))
+        sampled, prompt = {}, {}
+        starts = np.asarray(inp.md.query_start_loc)
+        for b, seq in enumerate(scheduled):
+            if seq.sample:
+                s = out.sampled
+                sampled[seq.request_id] = [TokenResult(int(s.token_ids[b]), float(s.logprob[b]), int(s.rank[b]),
+                                                       s.top_token_ids[b], s.top_logprobs[b])]
+            row = rows[seq.request_id]
+            if want and _wants_prompt_logprobs(row) and not seq.is_decode:
+                prompt[seq.request_id] = self._prompt_entries(seq, row, out, int(starts[b]))
+        return sampled, prompt
+
+    def _prompt_entries(self, seq: ScheduledSequence, row: RowRequest, out, start: int):
+        entries = []
+        for i in range(seq.num_tokens):
+            position = seq.start_position + i + 1  # logprob of the token at this position
+            if position >= row.num_prompt_tokens:
+                break
+            t = start + i
+            entries.append(PromptLogprob(position, row.all_token_ids[position], float(out.prompt_logprob[t]),
+                                         int(out.prompt_rank[t]), out.prompt_top_ids[t], out.prompt_top[t]))
+        return entries
+
+    def _execute_decode(self, scheduled, rows):
+        row_bucket = self.ladder.decode_batch(len(scheduled))
+        steps = 1 + max(seq.num_lookahead_tokens for seq in scheduled)
+        inp = self._decode_input(scheduled, rows, row_bucket, steps)
+        out = jax.device_get(self._run_decode(inp))
+        sampled = {}
+        for b, seq in enumerate(scheduled):
+            n = int(out.num_generated[b])
+            sampled[seq.request_id] = [
+                TokenResult(int(out.token_ids[k, b]), float(out.logprob[k, b]), int(out.rank[k, b]),
+                            out.top_token_ids[k, b], out.top_logprobs[k, b]) for k in range(n)]
+        return sampled
+
+    def _run_mixed(self, inp: StepInput):
+        self.state, out = self._mixed(self.params, self.state, inp, num_logprobs=self.num_logprobs)
+        return out
+
+    def _run_decode(self, inp: DecodeInput):
+        self.state, out = self._decode(self.params, self.state, inp, max_steps=self.decode_steps_per_call,
+                                       num_logprobs=self.num_logprobs)
+        return out
+
+    # ------------------------------------------------------------------ host-side assembly
+    def _page_table(self, scheduled, num_rows: int) -> np.ndarray:
+        table = np.zeros((num_rows, self.max_pages_per_sequence), np.int32)
+        for b, seq in enumerate(scheduled):
+            table[b, : len(seq.page_ids)] = seq.page_ids
+        return table
+
+    def _sampling(self, scheduled, rows, num_rows: int) -> SamplingTensors:
+        params = [rows[s.request_id].sampling_params for s in scheduled]
+        seeds = [rows[s.request_id].seed for s in scheduled]
+        steps = [rows[s.request_id].num_generated for s in scheduled]
+        return SamplingTensors.from_params(params, seeds, steps, num_rows, self.eos_token_ids)
+
+    def _step_input(self, scheduled, rows, token_bucket: int, num_rows: int, want_prompt_logprobs: bool) -> StepInput:
+        num_slots = self.max_batch_size
+        query_lens = np.zeros(num_rows, np.int32)
+        before = np.zeros(num_rows, np.int32)
+        token_ids = np.zeros(token_bucket, np.int32)
+        token_kind = np.full(token_bucket, TOKEN_NOT_COUNTED, np.int32)
+        next_ids = np.full(token_bucket, -1, np.int32)
+        row_slots = np.full(num_rows, num_slots, np.int32)
+        reset_slots = np.full(num_rows, num_slots, np.int32)
+        sample_rows = np.zeros(num_rows, bool)
+        offset = 0
+        for b, seq in enumerate(scheduled):
+            row = rows[seq.request_id]
+            n = seq.num_tokens
+            query_lens[b], before[b] = n, seq.start_position
+            token_ids[offset : offset + n] = seq.token_ids
+            if not seq.is_decode:
+                positions = np.arange(seq.start_position, seq.end_position)
+                token_kind[offset : offset + n] = np.where(positions < row.num_prompt_tokens, TOKEN_PROMPT, TOKEN_OUTPUT)
+                if want_prompt_logprobs and _wants_prompt_logprobs(row):
+                    nxt = positions + 1
+                    ok = nxt < row.num_prompt_tokens
+                    next_ids[offset : offset + n][ok] = np.asarray(row.all_token_ids)[nxt[ok]]
+            row_slots[b] = seq.slot
+            if seq.is_new:
+                reset_slots[b] = seq.slot
+            sample_rows[b] = seq.sample
+            offset += n
+        md = AttentionMetadata.build(before, query_lens, self._page_table(scheduled, num_rows), self.page_size, token_bucket)
+        logits_indices = np.maximum(np.asarray(md.query_start_loc)[1:] - 1, 0).astype(np.int32)
+        return StepInput(
+            token_ids=jnp.asarray(token_ids), token_kind=jnp.asarray(token_kind), md=md,
+            logits_indices=jnp.asarray(logits_indices), row_slots=jnp.asarray(row_slots),
+            reset_slots=jnp.asarray(reset_slots), sample_rows=jnp.asarray(sample_rows),
+            sampling=self._sampling(scheduled, rows, num_rows), prompt_next_ids=jnp.asarray(next_ids),
+            want_prompt_logprobs=jnp.asarray(want_prompt_logprobs))
+
+    def _decode_input(self, scheduled, rows, num_rows: int, steps: int) -> DecodeInput:
+        token_ids = np.zeros(num_rows, np.int32)
+        positions = np.zeros(num_rows, np.int32)
+        row_slots = np.full(num_rows, self.max_batch_size, np.int32)
+        max_new = np.zeros(num_rows, np.int32)
+        stop_ids = np.full((num_rows, STOP_IDS_WIDTH), -1, np.int32)
+        for b, seq in enumerate(scheduled):
+            row = rows[seq.request_id]
+            token_ids[b] = seq.token_ids[0]
+            positions[b] = seq.start_position
+            row_slots[b] = seq.slot
+            max_new[b] = min(1 + seq.num_lookahead_tokens, row.max_new_tokens)
+            ids = row.stop_ids[:STOP_IDS_WIDTH]
+            stop_ids[b, : len(ids)] = ids
+        return DecodeInput(
+            token_ids=jnp.asarray(token_ids), positions=jnp.asarray(positions),
+            page_table=jnp.asarray(self._page_table(scheduled, num_rows)), row_slots=jnp.asarray(row_slots),
+            sampling=self._sampling(scheduled, rows, num_rows), max_new=jnp.asarray(max_new),
+            stop_ids=jnp.asarray(stop_ids), num_steps=jnp.asarray(steps, jnp.int32))
+
+
+def _wants_prompt_logprobs(row: RowRequest) -> bool:
+    return getattr(row.sampling_params, "prompt_logprobs", None) is not None
