@@ -104,8 +104,7 @@ class Tokenizer:
         generation = _read_json(os.path.join(path, "generation_config.json"))
         model_config = _read_json(os.path.join(path, "config.json"))
         extra_eos = _as_id_list(generation.get("eos_token_id")) + _as_id_list(model_config.get("eos_token_id"))
-        if "add_bos_token" in config or "add_eos_token" in config:  # transformers rebuilds the post-processor
-            _set_bos_eos_processor(backend, special, config.get("add_bos_token", False), config.get("add_eos_token", False))
+        # tokenizer.json's post-processor decides bos/eos; like transformers 5 we ignore add_bos_token there.
         return cls(backend, special_tokens=special, extra_eos_token_ids=extra_eos,
                    chat_templates=_directory_chat_templates(path, config), source=path)
 
@@ -114,32 +113,19 @@ class Tokenizer:
         """Builds the tokenizer a GGUF file describes in its ``tokenizer.ggml.*`` metadata."""
         path = os.fspath(path)
         meta = gguf_metadata(path)
-        model_type = meta.get("tokenizer.ggml.model")
-        tokens = meta.get("tokenizer.ggml.tokens")
-        if tokens is None:
-            raise CheckpointError(f"GGUF file {path} has no tokenizer.ggml.tokens; it carries no tokenizer")
-        architecture = meta.get("general.architecture")
-        if model_type == "gpt2":
-            backend = _gguf_byte_level_bpe(meta)
-            add_bos_default = False
-        elif model_type == "llama" and architecture not in _UNSUPPORTED_SENTENCEPIECE_ARCHS:
-            backend = _gguf_sentencepiece_bpe(meta)
-            add_bos_default = True  # llama.cpp adds BOS to SentencePiece vocabularies that do not say otherwise
-        else:
-            raise NotImplementedError(
-                f"GGUF tokenizer model {model_type!r} (architecture {architecture!r}) in {path} is not supported; "
-                f"supported: 'gpt2' (byte-level BPE) and 'llama' (SentencePiece BPE) except for {_UNSUPPORTED_SENTENCEPIECE_ARCHS}"
-            )
-        keys = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
-                "pad_token": "padding_token_id"}
-        special = {name: _gguf_token(tokens, meta.get(f"tokenizer.ggml.{key}"), key, path) for name, key in keys.items()}
-        _add_gguf_added_tokens(backend, meta, special, byte_level=model_type == "gpt2")
+        backend, add_bos_default = _gguf_backend(meta, path)
+        tokens = meta["tokenizer.ggml.tokens"]
+        special = {name: _gguf_token(tokens, meta.get(f"tokenizer.ggml.{key}"), key, path)
+                   for name, key in _GGUF_SPECIAL_TOKEN_KEYS.items()}
+        _add_gguf_added_tokens(backend, meta, special, byte_level=meta["tokenizer.ggml.model"] == "gpt2")
         _set_bos_eos_processor(backend, special, meta.get("tokenizer.ggml.add_bos_token", add_bos_default),
                                meta.get("tokenizer.ggml.add_eos_token", False))
+        # llama.cpp also stops on the end-of-turn / end-of-message tokens.
         extra_eos = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
         templates = {key.removeprefix("tokenizer.chat_template").lstrip(".") or "default": value
                      for key, value in meta.items() if key.startswith("tokenizer.chat_template")}
-        return cls(backend, special_tokens=special, extra_eos_token_ids=extra_eos, chat_templates=templates, source=path)
+        return cls(backend, special_tokens=special, extra_eos_token_ids=extra_eos, chat_templates=templates,
+                   source=path)
 
     # ---- ids <-> text ---------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -233,7 +219,9 @@ def _as_id_list(value: Any) -> list[int]:
 def _directory_chat_templates(path: str, config: Mapping[str, Any]) -> dict[str, str]:
     """Templates by name ("default", "tool_use", ...) from tokenizer_config.json or the files beside it."""
     templates: dict[str, str] = {}
-    in_config = config.get("chat_template") or _read_json(os.path.join(path, "chat_template.json")).get("chat_template")
+    in_config = config.get("chat_template")
+    if in_config is None:
+        in_config = _read_json(os.path.join(path, "chat_template.json")).get("chat_template")
     if isinstance(in_config, str):
         templates["default"] = in_config
     elif isinstance(in_config, list):
@@ -258,11 +246,32 @@ def _set_bos_eos_processor(backend: tokenizers.Tokenizer, special: Mapping[str, 
     add_bos, add_eos = bool(add_bos and bos is not None), bool(add_eos and eos is not None)
     single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
     pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-    specials = ([(bos, backend.token_to_id(bos))] if add_bos else []) + ([(eos, backend.token_to_id(eos))] if add_eos else [])
+    specials = [(token, backend.token_to_id(token)) for token, add in ((bos, add_bos), (eos, add_eos)) if add]
     backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
 # ---- GGUF vocabulary ------------------------------------------------------------------------------
+_GGUF_SPECIAL_TOKEN_KEYS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                            "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
+
+def _gguf_backend(meta: Mapping[str, Any], path: str) -> tuple[tokenizers.Tokenizer, bool]:
+    """The backend for ``tokenizer.ggml.model``, and whether it adds bos when the file does not say."""
+    if "tokenizer.ggml.tokens" not in meta:
+        raise CheckpointError(f"GGUF file {path} has no tokenizer.ggml.tokens; it carries no tokenizer")
+    model_type, architecture = meta.get("tokenizer.ggml.model"), meta.get("general.architecture")
+    if model_type == "gpt2":
+        return _gguf_byte_level_bpe(meta), False
+    if model_type == "llama" and architecture not in _UNSUPPORTED_SENTENCEPIECE_ARCHS:
+        # llama.cpp adds bos to SentencePiece vocabularies that do not say otherwise.
+        return _gguf_sentencepiece_bpe(meta), True
+    raise NotImplementedError(
+        f"GGUF tokenizer model {model_type!r} (architecture {architecture!r}) in {path} is not supported; "
+        f"supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece BPE) except architectures "
+        f"{_UNSUPPORTED_SENTENCEPIECE_ARCHS}"
+    )
+
+
 def _gguf_token(tokens: Sequence[str], token_id: int | None, key: str, path: str) -> str | None:
     if token_id is None:
         return None
@@ -302,7 +311,8 @@ def _gguf_sentencepiece_bpe(meta: Mapping[str, Any]) -> tokenizers.Tokenizer:
         merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]
     else:
         merges = _merges_from_scores(vocab, dict(zip(tokens, meta["tokenizer.ggml.scores"])))
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None)
+    backend = tokenizers.Tokenizer(bpe)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(content=" ", left=1)])
@@ -329,7 +339,8 @@ def _add_gguf_added_tokens(backend: tokenizers.Tokenizer, meta: Mapping[str, Any
     """
     alphabet = set(_bytes_to_unicode().values()) if byte_level else None
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or ()
-    control = [t for t, kind in zip(tokens, types) if kind == _GGUF_CONTROL and (alphabet is None or set(t) <= alphabet)]
+    control = [t for t, kind in zip(tokens, types)
+               if kind == _GGUF_CONTROL and (alphabet is None or set(t) <= alphabet)]
     named = [t for t in special.values() if t is not None and t not in control]
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control + named])
     vocab = backend.get_vocab(with_added_tokens=False)

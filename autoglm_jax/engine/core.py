@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from autoglm_jax.checkpoint.loader import load_model
 from autoglm_jax.engine.config import EngineConfig
+from autoglm_jax.engine.metrics import EngineMetrics
 from autoglm_jax.engine.memory import enable_compilation_cache, plan_num_pages
 from autoglm_jax.engine.output_state import RequestState, SequenceState
 from autoglm_jax.engine.page_allocator import PageAllocator
@@ -68,6 +69,7 @@ class EngineCore:
         self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}
         self._seed_rng = random.Random(cfg.seed)
         self._ids = itertools.count()
+        self.metrics = EngineMetrics(time.monotonic())
         self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0
         if cfg.warmup:
             log.info("warmup compiled %d step variants in %.1f s", self.runner.num_traces, self.warmup_seconds)
@@ -79,11 +81,17 @@ class EngineCore:
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> RequestState:
         """Validates and queues a request. prompt: str, list of token ids or {"prompt_token_ids": [...]}.
         Raises ValueError (nothing is queued) for an empty or too long prompt or bad parameters."""
+        state = self.prepare_request(prompt, params, request_id)
+        self.enqueue_request(state)
+        return state
+
+    def prepare_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> RequestState:
+        """Tokenizes and validates without touching the scheduler (safe from another thread)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         request_id = request_id or self.new_request_id()
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.sequences:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._prompt_tokens(prompt)
         self._validate(token_ids, params)
@@ -95,11 +103,16 @@ class EngineCore:
                                 self.max_sequence_length)
             seq.seed = base_seed + index
             state.sequences.append(seq)
-        for seq in state.sequences:
-            self.scheduler.add_request(Request(seq.sequence_id, tuple(token_ids), params, time.monotonic()))
-            self.sequences[seq.sequence_id] = (state, seq)
-        self.requests[request_id] = state
         return state
+
+    def enqueue_request(self, state: RequestState) -> None:
+        """Hands a prepared request to the scheduler (engine thread only)."""
+        token_ids = state.prompt_token_ids
+        for seq in state.sequences:
+            self.scheduler.add_request(Request(seq.sequence_id, tuple(token_ids), state.params, time.monotonic()))
+            self.sequences[seq.sequence_id] = (state, seq)
+        self.requests[state.request_id] = state
+        self.metrics.record_arrival()
 
     def _prompt_tokens(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -138,7 +151,9 @@ class EngineCore:
             return False
         for seq in state.sequences:
             self.sequences.pop(seq.sequence_id, None)
-            self.scheduler.abort(seq.sequence_id)
+            request = self.scheduler.get_request(seq.sequence_id)
+            if self.scheduler.abort(seq.sequence_id) and request is not None:
+                self.metrics.record_finished(request)
             seq.finish("abort")
         return True
 
@@ -153,7 +168,9 @@ class EngineCore:
         for sequence_id in output.finished:  # could never fit the KV pool
             self._finish_sequence(sequence_id, "error", changed)
         if not output.scheduled:
+            self._record_step(output, 0)
             return self._collect(changed)
+        requests = {s.request_id: self.scheduler.get_request(s.request_id) for s in output.scheduled}
         rows = {s.request_id: self._row(s) for s in output.scheduled}
         sampled, prompt_logprobs = self.runner.execute(output, rows)
         for sequence_id, entries in prompt_logprobs.items():
@@ -173,9 +190,22 @@ class EngineCore:
         self.scheduler.update(kept)
         for sequence_id in finished:
             _, seq = self.sequences[sequence_id]
-            self.scheduler.finish(sequence_id, _FINISH_REASONS[seq.finish_reason])
+            if not requests[sequence_id].is_finished:
+                self.scheduler.finish(sequence_id, _FINISH_REASONS[seq.finish_reason])
             self._finish_sequence(sequence_id, seq.finish_reason, changed)
+        for sequence_id, request in requests.items():
+            if request.is_finished:
+                self.metrics.record_finished(request)
+                if sequence_id in self.sequences:  # finished by the scheduler (length limit)
+                    self._finish_sequence(sequence_id, "length", changed)
+        self._record_step(output, sum(len(tokens) for tokens in kept.values()))
         return self._collect(changed)
+
+    def _record_step(self, output, num_generated: int) -> None:
+        self.metrics.record_step(
+            time.monotonic(), num_prompt_tokens=output.num_prefill_tokens, num_generated_tokens=num_generated,
+            num_preemptions=len(output.preempted), num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting, kv_cache_utilization=self.allocator.utilization)
 
     def _lookahead(self) -> int:
         if self.scheduler.num_waiting or any(r.num_uncomputed_tokens != 1 for r in self.scheduler.running):

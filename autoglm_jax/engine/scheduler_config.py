@@ -26,7 +26,8 @@ class SchedulerConfig:
     max_prefill_chunk_tokens: optional cap on one sequence's prefill chunk per step (vLLM's
         ``long_prefill_token_threshold``), so several prompts share a step; None = no cap.
     use_dynamic_batching: True = continuous batching (admit whenever there is room); False = static
-        batching (admit only when nothing runs, up to max_batch_size requests, run them to completion).
+        batching (a batch of up to max_batch_size requests is admitted while none of them has started
+        decoding, then runs to completion before the next batch is admitted).
     """
 
     max_batch_size: int

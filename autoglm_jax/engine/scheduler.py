@@ -1,0 +1,344 @@
+"""Continuous-batching scheduler: which sequences run in the next step, with which tokens and pages.
+
+Owns: the waiting queue (FCFS), the running set, batch-slot assignment, per-step token budgeting,
+KV-page reservation through ``PageAllocator`` and preemption by recompute. It does not touch device
+arrays, sample tokens, detect stop tokens (the engine calls ``finish(id, FinishReason.STOP)``) or
+detokenize. Pure host Python: no JAX.
+
+One step (``schedule`` then ``update``, strictly alternating):
+  1. Running decodes, oldest first, 1 token each.
+  2. Prefill chunks of running requests whose known tokens are not all computed, oldest first.
+  3. Waiting requests in FCFS order, each while a slot, the prefill budget and free pages allow;
+     skipped in a step that preempted, and in static batching mode once the batch decodes.
+  Prefill (2 + 3) gets ``config.prefill_token_cap`` tokens when the step has decodes, the whole
+  ``max_num_batched_tokens`` otherwise.
+  When a running request needs a page and none is free, the newest running request is preempted
+  (its pages and slot freed, ``num_computed_tokens`` reset, put at the front of the waiting queue);
+  if that is the requester itself it simply waits. A request whose tokens need more pages than the
+  whole pool is finished with ``FinishReason.ERROR`` (reported in ``SchedulerOutput.finished``).
+
+Length rules (``max_sequence_length`` = M): prompts must have 1 .. M - 1 tokens (``add_request``
+raises ``ValueError`` otherwise); generation stops with ``FinishReason.LENGTH`` when the sequence
+reaches ``min(prompt + max_tokens, M)`` tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from autoglm_jax.engine.page_allocator import PageAllocator
+from autoglm_jax.engine.request import FinishReason, Request, RequestStatus
+from autoglm_jax.engine.scheduler_config import SchedulerConfig
+from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from autoglm_jax.engine.step_plan import StepPlan
+
+__all__ = ["Scheduler", "SchedulerConfig", "SchedulerOutput", "ScheduledSequence"]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, clock: Callable[[], float] = time.monotonic):
+        if allocator.page_size != config.page_size:
+            raise ValueError(f"allocator.page_size={allocator.page_size} != config.page_size={config.page_size}")
+        self.config = config
+        self.allocator = allocator
+        self._clock = clock
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []  # admission order: oldest first, newest last
+        self._free_slots = list(range(config.max_batch_size))  # min-heap: lowest free row first
+        self._pending: SchedulerOutput | None = None  # last non-empty output awaiting update()
+        self.num_preemptions = 0  # total over the scheduler's life
+
+    # ----------------------------------------------------------------- public queries
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> tuple[Request, ...]:
+        return tuple(self._running)
+
+    @property
+    def waiting(self) -> tuple[Request, ...]:
+        return tuple(self._waiting)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self._requests.get(request_id)
+
+    # ----------------------------------------------------------------- request life cycle
+
+    def add_request(self, request: Request) -> None:
+        """Queue a fresh request (status WAITING, nothing computed); ValueError if it is invalid."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already queued or running")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens or request.pages:
+            raise ValueError(f"request {request.request_id!r} is not fresh (status={request.status.name})")
+        num_prompt, limit = request.num_prompt_tokens, self.config.max_sequence_length
+        if num_prompt == 0:
+            raise ValueError(f"request {request.request_id!r} has an empty prompt")
+        if num_prompt >= limit:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt has {num_prompt} tokens but "
+                f"max_sequence_length={limit} allows at most {limit - 1} (one token must be generated)"
+            )
+        max_tokens = getattr(request.sampling_params, "max_tokens", None)
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"request {request.request_id!r}: max_tokens={max_tokens!r} must be None or an int >= 1")
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def finish(self, request_id: str, reason: FinishReason) -> Request:
+        """End an unfinished request: free its pages and slot, set its status. KeyError if unknown."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            raise KeyError(f"request {request_id!r} is not queued or running (unknown or already finished)")
+        if request.status is RequestStatus.RUNNING:
+            self._release(request)
+        else:
+            self._waiting.remove(request)
+        request.status = reason.status
+        request.finish_reason = reason
+        request.finished_time = self._clock()
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Finish with ABORT if the request is unfinished; returns whether it was."""
+        if request_id not in self._requests:
+            return False
+        self.finish(request_id, FinishReason.ABORT)
+        return True
+
+    # ----------------------------------------------------------------- one step
+
+    def schedule(self, num_lookahead_tokens: int = 0) -> SchedulerOutput:
+        """Choose the next step's sequences. ``num_lookahead_tokens``: extra decode steps the runner
+        will take in the same call; pages for them are allocated now (clamped per sequence to what it
+        may still generate)."""
+        if self._pending is not None:
+            raise RuntimeError("schedule() called before update() consumed the previous step's output")
+        if num_lookahead_tokens < 0:
+            raise ValueError(f"num_lookahead_tokens={num_lookahead_tokens} must be >= 0")
+        admission_open = self._admission_open()
+        plan = StepPlan(self.config, num_lookahead_tokens)
+        for request in self._running_snapshot(decoding=True):
+            self._schedule_running(request, plan)
+        for request in self._running_snapshot(decoding=False):
+            self._schedule_running(request, plan)
+        if admission_open and not plan.preempted:
+            self._admit_waiting(plan)
+        output = plan.build()
+        self._pending = None if output.is_empty else output
+        return output
+
+    def update(self, sampled: Mapping[str, Sequence[int]]) -> tuple[str, ...]:
+        """Apply the runner's results for the last scheduled step.
+
+        ``sampled[request_id]``: the tokens sampled for a sequence scheduled with ``sample=True``
+        (1 + at most ``num_lookahead_tokens``; tokens past the row's own allowance or its length
+        limit are dropped). To honour a stop token the engine passes tokens up to and including it,
+        then calls ``finish(id, FinishReason.STOP)``. Sequences aborted since ``schedule`` are skipped.
+        Invalid input raises ``ValueError`` before anything changes (the step stays pending).
+        Returns the ids this call finished with ``FinishReason.LENGTH``.
+        """
+        output = self._pending
+        entries = {} if output is None else {e.request_id: e for e in output.scheduled}
+        unknown = set(sampled) - set(entries)
+        if unknown:
+            raise ValueError(f"sampled tokens for request(s) not scheduled in the last step: {sorted(unknown)}")
+        live = [(e, self._requests[e.request_id]) for e in entries.values() if e.request_id in self._requests]
+        for entry, _ in live:  # validate everything before changing anything
+            self._check_sampled(entry, sampled.get(entry.request_id, ()), output.num_lookahead_tokens)
+        self._pending = None
+        now = self._clock()
+        finished = []
+        for entry, request in live:  # requests aborted since schedule() are not in `live`
+            if self._apply_step(request, entry, list(sampled.get(entry.request_id, ())), now):
+                finished.append(entry.request_id)
+        return tuple(finished)
+
+    # ----------------------------------------------------------------- running requests
+
+    def _running_snapshot(self, decoding: bool) -> list[Request]:
+        return [r for r in self._running if self._is_decoding(r) == decoding]
+
+    @staticmethod
+    def _is_decoding(request: Request) -> bool:
+        """One sampled token awaits feeding (as opposed to prompt or re-prefill tokens)."""
+        return request.num_uncomputed_tokens == 1 and request.num_output_tokens > 0
+
+    def _schedule_running(self, request: Request, plan: StepPlan) -> None:
+        if request.status is not RequestStatus.RUNNING:  # preempted earlier in this step
+            return
+        if self._is_decoding(request):
+            num_new = 1 if plan.decode_tokens_left() > 0 else 0
+        else:
+            num_new = self._prefill_chunk(request, plan.prefill_tokens_left())
+        if num_new == 0:
+            return
+        num_lookahead = self._lookahead_for(request, num_new, plan.num_lookahead_tokens)
+        if self._reserve_pages(request, request.num_computed_tokens + num_new + num_lookahead, plan):
+            plan.add(self._entry(request, num_new, num_lookahead, is_new=False))
+
+    def _prefill_chunk(self, request: Request, budget: int) -> int:
+        """Prompt/re-prefill tokens to feed this step within ``budget`` (0 = none fits)."""
+        remaining = request.num_uncomputed_tokens
+        if not self.config.enable_chunked_prefill:
+            return remaining if remaining <= budget else 0
+        chunk_cap = self.config.max_prefill_chunk_tokens or remaining
+        return min(remaining, budget, chunk_cap)
+
+    def _lookahead_for(self, request: Request, num_new: int, requested: int) -> int:
+        """Extra positions to reserve after this step's tokens: only when the step samples, and never
+        past the last position the request may feed (its length limit - 2) or the pool's capacity."""
+        end = request.num_computed_tokens + num_new
+        if end < request.num_tokens:
+            return 0
+        pool_tokens = self.allocator.num_usable_pages * self.config.page_size
+        last_fed_count = min(self._max_total_tokens(request) - 1, pool_tokens)
+        return max(0, min(requested, last_fed_count - end))
+
+    def _max_total_tokens(self, request: Request) -> int:
+        max_tokens = getattr(request.sampling_params, "max_tokens", None)
+        limit = self.config.max_sequence_length
+        return limit if max_tokens is None else min(request.num_prompt_tokens + max_tokens, limit)
+
+    # ----------------------------------------------------------------- pages and preemption
+
+    def _reserve_pages(self, request: Request, num_tokens: int, plan: StepPlan) -> bool:
+        """Grow a running request's pages to hold ``num_tokens``, preempting newest-first if short.
+        False if the request itself was preempted or finished with ERROR."""
+        if self._never_fits(request, num_tokens, plan):
+            return False
+        while not self._grow_pages(request, num_tokens):
+            victim = self._running[-1]
+            self._preempt(victim, plan)
+            if victim is request:
+                return False
+        return True
+
+    def _grow_pages(self, request: Request, num_tokens: int) -> bool:
+        missing = self.allocator.pages_needed(num_tokens) - len(request.pages)
+        if missing <= 0:
+            return True
+        if not self.allocator.can_allocate(missing):
+            return False
+        request.pages.extend(self.allocator.allocate(missing))
+        return True
+
+    def _never_fits(self, request: Request, num_tokens: int, plan: StepPlan) -> bool:
+        """Finish with ERROR a request that needs more pages than the pool has."""
+        needed = self.allocator.pages_needed(num_tokens)
+        if needed <= self.allocator.num_usable_pages:
+            return False
+        plan.withdraw(request.request_id)
+        self.finish(request.request_id, FinishReason.ERROR)
+        request.error_message = (
+            f"request {request.request_id!r} needs {needed} KV pages for {num_tokens} tokens but the pool "
+            f"has only {self.allocator.num_usable_pages} (page_size={self.config.page_size})"
+        )
+        plan.finished.append(request.request_id)
+        return True
+
+    def _preempt(self, request: Request, plan: StepPlan) -> None:
+        plan.withdraw(request.request_id)
+        self._release(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._waiting.appendleft(request)
+        plan.preempted.append(request.request_id)
+
+    def _release(self, request: Request) -> None:
+        """Give back a running request's pages and slot and drop it from the running list."""
+        self._running.remove(request)
+        self.allocator.free(request.pages)
+        request.pages = []
+        heapq.heappush(self._free_slots, request.slot)
+        request.slot = None
+
+    # ----------------------------------------------------------------- admission
+
+    def _admission_open(self) -> bool:
+        """Dynamic batching: always. Static batching: only while the current batch is still being
+        formed, i.e. no running request has started decoding (so it then runs to completion)."""
+        return self.config.use_dynamic_batching or not any(self._is_decoding(r) for r in self._running)
+
+    def _admit_waiting(self, plan: StepPlan) -> None:
+        """Admit waiting requests in FCFS order; stop at the first that does not fit."""
+        while self._waiting and self._free_slots:
+            request = self._waiting[0]
+            num_new = self._prefill_chunk(request, plan.prefill_tokens_left())
+            if num_new == 0:
+                return
+            num_lookahead = self._lookahead_for(request, num_new, plan.num_lookahead_tokens)
+            num_tokens = request.num_computed_tokens + num_new + num_lookahead
+            if self._never_fits(request, num_tokens, plan):
+                continue
+            if not self.allocator.can_allocate(self.allocator.pages_needed(num_tokens)):
+                return
+            self._admit(self._waiting.popleft(), num_tokens)
+            plan.add(self._entry(request, num_new, num_lookahead, is_new=True))
+
+    def _admit(self, request: Request, num_tokens: int) -> None:
+        request.status = RequestStatus.RUNNING
+        request.slot = heapq.heappop(self._free_slots)
+        request.pages = self.allocator.allocate(self.allocator.pages_needed(num_tokens))
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = self._clock()
+        self._running.append(request)
+
+    def _entry(self, request: Request, num_new: int, num_lookahead: int, is_new: bool) -> ScheduledSequence:
+        start = request.num_computed_tokens
+        return ScheduledSequence(
+            request_id=request.request_id,
+            slot=request.slot,
+            token_ids=request.all_token_ids[start : start + num_new],
+            start_position=start,
+            page_ids=tuple(request.pages),
+            sample=start + num_new == request.num_tokens,
+            is_new=is_new,
+            is_decode=self._is_decoding(request),
+            num_lookahead_tokens=num_lookahead,
+        )
+
+    # ----------------------------------------------------------------- results
+
+    @staticmethod
+    def _check_sampled(entry: ScheduledSequence, tokens: Sequence[int], num_lookahead_tokens: int) -> None:
+        if entry.sample and not tokens:
+            raise ValueError(f"request {entry.request_id!r} was scheduled to sample but got no token")
+        if not entry.sample and tokens:
+            raise ValueError(f"request {entry.request_id!r} was mid-prefill (sample=False) but got tokens {list(tokens)}")
+        if len(tokens) > 1 + num_lookahead_tokens:
+            raise ValueError(
+                f"request {entry.request_id!r} got {len(tokens)} tokens; at most 1 + "
+                f"num_lookahead_tokens={num_lookahead_tokens} can be sampled in one step"
+            )
+
+    def _apply_step(self, request: Request, entry: ScheduledSequence, tokens: list[int], now: float) -> bool:
+        """Advance the request past the step; True if it hit its length limit (and was finished)."""
+        room = self._max_total_tokens(request) - request.num_tokens
+        kept = tokens[: min(1 + entry.num_lookahead_tokens, room)]
+        request.num_computed_tokens = entry.end_position + max(0, len(kept) - 1)
+        if kept:
+            request.output_token_ids.extend(int(t) for t in kept)
+            request.first_token_time = request.first_token_time if request.first_token_time is not None else now
+            request.last_token_time = now
+        if request.num_tokens >= self._max_total_tokens(request):
+            self.finish(request.request_id, FinishReason.LENGTH)
+            return True
+        return False
