@@ -127,6 +127,21 @@ class Tokenizer:
         return cls(backend, special_tokens=special, extra_eos_token_ids=extra_eos, chat_templates=templates,
                    source=path)
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes a Hugging Face tokenizer folder that ``from_directory`` reads back identically:
+        tokenizer.json, tokenizer_config.json (special tokens, chat templates), generation_config.json."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.backend.save(os.path.join(directory, "tokenizer.json"))
+        config: dict[str, Any] = {name: token for name, token in self.special_tokens.items() if token is not None}
+        if self.chat_templates:
+            named = [{"name": name, "template": t} for name, t in self.chat_templates.items()]
+            config["chat_template"] = self.chat_templates["default"] if list(self.chat_templates) == ["default"] else named
+        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=1, ensure_ascii=False)
+        with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"eos_token_id": list(self.eos_token_ids)}, f, indent=1)
+
     # ---- ids <-> text ---------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; special tokens written in the text (``<|im_start|>``) become their ids."""

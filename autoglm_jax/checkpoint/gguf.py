@@ -97,8 +97,8 @@ def config_from_gguf(path: str | os.PathLike) -> ModelConfig:
     embed = _tensor(tensors, "token_embd.weight", path)
     vocab = int(embed.shape[1])  # GGUF shapes are [in, out]: token_embd is [H, V]
     if key("vocab_size") not in (None, vocab):
-        raise CheckpointError(f"GGUF file {path}: {gguf_arch}.vocab_size={key('vocab_size')} but token_embd has {vocab} rows")
-    eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        raise CheckpointError(
+            f"GGUF file {path}: {gguf_arch}.vocab_size={key('vocab_size')} but token_embd has {vocab} rows")
     return ModelConfig(
         architecture=GGUF_ARCHITECTURES[gguf_arch],
         vocab_size=vocab,
@@ -119,10 +119,19 @@ def config_from_gguf(path: str | os.PathLike) -> ModelConfig:
         sandwich_norms=gguf_arch == "glm4",
         tie_word_embeddings="output.weight" not in tensors,
         max_position_embeddings=int(key("context_length", 4096)),
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        **_special_tokens(meta),
     )
+
+
+def _special_tokens(meta: dict) -> dict:
+    """bos/pad ids and the tokens that end generation: eos, then eot and eom when present."""
+    def token(kind: str):
+        value = meta.get(f"tokenizer.ggml.{kind}_token_id")
+        return None if value is None else int(value)
+
+    eos = (token("eos"), token("eot"), token("eom"))
+    return dict(bos_token_id=token("bos"), pad_token_id=token("padding"),
+                eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)))
 
 
 def _tensor(tensors: dict, name: str, path: str):
@@ -141,7 +150,8 @@ def _head_dim(tensors: dict, heads: int, kv_heads: int, key_length, path: str) -
         raise CheckpointError(f"GGUF file {path}: attention rows {rows} are not a multiple of {per_row} heads")
     head_dim = rows // per_row
     if key_length is not None and int(key_length) != head_dim:
-        raise CheckpointError(f"GGUF file {path}: attention.key_length={key_length} but tensors give head_dim={head_dim}")
+        raise CheckpointError(
+            f"GGUF file {path}: attention.key_length={key_length} but tensors give head_dim={head_dim}")
     return head_dim
 
 
@@ -157,7 +167,8 @@ def _rope_scaling(key, tensors: dict, path: str) -> tuple[tuple[str, Any], ...]:
     if kind in (None, "none"):
         return ()
     if kind != "linear":
-        raise UnsupportedModelError(f"GGUF file {path}: rope.scaling.type={kind!r} is not implemented; supported: none, linear")
+        raise UnsupportedModelError(
+            f"GGUF file {path}: rope.scaling.type={kind!r} is not implemented; supported: none, linear")
     if factor is None:
         raise CheckpointError(f"GGUF file {path}: rope.scaling.type='linear' without rope.scaling.factor")
     return () if float(factor) == 1.0 else (("factor", float(factor)), ("rope_type", "linear"))
@@ -228,7 +239,8 @@ def _dequantize(tensor, path: str) -> np.ndarray:
     try:
         out = dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as e:
-        raise CheckpointError(f"tensor {tensor.name!r} in {path}: cannot dequantize {tensor.tensor_type.name}: {e}") from e
+        raise CheckpointError(
+            f"tensor {tensor.name!r} in {path}: cannot dequantize {tensor.tensor_type.name}: {e}") from e
     out = np.asarray(out, dtype=np.float32).reshape([int(d) for d in reversed(tensor.shape)])
     if np.may_share_memory(out, tensor.data):  # F32 comes back as a view of the memory map
         out = out.copy()
@@ -244,7 +256,8 @@ def _to_hf(name: str, weights: np.ndarray, gguf_arch: str, config: ModelConfig, 
     elif match := _BLOCK_TENSOR.match(name):
         layer, base, kind = int(match.group(1)), match.group(2), match.group(3)
         if layer >= config.num_hidden_layers:
-            raise CheckpointError(f"tensor {name!r} in {path}: layer {layer} >= num_hidden_layers={config.num_hidden_layers}")
+            raise CheckpointError(
+                f"tensor {name!r} in {path}: layer {layer} >= num_hidden_layers={config.num_hidden_layers}")
         prefix = f"model.layers.{layer}"
         if base == "attn_qkv":
             pieces = _split_qkv(weights, config, name, path)
@@ -269,7 +282,8 @@ def _split_qkv(weights: np.ndarray, config: ModelConfig, name: str, path: str) -
     return [("q", weights[:q]), ("k", weights[q : q + kv]), ("v", weights[q + kv :])]
 
 
-def _unpermute(weights: np.ndarray, which: str, gguf_arch: str, config: ModelConfig, name: str, path: str) -> np.ndarray:
+def _unpermute(weights: np.ndarray, which: str, gguf_arch: str, config: ModelConfig, name: str,
+               path: str) -> np.ndarray:
     """Inverse of llama.cpp's Llama Q/K row permutation (per head: halves -> interleaved pairs).
 
     llama.cpp moves HF row (h, i, j) of head h (half i in {0, 1}, j < D/2) to row (h, j, i); this

@@ -13,9 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from autoglm_jax.checkpoint.gguf_file import CheckpointError
-from autoglm_jax.checkpoint.params import assemble_params
 from autoglm_jax.checkpoint.safetensors_file import iter_tensors
-from autoglm_jax.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -45,9 +43,3 @@ def iter_hf_tensors(directory: str) -> Iterator[tuple[str, np.ndarray, str]]:
     for path in safetensors_files(directory):
         for name, tensor in iter_tensors(path):
             yield name, tensor, os.path.basename(path)
-
-
-def load_hf_directory(directory: str, dtype) -> tuple[ModelConfig, dict]:
-    """(config, parameter tree as host arrays of ``dtype``) from a Hugging Face directory."""
-    config = ModelConfig.from_hf_config(directory)
-    return config, assemble_params(config, iter_hf_tensors(directory), dtype)

@@ -50,21 +50,32 @@ def resolve_model_source(model: str | None) -> ModelSource:
     )
 
 
-def load_params(source: ModelSource, dtype) -> tuple[ModelConfig, dict | None]:
-    """(config, host parameter tree) for a checkpoint; (config, None) for a random preset."""
+def _progress(iterable, total: int | None, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc="Loading weights", unit="tensor", disable=not enabled, leave=False)
+
+
+def load_params(source: ModelSource, dtype, progress: bool = False) -> tuple[ModelConfig, dict | None]:
+    """(config, host parameter tree) for a checkpoint; (config, None) for a random preset.
+    ``progress`` shows a tqdm bar over the tensors while they stream in."""
+    from autoglm_jax.checkpoint.params import assemble_params
+
     if source.kind == "preset":
         return ModelConfig.from_preset(source.path), None
     if source.kind == "hf":
-        from autoglm_jax.checkpoint.hf import load_hf_directory
+        from autoglm_jax.checkpoint.hf import iter_hf_tensors
 
-        return load_hf_directory(source.path, dtype)
+        config = ModelConfig.from_hf_config(source.path)
+        return config, assemble_params(config, _progress(iter_hf_tensors(source.path), None, progress), dtype)
     if source.kind == "gguf":
         from autoglm_jax.checkpoint.gguf import config_from_gguf, iter_gguf_tensors
-        from autoglm_jax.checkpoint.params import assemble_params
+        from autoglm_jax.checkpoint.gguf_file import open_gguf
 
         config = config_from_gguf(source.path)
         named = ((name, tensor, os.path.basename(source.path)) for name, tensor in iter_gguf_tensors(source.path, config))
-        return config, assemble_params(config, named, dtype)
+        total = len(open_gguf(source.path).tensors)
+        return config, assemble_params(config, _progress(named, total, progress), dtype)
     if source.kind == "orbax":
         from autoglm_jax.checkpoint.orbax_io import restore_checkpoint
 
@@ -98,8 +109,9 @@ def _to_device(tree: dict, dtype) -> dict:
     return out
 
 
-def load_model(model: str | None, dtype=jnp.bfloat16, attention_backend: str = "xla", seed: int = 0):
+def load_model(model: str | None, dtype=jnp.bfloat16, attention_backend: str = "xla", seed: int = 0,
+               progress: bool = False):
     """(config, CausalLM, source) for a preset name, HF directory, GGUF file, Orbax checkpoint or None."""
     source = resolve_model_source(model)
-    config, params = load_params(source, dtype)
+    config, params = load_params(source, dtype, progress)
     return config, build_model(config, params, dtype, attention_backend, seed), source

@@ -119,7 +119,9 @@ def restore_checkpoint(path: str | os.PathLike, dtype=None, shardings=None) -> t
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"Orbax checkpoint {path} has no {PARAMS_DIR}/ directory")
-    arrays = metadata["arrays"]
+    arrays = metadata.get("arrays")
+    if not isinstance(arrays, dict) or not arrays:
+        raise CheckpointError(f"{os.path.join(path, METADATA_FILE)} lists no arrays")
     target = _unflatten({
         name: jax.ShapeDtypeStruct(tuple(a["shape"]), jnp.dtype(a["dtype"]), sharding=sharding)
         for (name, a), sharding in zip(arrays.items(), _leaf_shardings(shardings, list(arrays)))
@@ -134,7 +136,8 @@ def restore_checkpoint(path: str | os.PathLike, dtype=None, shardings=None) -> t
         checkpointer.close()
     flat = _flatten(restored)
     if flat.keys() != arrays.keys():
-        raise CheckpointError(f"Orbax checkpoint {path}: restored arrays {sorted(flat)} differ from metadata {sorted(arrays)}")
+        raise CheckpointError(
+            f"Orbax checkpoint {path}: restored arrays {sorted(flat)} differ from metadata {sorted(arrays)}")
     for name, value in flat.items():
         if array_checksum(value) != arrays[name]["checksum"]:
             raise CheckpointError(f"Orbax checkpoint {path}: array {name!r} fails its checksum (corrupted data)")

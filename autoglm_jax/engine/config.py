@@ -58,6 +58,7 @@ class EngineConfig:
     max_waiting_requests: int = 4096
     compilation_cache_dir: str | None = os.path.join(os.path.expanduser("~"), ".cache", "autoglm_jax", "xla")
     warmup: bool = True
+    show_progress: bool = True  # tqdm bar while weights load
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import random
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from autoglm_jax.checkpoint.loader import load_model
 from autoglm_jax.engine.config import EngineConfig
@@ -22,7 +24,7 @@ from autoglm_jax.engine.memory import enable_compilation_cache, plan_num_pages
 from autoglm_jax.engine.output_state import RequestState, SequenceState
 from autoglm_jax.engine.page_allocator import PageAllocator
 from autoglm_jax.engine.request import FinishReason, Request
-from autoglm_jax.engine.runner import ModelRunner, RowRequest
+from autoglm_jax.engine.runner import STOP_IDS_WIDTH, ModelRunner, RowRequest
 from autoglm_jax.engine.scheduler import Scheduler
 from autoglm_jax.outputs import RequestOutput
 from autoglm_jax.sampling_params import SamplingParams
@@ -46,7 +48,7 @@ class EngineCore:
         backend = cfg.attention_backend
         if backend == "auto":
             backend = "pallas" if jax.default_backend() == "gpu" else "xla"
-        self.model_config, model, source = load_model(cfg.model, self.dtype, backend, cfg.seed)
+        self.model_config, model, source = load_model(cfg.model, self.dtype, backend, cfg.seed, progress=cfg.show_progress)
         self.tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg.tokenizer, source)
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self.model_config.eos_token_ids
         self.eos_token_ids = eos or self.model_config.eos_token_ids
@@ -117,14 +119,20 @@ class EngineCore:
     def _prompt_tokens(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:
-                raise ValueError("a dict prompt needs 'prompt_token_ids'")
-            prompt = list(prompt["prompt_token_ids"])
+                raise ValueError(f"a dict prompt needs 'prompt_token_ids', got keys {sorted(prompt)}")
+            prompt = prompt["prompt_token_ids"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
             if not prompt:
                 raise ValueError("the prompt is empty")
             return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise TypeError(f"a prompt must be a str, a list of token ids or {{'prompt_token_ids': [...]}}, "
+                            f"got {type(prompt).__name__}")
+        not_ints = [t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if not_ints:
+            raise TypeError(f"prompt token ids must be ints, got {not_ints[:5]}")
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
@@ -139,10 +147,16 @@ class EngineCore:
                              f"leaves room for at most {self.max_sequence_length - 1}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
-            if value is not None and value > self.config.max_logprobs:
-                raise ValueError(f"{name}={value} exceeds max_logprobs={self.config.max_logprobs}")
+            wanted = self.model_config.vocab_size if value == -1 else value  # -1 = the whole vocabulary
+            if wanted is not None and wanted > self.config.max_logprobs:
+                raise ValueError(f"{name}={value} asks for {wanted} logprobs per token; the engine's "
+                                 f"max_logprobs={self.config.max_logprobs}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        num_stop_ids = len(dict.fromkeys([*self.eos_token_ids, *params.stop_token_ids]))
+        if num_stop_ids > STOP_IDS_WIDTH:
+            raise ValueError(f"{len(params.stop_token_ids)} stop_token_ids (with the model's EOS ids: {num_stop_ids}) "
+                             f"exceed the engine's limit of {STOP_IDS_WIDTH} stop ids per request")
 
     def abort(self, request_id: str) -> bool:
         """Aborts a request (all its sequences); its pages are freed at once. False if unknown/finished."""
@@ -153,7 +167,7 @@ class EngineCore:
             self.sequences.pop(seq.sequence_id, None)
             request = self.scheduler.get_request(seq.sequence_id)
             if self.scheduler.abort(seq.sequence_id) and request is not None:
-                self.metrics.record_finished(request)
+                self._record_finished(state, request)
             seq.finish("abort")
         return True
 
@@ -171,6 +185,7 @@ class EngineCore:
             self._record_step(output, 0)
             return self._collect(changed)
         requests = {s.request_id: self.scheduler.get_request(s.request_id) for s in output.scheduled}
+        states = {s.request_id: self.sequences[s.request_id][0] for s in output.scheduled}
         rows = {s.request_id: self._row(s) for s in output.scheduled}
         sampled, prompt_logprobs = self.runner.execute(output, rows)
         for sequence_id, entries in prompt_logprobs.items():
@@ -195,11 +210,14 @@ class EngineCore:
             self._finish_sequence(sequence_id, seq.finish_reason, changed)
         for sequence_id, request in requests.items():
             if request.is_finished:
-                self.metrics.record_finished(request)
+                self._record_finished(states[sequence_id], request)
                 if sequence_id in self.sequences:  # finished by the scheduler (length limit)
                     self._finish_sequence(sequence_id, "length", changed)
         self._record_step(output, sum(len(tokens) for tokens in kept.values()))
         return self._collect(changed)
+
+    def _record_finished(self, state: RequestState, request: Request) -> None:
+        state.sequence_metrics[request.request_id] = self.metrics.record_finished(request)
 
     def _record_step(self, output, num_generated: int) -> None:
         self.metrics.record_step(
@@ -219,10 +237,12 @@ class EngineCore:
         remaining = self.max_sequence_length - request.num_tokens
         if params.max_tokens is not None:
             remaining = min(remaining, params.max_tokens - request.num_output_tokens)
-        stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(self.eos_token_ids))
+        stop_ids = ()  # on-device early stop; before min_tokens no stop may fire (the host decides then)
+        if request.num_output_tokens >= params.min_tokens:
+            stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(self.eos_token_ids))
         return RowRequest(sampling_params=params, seed=seq.seed, num_generated=request.num_output_tokens,
                           num_prompt_tokens=len(state.prompt_token_ids), all_token_ids=request.all_token_ids,
-                          max_new_tokens=max(remaining, 1), stop_ids=stop_ids if params.min_tokens == 0 else ())
+                          max_new_tokens=max(remaining, 1), stop_ids=stop_ids)
 
     def _finish_sequence(self, sequence_id: str, reason: str, changed: dict) -> None:
         state, seq = self.sequences.pop(sequence_id)

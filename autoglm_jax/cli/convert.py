@@ -1,0 +1,26 @@
+"""``autoglm convert``: a Hugging Face directory or GGUF file -> an Orbax checkpoint under checkpoints/.
+
+Owns: the flags of this command; the conversion is ``checkpoint.convert.convert_checkpoint``.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Source: Hugging Face directory or .gguf file (default: the embedded SmolLM2).")
+flags.DEFINE_string("output", None, "Destination directory (default: checkpoints/<source name>).")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Dtype of the stored weights.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from autoglm_jax.checkpoint.convert import convert_checkpoint
+
+    path = convert_checkpoint(FLAGS.model, FLAGS.output, FLAGS.dtype)
+    print(f"[autoglm] wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
