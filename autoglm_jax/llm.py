@@ -28,6 +28,16 @@ class LLM:
                                         seed=seed)
         self.engine = EngineCore(config)
 
+    @classmethod
+    def from_engine(cls, engine: EngineCore) -> "LLM":
+        """Wraps an already built engine core (e.g. a stopped ``AutoGLMEngine``'s ``.core``), skipping
+        a second model load and compile. The core is not thread-safe: nothing else may step it meanwhile."""
+        if not isinstance(engine, EngineCore):
+            raise TypeError(f"engine must be an EngineCore, got {type(engine).__name__}")
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        return llm
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

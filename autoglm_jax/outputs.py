@@ -49,7 +49,8 @@ def make_logprob_dict(
     ``decoded_token`` (None leaves it unset).
     """
     if len(top_token_ids) != len(top_logprobs):
-        raise ValueError(f"top_token_ids ({len(top_token_ids)}) and top_logprobs ({len(top_logprobs)}) differ in length")
+        raise ValueError(
+            f"top_token_ids ({len(top_token_ids)}) and top_logprobs ({len(top_logprobs)}) differ in length")
     ids = [int(token_id), *(int(t) for t in top_token_ids)]
     values = [float(logprob), *(float(v) for v in top_logprobs)]
     ranks = [int(rank), *range(1, len(top_token_ids) + 1)]

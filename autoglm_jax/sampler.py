@@ -33,7 +33,7 @@ import numpy as np
 
 from autoglm_jax.sampling_params import SAMPLING_EPS, SamplingParams
 
-STOP_IDS_MIN_WIDTH = 4  # S is the smallest power of two >= this and >= the longest stop list
+STOP_IDS_MIN_WIDTH = 4  # default S: the smallest power of two >= this and >= the longest stop list
 
 
 @jax.tree_util.register_dataclass
@@ -63,6 +63,7 @@ class SamplingTensors:
         steps: Sequence[int],
         batch_bucket: int,
         eos_token_ids: Sequence[int] = (),
+        stop_ids_width: int | None = None,
     ) -> "SamplingTensors":
         """Host-side construction (numpy in, device arrays out), padded to ``batch_bucket`` rows.
 
@@ -70,6 +71,8 @@ class SamplingTensors:
         (``params.seed`` when set, else one the engine drew for it); steps[b]: tokens it has
         generated so far. Empty and padding rows are greedy with every filter off. eos_token_ids
         join each row's stop_token_ids for the min_tokens mask (as vLLM, even with ignore_eos).
+        stop_ids_width: a fixed S (so the shape never changes between steps; a longer list raises
+        ValueError); None sizes S by the rule of ``STOP_IDS_MIN_WIDTH``.
         """
         if not len(params) == len(seeds) == len(steps):
             raise ValueError(f"params ({len(params)}), seeds ({len(seeds)}) and steps ({len(steps)}) differ in length")
@@ -79,7 +82,7 @@ class SamplingTensors:
         for b, (p, seed, step) in enumerate(zip(params, seeds, steps)):
             if p is not None:
                 rows.fill(b, p, seed, step, eos_token_ids)
-        return rows.to_tensors()
+        return rows.to_tensors(stop_ids_width)
 
 
 class _HostRows:
@@ -115,16 +118,21 @@ class _HostRows:
         if step < p.min_tokens:
             self.stop_lists[b] = list(dict.fromkeys([*eos_token_ids, *p.stop_token_ids]))
 
-    def to_tensors(self) -> SamplingTensors:
+    def to_tensors(self, stop_ids_width: int | None) -> SamplingTensors:
         longest = max(len(s) for s in self.stop_lists)
-        width = STOP_IDS_MIN_WIDTH
-        while width < longest:
-            width *= 2
+        if stop_ids_width is not None:
+            if longest > stop_ids_width:
+                raise ValueError(f"{longest} eos + stop token ids in one row exceed stop_ids_width={stop_ids_width}")
+            width = stop_ids_width
+        else:
+            width = STOP_IDS_MIN_WIDTH
+            while width < longest:
+                width *= 2
         stop_ids = np.full((len(self.stop_lists), width), -1, np.int32)
         for b, ids in enumerate(self.stop_lists):
             stop_ids[b, : len(ids)] = ids
-        arrays = {name: jnp.asarray(value) for name, value in self.fields.items()}
-        return SamplingTensors(**arrays, stop_token_ids=jnp.asarray(stop_ids))
+        host = SamplingTensors(**self.fields, stop_token_ids=stop_ids)
+        return jax.device_put(host)  # one batched host -> device transfer of every field
 
 
 @jax.tree_util.register_dataclass
@@ -184,7 +192,9 @@ def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     in_top_k = sorted_desc >= kth
     probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
     mass_above = jnp.cumsum(probs, axis=-1) - probs
-    num_kept = jnp.sum(in_top_k & (mass_above < top_p[:, None]), axis=-1)
+    # top_p >= 1 keeps everything exactly (f32 cumsum may reach 1 before the tail).
+    in_top_p = (mass_above < top_p[:, None]) | (top_p >= 1.0)[:, None]
+    num_kept = jnp.sum(in_top_k & in_top_p, axis=-1)
     threshold = jnp.take_along_axis(sorted_desc, (num_kept - 1)[:, None], axis=-1)
     return jnp.where(logits < threshold, -jnp.inf, logits)
 

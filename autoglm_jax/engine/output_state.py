@@ -10,6 +10,7 @@ import dataclasses
 import time
 
 from autoglm_jax.detokenizer import IncrementalDetokenizer
+from autoglm_jax.engine.metrics import RequestMetrics
 from autoglm_jax.engine.runner import PromptLogprob, TokenResult
 from autoglm_jax.outputs import CompletionOutput, RequestOutput, make_logprob_dict
 from autoglm_jax.sampling_params import SamplingParams
@@ -81,6 +82,7 @@ class RequestState:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     prompt_logprobs: list | None = None
     tokenizer: object = None
+    sequence_metrics: dict[str, RequestMetrics] = dataclasses.field(default_factory=dict)  # by sequence id
 
     def __post_init__(self):
         if self.params.prompt_logprobs is not None:
@@ -97,7 +99,33 @@ class RequestState:
             self.prompt_logprobs[e.position] = make_logprob_dict(
                 e.token_id, e.logprob, e.rank, e.top_token_ids[:n], e.top_logprobs[:n], decode)
 
-    def output(self, metrics=None) -> RequestOutput:
+    @property
+    def metrics(self) -> RequestMetrics | None:
+        """The request's latency figures over its finished sequences (None before the first; a
+        sequence the scheduler failed with "error" has none)."""
+        if not self.sequence_metrics:
+            return None
+        return merge_request_metrics(self.request_id, list(self.sequence_metrics.values()))
+
+    def output(self) -> RequestOutput:
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_token_ids),
                              prompt_logprobs=self.prompt_logprobs, outputs=[s.completion() for s in self.sequences],
-                             finished=self.finished, metrics=metrics)
+                             finished=self.finished, metrics=self.metrics if self.finished else None)
+
+
+def merge_request_metrics(request_id: str, parts: list[RequestMetrics]) -> RequestMetrics:
+    """One request's figures from its n sequences': earliest queue exit and first token, latest finish,
+    mean time per output token, tokens and preemptions summed. n == 1 gives that sequence's figures."""
+    if len(parts) == 1:
+        return dataclasses.replace(parts[0], request_id=request_id)
+
+    def pick(name, choose):
+        values = [getattr(p, name) for p in parts if getattr(p, name) is not None]
+        return choose(values) if values else None
+
+    return RequestMetrics(
+        request_id=request_id, num_prompt_tokens=parts[0].num_prompt_tokens,
+        num_output_tokens=sum(p.num_output_tokens for p in parts), queue_time_s=pick("queue_time_s", min),
+        ttft_s=pick("ttft_s", min), tpot_s=pick("tpot_s", lambda v: sum(v) / len(v)),
+        e2e_latency_s=pick("e2e_latency_s", max), num_preemptions=sum(p.num_preemptions for p in parts),
+        finish_reason=parts[0].finish_reason)

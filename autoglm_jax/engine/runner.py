@@ -186,7 +186,8 @@ class ModelRunner:
         params = [rows[s.request_id].sampling_params for s in scheduled]
         seeds = [rows[s.request_id].seed for s in scheduled]
         steps = [rows[s.request_id].num_generated for s in scheduled]
-        return SamplingTensors.from_params(params, seeds, steps, num_rows, self.eos_token_ids)
+        return SamplingTensors.from_params(params, seeds, steps, num_rows, self.eos_token_ids,
+                                           stop_ids_width=STOP_IDS_WIDTH)
 
     def _step_input(self, scheduled, rows, token_bucket: int, num_rows: int, want_prompt_logprobs: bool) -> StepInput:
         num_slots = self.max_batch_size

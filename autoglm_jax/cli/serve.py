@@ -1,0 +1,91 @@
+"""``autoglm serve``: the OpenAI-compatible HTTP server (FastAPI on uvicorn) over ``AutoGLMEngine``.
+
+Owns: the flags of this command and the process lifecycle: start the engine (compiles its bucket
+ladder), serve until SIGTERM / SIGINT, then shut down gracefully (uvicorn stops accepting, waits up to
+``--shutdown_timeout`` s for running requests to finish, cancels - and so aborts - the rest), stop the
+engine and exit 0. The routes live in ``autoglm_jax.server``.
+
+    autoglm serve --port 8000 --served_model_name smollm2 --max_batch_size 32
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Preset name, Hugging Face directory, .gguf file or Orbax checkpoint "
+                    "(default: the embedded SmolLM2-135M-Instruct).")
+flags.DEFINE_string("tokenizer", None, "Tokenizer folder or file, if not the model's own.")
+flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
+flags.DEFINE_integer("port", 8000, "Port to bind.")
+flags.DEFINE_string("served_model_name", None, "Model name clients send and /v1/models lists "
+                    "(default: the model's file or folder name).")
+flags.DEFINE_string("api_key", os.environ.get("AUTOGLM_API_KEY"), "When set, /v1/* requires "
+                    "'Authorization: Bearer <key>' (default: $AUTOGLM_API_KEY).")
+flags.DEFINE_integer("max_n", 16, "Most choices (n) one request may ask for.")
+flags.DEFINE_float("shutdown_timeout", 30.0, "Seconds running requests get to finish after SIGTERM/SIGINT.")
+flags.DEFINE_enum("log_level", "info", ["critical", "error", "warning", "info", "debug"], "uvicorn log level.")
+# engine settings (see EngineConfig)
+flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float16", "float32"], "Weights/compute dtype.")
+flags.DEFINE_integer("seed", 0, "Engine seed (for requests without one).")
+flags.DEFINE_integer("max_batch_size", 32, "Sequences decoding together.")
+flags.DEFINE_integer("max_sequence_length", None, "Prompt + output tokens of one sequence "
+                     "(default: min(model limit, 4096)).")
+flags.DEFINE_integer("max_num_batched_tokens", 512, "Token budget of one engine step.")
+flags.DEFINE_float("prefill_ratio", 0.8, "Share of a step's token budget prefill may take while decoding.")
+flags.DEFINE_integer("decode_steps_per_call", 8, "Decode steps per jitted call when no prefill is waiting.")
+flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_integer("num_pages", None, "KV pool size in pages (default: sized from memory).")
+flags.DEFINE_float("memory_fraction", 0.85, "Share of free device memory the KV pool may take.")
+flags.DEFINE_integer("max_waiting_requests", 4096, "Requests in flight before the server answers 429.")
+flags.DEFINE_integer("max_logprobs", 20, "Most top logprobs a request may ask for.")
+flags.DEFINE_enum("attention_backend", "auto", ["auto", "xla", "pallas"], "Attention implementation.")
+
+_ENGINE_FLAGS = ("model", "tokenizer", "dtype", "seed", "max_batch_size", "max_sequence_length",
+                 "max_num_batched_tokens", "prefill_ratio", "decode_steps_per_call", "page_size", "num_pages",
+                 "memory_fraction", "max_waiting_requests", "max_logprobs", "attention_backend")
+log = logging.getLogger("autoglm.serve")
+
+
+def default_served_model_name(model: str | None) -> str:
+    """``SmolLM2-135M-Instruct`` for the embedded model, else the file or folder name without .gguf."""
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+
+
+def _note_late_signal(signum, frame) -> None:
+    """uvicorn re-raises the signal that stopped it once it is done; we are shutting down anyway."""
+    log.info("received %s during shutdown", signal.Signals(signum).name)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import uvicorn
+
+    from autoglm_jax.engine.async_engine import AutoGLMEngine
+    from autoglm_jax.server import ServerConfig, create_app
+
+    logging.basicConfig(level=FLAGS.log_level.upper())
+    server_config = ServerConfig(served_model_name=FLAGS.served_model_name or default_served_model_name(FLAGS.model),
+                                 api_key=FLAGS.api_key or None, max_n=FLAGS.max_n)
+    engine = AutoGLMEngine({name: getattr(FLAGS, name) for name in _ENGINE_FLAGS}).start()
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(engine, server_config), host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level,
+        timeout_graceful_shutdown=FLAGS.shutdown_timeout, lifespan="off"))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _note_late_signal)
+    try:
+        server.run()
+    finally:
+        engine.stop(drain=False, timeout=FLAGS.shutdown_timeout)
+    log.info("server stopped")
+
+
+if __name__ == "__main__":
+    app.run(main)
