@@ -15,12 +15,14 @@ _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_
 
 def tiny_hf_config(architecture: str, **overrides):
     kw = dict(_COMMON, **overrides)
+    if architecture != "Qwen2ForCausalLM":
+        kw.setdefault("head_dim", 16)
     if architecture == "GlmForCausalLM":
-        return transformers.GlmConfig(head_dim=16, attention_bias=True, **kw)
+        return transformers.GlmConfig(attention_bias=True, **kw)
     if architecture == "Glm4ForCausalLM":
-        return transformers.Glm4Config(head_dim=16, attention_bias=True, **kw)
+        return transformers.Glm4Config(attention_bias=True, **kw)
     if architecture == "LlamaForCausalLM":
-        return transformers.LlamaConfig(head_dim=16, rope_theta=10000.0, **kw)
+        return transformers.LlamaConfig(rope_theta=10000.0, **kw)
     if architecture == "Qwen2ForCausalLM":
         return transformers.Qwen2Config(**kw)
     raise ValueError(architecture)

@@ -1,0 +1,232 @@
+"""Kernel benchmark: our Pallas kernels vs XLA, cuDNN and JAX's own Pallas ops, against rooflines.
+
+Owns: measuring the two ceilings of the card (HBM copy bandwidth counting bytes read + written,
+XLA bf16 matmul rate at 8192^3) and timing each kernel of ``pallas_kernels`` at GLM-4-9B shapes.
+It does not own the kernels or their tuning tables.
+
+Run on a GPU machine:  PYTHONPATH=. python3 benchmarks/kernels.py [--out results.md] [--quick]
+Times are medians of wall time per call over queued asynchronous calls (see ``time_ms``); the
+XLA pre/post-processing around a Pallas kernel is included. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import matmul as mm
+from pallas_kernels import quantized_matmul as qm
+from pallas_kernels import ragged_paged_attention as rpa
+from tests.kernels.test_ragged_paged_attention import make_case
+
+ROWS: list[dict] = []
+
+
+def time_ms(fn, *args, iterations: int = 20) -> float:
+    """Median wall time per call (ms) over 5 batches of ``iterations`` queued calls, after a warm-up.
+    (CUPTI via ``mosaic.gpu.profiler.measure`` returned no timings on these machines.) Calls are
+    dispatched asynchronously, so for kernels longer than the dispatch (~20 µs) this is device time."""
+    jax.block_until_ready(fn(*args))
+    batches = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(iterations):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        batches.append((time.perf_counter() - start) / iterations * 1e3)
+    return statistics.median(batches)
+
+
+def record(group: str, what: str, impl: str, ms: float | None, *, nbytes: float = 0, flops: float = 0,
+           roofline_ms: float | None = None, note: str = ""):
+    row = dict(group=group, what=what, impl=impl, ms=ms, nbytes=nbytes, flops=flops, roofline_ms=roofline_ms, note=note)
+    ROWS.append(row)
+    if ms is None:
+        print(f"[{group}] {what} {impl}: n/a {note}", flush=True)
+    else:
+        roof = f"{roofline_ms / ms:.2f}" if roofline_ms else "-"
+        print(f"[{group}] {what} {impl}: {ms * 1e3:.1f} us  {nbytes / ms / 1e6:.0f} GB/s  {flops / ms / 1e9:.1f} TFLOP/s "
+              f"of roofline {roof} {note}", flush=True)
+
+
+def attempt(group, what, impl, fn, *args, **kw):
+    try:
+        ms = time_ms(fn, *args)
+    except Exception as e:  # a baseline that does not run on this card/version is recorded, not fatal
+        traceback.print_exc(limit=2)
+        record(group, what, impl, None, note=f"fails: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:90]}")
+        return None
+    record(group, what, impl, ms, **kw)
+    return ms
+
+
+def ceilings() -> tuple[float, float]:
+    x = jax.random.normal(jax.random.key(0), (1 << 29,), jnp.float32).astype(jnp.bfloat16)  # 1 GiB
+    copy = jax.jit(lambda x: x * jnp.bfloat16(1.0009765625))
+    ms = time_ms(copy, x)
+    bandwidth = 2 * x.nbytes / ms / 1e6  # GB/s read + written
+    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.float32).astype(jnp.bfloat16)
+    ms_mm = time_ms(jax.jit(jnp.dot), a, a)
+    tflops = 2 * 8192 ** 3 / ms_mm / 1e9
+    record("ceiling", "HBM copy 1 GiB (read+write)", "XLA", ms, nbytes=2 * x.nbytes)
+    record("ceiling", "bf16 matmul 8192^3", "XLA/cuBLAS", ms_mm, flops=2 * 8192 ** 3)
+    print(f"ceilings: copy {bandwidth:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s", flush=True)
+    return bandwidth, tflops
+
+
+def xla_paged_attention(q, k_cache, v_cache, layer, seq_ids, positions, page_table, *_, sm_scale):
+    """Plain XLA baseline in bf16: gather each sequence's pages, dense masked GQA attention."""
+    num_tok, num_q, head_dim = q.shape
+    _, _, page_size, num_kv, _ = k_cache.shape
+    ctx = page_table.shape[1] * page_size
+    k = k_cache[layer][page_table].reshape(-1, ctx, num_kv, head_dim)[seq_ids]  # [T, ctx, Nkv, D]
+    v = v_cache[layer][page_table].reshape(-1, ctx, num_kv, head_dim)[seq_ids]
+    qg = q.reshape(num_tok, num_kv, num_q // num_kv, head_dim)
+    s = jnp.einsum("tkgd,tckd->tkgc", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.where((jnp.arange(ctx)[None, :] <= positions[:, None])[:, None, None], s, -1e30)
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    return jnp.einsum("tkgc,tckd->tkgd", p, v).reshape(num_tok, num_q, head_dim)
+
+
+def bench_decode_attention(bandwidth: float, batch: int = 64, context: int = 4096, page_size: int = 16):
+    lens = np.full(batch, context)
+    args = make_case(lens - 1, np.ones(batch, np.int64), num_q_heads=32, num_kv_heads=2, head_dim=128,
+                     page_size=page_size, token_bucket=batch, max_pages=context // page_size, seed=0, num_layers=1)
+    kv_bytes = 2 * batch * context * 2 * 128 * 2
+    roof = kv_bytes / bandwidth / 1e6
+    what = f"decode attention {batch}x{context}, 32q/2kv, page {page_size}"
+    ours = jax.jit(lambda *a: rpa.ragged_paged_attention(*a, sm_scale=128 ** -0.5))
+    attempt("attention", what, "ours (Mosaic GPU)", ours, *args, nbytes=kv_bytes, roofline_ms=roof)
+    for splits, block_kv, stages in ((4, 128, 2), (8, 128, 2), (16, 64, 3), (8, 64, 4)):
+        cfg = rpa.AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits)
+        f = jax.jit(lambda *a, cfg=cfg: rpa.ragged_paged_attention(*a, sm_scale=128 ** -0.5, config=cfg))
+        attempt("attention", what, f"ours splits={splits} bkv={block_kv} stages={stages}", f, *args, nbytes=kv_bytes, roofline_ms=roof)
+    xla = jax.jit(lambda *a: xla_paged_attention(*a, sm_scale=128 ** -0.5))
+    attempt("attention", what, "XLA gather + dense", xla, *args, nbytes=kv_bytes, roofline_ms=roof)
+    try:
+        from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+
+        q, k_cache, v_cache, _, _, _, page_table, context_lens, *_ = args
+        k_pages = jnp.transpose(k_cache[0], (2, 0, 1, 3))  # [Nkv, P, ps, D]
+        v_pages = jnp.transpose(v_cache[0], (2, 0, 1, 3))
+        f = jax.jit(lambda q, k, v, pt, cl: jax_paged.paged_attention(q, k, v, pt, cl, k_splits=16))
+        attempt("attention", what, "JAX Pallas Triton paged_attention", f, q, k_pages, v_pages, page_table, context_lens,
+                nbytes=kv_bytes, roofline_ms=roof)
+    except Exception as e:
+        record("attention", what, "JAX Pallas Triton paged_attention", None, note=f"fails: {e}"[:100])
+
+
+def bench_prefill_attention(matmul_tflops: float, tokens: int = 4096):
+    args = make_case([0], [tokens], num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=16,
+                     token_bucket=tokens, max_pages=tokens // 16, seed=1, num_layers=1)
+    flops = 4 * tokens * tokens * 32 * 128 / 2  # causal
+    roof = flops / matmul_tflops / 1e9
+    what = f"causal prefill attention {tokens} tokens, 32q/2kv, d128"
+    ours = jax.jit(lambda *a: rpa.ragged_paged_attention(*a, sm_scale=128 ** -0.5))
+    attempt("attention", what, "ours (paged)", ours, *args, flops=flops, roofline_ms=roof)
+    q = args[0][None]
+    k = jax.random.normal(jax.random.key(2), (1, tokens, 2, 128), jnp.float32).astype(jnp.bfloat16)
+    for impl in ("cudnn", "xla"):
+        f = jax.jit(lambda q, k, impl=impl: jax.nn.dot_product_attention(q, k, k, is_causal=True, implementation=impl))
+        attempt("attention", what, f"jax.nn.dot_product_attention {impl} (contiguous)", f, q, k, flops=flops, roofline_ms=roof)
+
+
+GLM4_SHAPES = {"qkv": (4096, 4608), "o_proj": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096),
+               "lm_head": (4096, 151552)}
+
+
+def bench_matmul(bandwidth: float, matmul_tflops: float, ms: tuple[int, ...], shapes=GLM4_SHAPES):
+    for name, (k, n) in shapes.items():
+        w = (jax.random.normal(jax.random.key(k + n), (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        for m in ms:
+            if name == "lm_head" and m > 256:
+                continue
+            a = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+            nbytes, flops = 2 * (m * k + k * n + m * n), 2 * m * k * n
+            roof = max(nbytes / bandwidth / 1e6, flops / matmul_tflops / 1e9)
+            what = f"matmul {name} M={m} K={k} N={n}"
+            attempt("matmul", what, "ours (Mosaic GPU)", mm.matmul, a, w, nbytes=nbytes, flops=flops, roofline_ms=roof)
+            attempt("matmul", what, "XLA jnp.dot", jax.jit(jnp.dot), a, w, nbytes=nbytes, flops=flops, roofline_ms=roof)
+            if m >= 256:
+                from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+
+                cfg = hm.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
+                                      grid_tile_width=8, wg_dimension=hm.MatmulDimension.N)
+                attempt("matmul", what, "JAX hopper_matmul_mgpu", jax.jit(lambda a, w: hm.matmul(a, w, None, cfg)), a, w,
+                        nbytes=nbytes, flops=flops, roofline_ms=roof)
+        del w
+
+
+def bench_quantized(bandwidth: float, ms: tuple[int, ...] = (1, 16, 64), k: int = 4096, n: int = 27392):
+    w = (jax.random.normal(jax.random.key(5), (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    w_nk = w.T
+    scale = jnp.max(jnp.abs(w_nk.astype(jnp.float32)), axis=1) / 127
+    quantized = {"int8": jnp.round(w_nk / scale[:, None]).astype(jnp.int8),
+                 "fp8": (w_nk.astype(jnp.float32) / scale[:, None] * (448 / 127)).astype(jnp.float8_e4m3fn)}
+    for m in ms:
+        a = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+        what = f"gate_up M={m} K={k} N={n}"
+        bf16_ms = attempt("quantized", what, "bf16 ours", mm.matmul, a, w, nbytes=2 * k * n,
+                          roofline_ms=2 * k * n / bandwidth / 1e6)
+        for name, w_q in quantized.items():
+            sc = scale if name == "int8" else scale * (127 / 448)
+            roof = k * n / bandwidth / 1e6
+            ms_q = attempt("quantized", what, f"{name} ours", qm.quantized_matmul, a, w_q, sc, nbytes=k * n, roofline_ms=roof,
+                           note="")
+            if ms_q and bf16_ms:
+                ROWS[-1]["note"] = f"{bf16_ms / ms_q:.2f}x bf16 ours"
+            xla = jax.jit(lambda a, w_q, sc: (jnp.dot(a, w_q.T.astype(jnp.bfloat16)) * sc).astype(jnp.bfloat16))
+            attempt("quantized", what, f"{name} XLA dot(a, w.astype(bf16)) * s", xla, a, w_q, sc, nbytes=k * n,
+                    roofline_ms=roof)
+
+
+def table() -> str:
+    lines = ["| kernel / shape | implementation | time (µs) | GB/s | TFLOP/s | of roofline | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in ROWS:
+        if r["ms"] is None:
+            lines.append(f"| {r['what']} | {r['impl']} | n/a | | | | {r['note']} |")
+            continue
+        gbs = f"{r['nbytes'] / r['ms'] / 1e6:,.0f}" if r["nbytes"] else ""
+        tf = f"{r['flops'] / r['ms'] / 1e9:,.1f}" if r["flops"] else ""
+        roof = f"{r['roofline_ms'] / r['ms']:.2f}" if r["roofline_ms"] else ""
+        lines.append(f"| {r['what']} | {r['impl']} | {r['ms'] * 1e3:,.1f} | {gbs} | {tf} | {roof} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="also write the markdown table (with card, jax version, command) here")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--only", default="ceilings,decode,prefill,matmul,quantized")
+    args = parser.parse_args(argv)
+    parts = args.only.split(",")
+    bandwidth, tflops = ceilings()
+    for part, fn in (("decode", lambda: bench_decode_attention(bandwidth)),
+                     ("quantized", lambda: bench_quantized(bandwidth, (1, 16) if args.quick else (1, 16, 64))),
+                     ("matmul", lambda: bench_matmul(bandwidth, tflops, (1, 16) if args.quick else (1, 16, 256, 4096))),
+                     ("prefill", lambda: bench_prefill_attention(tflops))):
+        if part in parts:
+            try:
+                fn()
+            except Exception:
+                traceback.print_exc()
+    header = (f"Card: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
+              f"command: `PYTHONPATH=. python3 benchmarks/kernels.py {' '.join(argv or sys.argv[1:])}`; "
+              f"ceilings: copy {bandwidth:,.0f} GB/s (read+write), bf16 matmul {tflops:,.0f} TFLOP/s.\n\n")
+    text = header + table()
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Multi-GPU decode: tensor-parallel latency/throughput and data-parallel offline throughput.
+
+Random bf16 weights are made on the devices, already in their TP shards (no host copy of the model),
+and decoding runs through the engine itself (scheduler + the jitted multi-step decode loop), so the
+figures are what serving gets. Per TP size and batch: ms per decode step, tokens/s, speed-up vs the
+smallest TP size, and the all-reduce time per step (the same number of psums of the same activation
+size over the "tp" axis, timed alone). Per DP size: offline throughput (prefill + decode, dp x batch
+requests) and speed-up vs one replica. Not a test; record results in benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/multi_gpu.py --model=glm-4-9b-0414 --tp=1,2 --dp=1,2 --batch=1,64
+    .venv/bin/python benchmarks/multi_gpu.py --tp=1,2,4 --dp=1,4 --batch=1,64      # issue 10, 4 GPUs
+    # CPU smoke run: XLA_FLAGS=--xla_force_host_platform_device_count=8 ... --model=tiny-glm4 --dtype=float32
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax.sharding import PartitionSpec as P
+
+from autoglm_jax.config import ModelConfig
+from autoglm_jax.engine.core import EngineCore
+from autoglm_jax.parallel.mesh import TP_AXIS, engine_mesh
+from autoglm_jax.parallel.replicas import ReplicatedEngineCore
+from autoglm_jax.sampling_params import SamplingParams
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "glm-4-9b-0414", "Model preset (random weights).")
+flags.DEFINE_list("tp", ["1", "2"], "Tensor-parallel sizes to measure decode at.")
+flags.DEFINE_list("dp", ["1", "2"], "Data-parallel replica counts for offline throughput (tp=1 each).")
+flags.DEFINE_list("batch", ["1", "64"], "Decode batch sizes.")
+flags.DEFINE_integer("context", 512, "Prompt tokens of each sequence (decode reads this much KV).")
+flags.DEFINE_integer("decode_tokens", 64, "Timed decode tokens per sequence.")
+flags.DEFINE_integer("offline_tokens", 128, "Output tokens per request in the DP throughput run.")
+flags.DEFINE_integer("steps_per_call", 8, "Decode steps per jitted call (engine decode_steps_per_call).")
+flags.DEFINE_string("dtype", "bfloat16", "Weights, activations and KV dtype.")
+
+
+def engine_args(max_batch: int) -> dict:
+    return dict(model=FLAGS.model, dtype=FLAGS.dtype, skip_tokenizer_init=True, warmup=False, show_progress=False,
+                max_batch_size=max_batch, max_sequence_length=FLAGS.context + max(FLAGS.decode_tokens, FLAGS.offline_tokens) + 64,
+                max_num_batched_tokens=512, decode_steps_per_call=FLAGS.steps_per_call)
+
+
+def prompts(count: int, vocab: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(10, vocab - 10, FLAGS.context).tolist()} for _ in range(count)]
+
+
+def decode_rate(core: EngineCore, batch: int) -> tuple[float, float]:
+    """(ms per decode step, tokens/s) of ``batch`` sequences decoding at ~context tokens."""
+    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    ids = [core.add_request(p, params).request_id for p in prompts(batch, core.model_config.vocab_size)]
+    decoding = lambda: (core.scheduler.num_waiting == 0 and  # noqa: E731
+                        all(r.num_uncomputed_tokens == 1 for r in core.scheduler.running))
+    while not decoding():
+        core.step()
+    for _ in range(2):  # compile + warm the decode bucket of this batch
+        core.step()
+    jax.effects_barrier()
+    generated = lambda: sum(r.num_output_tokens for r in core.scheduler.running)  # noqa: E731
+    before, start = generated(), time.perf_counter()
+    while generated() - before < batch * FLAGS.decode_tokens:
+        core.step()
+    elapsed = time.perf_counter() - start
+    tokens = generated() - before
+    for request_id in ids:
+        core.abort(request_id)
+    return 1e3 * elapsed / (tokens / batch), tokens / elapsed
+
+
+def allreduce_ms_per_step(mesh, config: ModelConfig, batch: int) -> float:
+    """Time of one decode step's collectives alone: 2 psums of [batch, H] per layer + the embedding's."""
+    if mesh is None:
+        return 0.0
+    count = 2 * config.num_hidden_layers + 1
+    dtype = jnp.dtype(FLAGS.dtype)
+
+    def body(x):
+        def one(_, y):
+            return jax.lax.psum(y, TP_AXIS) * jnp.asarray(0.5, y.dtype)  # data-dependent: no CSE
+        return jax.lax.fori_loop(0, count, one, x)
+
+    run = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
+    x = jnp.ones((batch, config.hidden_size), dtype)
+    run(x).block_until_ready()
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        x = run(x)
+    x.block_until_ready()
+    return 1e3 * (time.perf_counter() - start) / reps
+
+
+def bench_tp(batches: list[int]) -> None:
+    config = ModelConfig.from_preset(FLAGS.model)
+    base: dict[int, float] = {}
+    print(f"\n== decode, {FLAGS.model}, context {FLAGS.context}, {FLAGS.dtype}, {jax.devices()[0].device_kind}")
+    print(f"{'tp':>3} {'batch':>5} {'ms/step':>9} {'tok/s':>10} {'speed-up':>9} {'all-reduce ms/step':>19}")
+    for tp in map(int, FLAGS.tp):
+        core = EngineCore(engine_args(max(batches)), tensor_parallel_size=tp)
+        for batch in batches:
+            ms, rate = decode_rate(core, batch)
+            base.setdefault(batch, ms)
+            ar = allreduce_ms_per_step(core.mesh, config, batch)
+            print(f"{tp:>3} {batch:>5} {ms:>9.2f} {rate:>10.1f} {base[batch] / ms:>8.2f}x {ar:>19.3f}", flush=True)
+        del core
+
+
+def offline_throughput(core, num_requests: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=FLAGS.offline_tokens, ignore_eos=True)
+    vocab = core.model_config.vocab_size
+    for p in prompts(num_requests, vocab, seed=1):
+        core.add_request(p, params)
+    start, tokens = time.perf_counter(), 0
+    while core.has_unfinished_requests():
+        tokens += sum(len(o.outputs[0].token_ids) for o in core.step() if o.finished)
+    return tokens / (time.perf_counter() - start)
+
+
+def bench_dp(batch: int) -> None:
+    print(f"\n== offline throughput, {FLAGS.model}, {batch} requests per replica, "
+          f"{FLAGS.context} prompt + {FLAGS.offline_tokens} output tokens each")
+    print(f"{'dp':>3} {'requests':>8} {'tok/s':>10} {'speed-up':>9}")
+    base = None
+    for dp in map(int, FLAGS.dp):
+        args = engine_args(batch)
+        core = EngineCore(args) if dp == 1 else ReplicatedEngineCore(args, data_parallel_size=dp)
+        offline_throughput(core, dp)  # compile every bucket the timed run uses
+        rate = offline_throughput(core, dp * batch)
+        base = base or rate
+        print(f"{dp:>3} {dp * batch:>8} {rate:>10.1f} {rate / base:>8.2f}x", flush=True)
+        if dp > 1:
+            core.close()
+        del core
+
+
+def main(argv):
+    del argv
+    batches = sorted(map(int, FLAGS.batch))
+    print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
+    engine_mesh(max(map(int, FLAGS.tp)), 1)  # fails early when there are too few devices
+    bench_tp(batches)
+    if FLAGS.dp:
+        bench_dp(max(batches))
+
+
+if __name__ == "__main__":
+    app.run(main)

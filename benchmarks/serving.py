@@ -1,0 +1,62 @@
+"""Serving benchmark through ``AutoGLMEngine``: offline throughput or Poisson-rate online load.
+
+Prints output tok/s, requests/s and TTFT / TPOT / ITL / end-to-end p50, p90, p99 (ms); --json writes
+the metrics (the same dict ``autoglm autotune`` optimises). Engine settings come from --config (a
+JSON file of EngineConfig fields, e.g. the autotuner's best_config.json) and the flags below.
+
+    .venv/bin/python benchmarks/serving.py --model tiny-llama --num_requests 16 --input_len 32 --output_len 16
+    .venv/bin/python benchmarks/serving.py --model glm-4-9b-chat-hf --request_rate 8 --num_requests 200
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Preset, HF directory, .gguf or Orbax checkpoint (default: embedded SmolLM2).")
+flags.DEFINE_string("config", None, "JSON file of EngineConfig settings (flags given explicitly override it).")
+flags.DEFINE_integer("max_batch_size", 32, "Sequences decoding together.")
+flags.DEFINE_integer("max_num_batched_tokens", 512, "Token budget of one engine step.")
+flags.DEFINE_integer("max_sequence_length", 1024, "Prompt + output tokens of one sequence.")
+flags.DEFINE_integer("num_requests", 64, "Requests in the workload.")
+flags.DEFINE_integer("input_len", 128, "Prompt tokens per request (random ids).")
+flags.DEFINE_integer("output_len", 64, "Output tokens per request (EOS ignored).")
+flags.DEFINE_float("request_rate", None, "Poisson arrival rate in requests/s (default: offline, all at once).")
+flags.DEFINE_integer("seed", 0, "Workload seed.")
+flags.DEFINE_string("json", None, "Write the metrics as JSON to this file.")
+
+_ENGINE_FLAGS = ("model", "max_batch_size", "max_num_batched_tokens", "max_sequence_length")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from autoglm_jax.tools.serving_benchmark import Workload, benchmark_settings
+
+    settings = {}
+    if FLAGS.config:
+        with open(FLAGS.config) as f:
+            settings = json.load(f)
+    for name in _ENGINE_FLAGS:
+        if not FLAGS.config or FLAGS[name].present:
+            settings[name] = getattr(FLAGS, name)
+    workload = Workload(FLAGS.num_requests, FLAGS.input_len, FLAGS.output_len, FLAGS.request_rate, FLAGS.seed)
+    metrics = benchmark_settings(settings, workload)
+    metrics.update(device=jax.devices()[0].device_kind, jax_version=jax.__version__, settings=settings,
+                   workload=dataclasses.asdict(workload))
+    print(f"{metrics['output_tokens_per_s']:.1f} output tok/s, {metrics['requests_per_s']:.2f} req/s over "
+          f"{metrics['duration_s']:.2f} s on {metrics['device']}")
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        print(f"  {name:<5} p50 {metrics[f'{name}_p50_ms']:9.2f} ms  p90 {metrics[f'{name}_p90_ms']:9.2f} ms  "
+              f"p99 {metrics[f'{name}_p99_ms']:9.2f} ms")
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(metrics, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,137 @@
+"""Ragged paged attention vs its float32 reference (interpreter on CPU, compiled on GPU).
+
+Freshly drawn random Q/K/V and page orders for every case; the interpreter NaN-fills every
+buffer it allocates, so an unwritten output row fails ``assert_close``.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autoglm_jax.model.attention_metadata import AttentionMetadata
+from pallas_kernels import ragged_paged_attention as rpa
+from tests.kernels.conftest import assert_close
+
+
+def make_case(seq_lens_before, query_lens, *, num_q_heads, num_kv_heads, head_dim, page_size,
+              token_bucket, max_pages, seed, num_layers=2, dtype=jnp.bfloat16):
+    """Random cache with each sequence's pages in random, non-contiguous order (page 0 = scratch)."""
+    rng = np.random.default_rng(seed)
+    needed = [-(-(before + new) // page_size) for before, new in zip(seq_lens_before, query_lens)]
+    num_pages = sum(needed) + 4
+    order = rng.permutation(np.arange(1, num_pages))
+    page_table = np.zeros((len(query_lens), max_pages), np.int32)
+    start = 0
+    for row, count in enumerate(needed):
+        page_table[row, :count] = order[start:start + count]
+        start += count
+    meta = AttentionMetadata.build(np.array(seq_lens_before), np.array(query_lens), page_table, page_size, token_bucket)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+    k_cache = jax.random.normal(keys[0], shape, jnp.float32).astype(dtype)
+    v_cache = jax.random.normal(keys[1], shape, jnp.float32).astype(dtype)
+    q = jax.random.normal(keys[2], (token_bucket, num_q_heads, head_dim), jnp.float32).astype(dtype)
+    layer = jnp.int32(rng.integers(num_layers))
+    return (q, k_cache, v_cache, layer, meta.seq_ids, meta.positions, meta.page_table,
+            meta.context_lens, meta.query_start_loc, meta.num_tokens)
+
+
+def check(args, config, kernel_context, what):
+    head_dim = args[0].shape[-1]
+    with kernel_context():
+        out = rpa.ragged_paged_attention(*args, sm_scale=head_dim ** -0.5, config=config)
+    ref = rpa.ragged_paged_attention_reference(*args, sm_scale=head_dim ** -0.5)
+    assert out.dtype == args[0].dtype and out.shape == args[0].shape
+    assert_close(out, ref, what=what)
+
+
+CASES = {
+    # name: (seq_lens_before, query_lens, token_bucket, max_pages)
+    "decode_only": ([37, 0, 120, 63, 5], [1, 1, 1, 1, 1], 8, 9),
+    "single_long_prefill": ([0], [150], 152, 10),
+    "mixed_mid_sequence_chunks": ([20, 0, 70, 3], [9, 1, 13, 1], 28, 6),
+}
+
+
+@pytest.mark.parametrize("case,heads,page_size", [
+    ("decode_only", (4, 4), 16), ("decode_only", (16, 2), 32),
+    ("single_long_prefill", (4, 2), 32), ("single_long_prefill", (16, 2), 16),
+    ("mixed_mid_sequence_chunks", (4, 4), 32), ("mixed_mid_sequence_chunks", (4, 2), 16),
+    ("mixed_mid_sequence_chunks", (16, 2), 16),
+])
+def test_matches_reference(case, heads, page_size, kernel_context):
+    """Decode-only / long prefill / mixed batches; GQA ratios 1, 2, 8; pages 16 and 32."""
+    before, new, bucket, max_pages = CASES[case]
+    num_q_heads, num_kv_heads = heads
+    seed = zlib.crc32(f"{case}{heads}{page_size}".encode())
+    args = make_case(before, new, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=64,
+                     page_size=page_size, token_bucket=bucket, max_pages=max_pages * 16 // page_size + 1, seed=seed)
+    config = rpa.AttentionConfig(block_kv=64, num_stages=2, num_kv_splits=1)
+    check(args, config, kernel_context, f"{case} heads={heads} page={page_size}")
+
+
+@pytest.mark.parametrize("splits,stages,block_kv", [(3, 2, 64), (2, 2, 128), (1, 1, 128)])
+def test_glm4_heads_split_k(splits, stages, block_kv, kernel_context):
+    """GLM-4 grouping (32 q / 2 kv heads, D=128) with split-K over the KV range."""
+    args = make_case([200, 0, 31], [1, 6, 1], num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=16,
+                     token_bucket=12, max_pages=14, seed=splits * 10 + stages)
+    check(args, rpa.AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits),
+          kernel_context, f"glm4 splits={splits}")
+
+
+def test_odd_group_and_default_config(kernel_context):
+    """SmolLM2-like 9 q / 3 kv heads (group 3, padded to 4); config from the heuristic."""
+    args = make_case([10, 33], [4, 1], num_q_heads=9, num_kv_heads=3, head_dim=64, page_size=16,
+                     token_bucket=6, max_pages=3, seed=7)
+    check(args, None, kernel_context, "group3 default config")
+
+
+def test_padding_tokens_are_zero(kernel_context):
+    args = make_case([5], [3], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16,
+                     token_bucket=8, max_pages=2, seed=3)
+    with kernel_context():
+        out = rpa.ragged_paged_attention(*args, sm_scale=0.125, config=rpa.AttentionConfig())
+    assert np.all(np.asarray(out[3:], np.float32) == 0.0)
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+
+
+def test_rejects_bad_shapes():
+    args = list(make_case([0], [2], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16,
+                          token_bucket=4, max_pages=1, seed=1))
+    q = args[0]
+    with pytest.raises(ValueError, match="must divide num_q_heads"):
+        rpa.ragged_paged_attention(jnp.zeros((4, 5, 64), q.dtype), *args[1:], sm_scale=1.0)
+    with pytest.raises(ValueError, match="head_dim"):
+        rpa.ragged_paged_attention(q[..., :32], *args[1:], sm_scale=1.0)
+    with pytest.raises(ValueError, match="must divide config.block_kv"):
+        k = jnp.ones((2, 4, 48, 2, 64), q.dtype)
+        rpa.ragged_paged_attention(q, k, k, *args[3:], sm_scale=1.0, config=rpa.AttentionConfig(block_kv=64))
+    with pytest.raises(ValueError, match="block_kv"):
+        rpa.AttentionConfig(block_kv=48)
+    with pytest.raises(ValueError, match="bytes of SMEM"):
+        rpa.ragged_paged_attention(*args, sm_scale=1.0, config=rpa.AttentionConfig(block_kv=256, num_stages=4))
+    with pytest.raises(ValueError, match="dtype"):
+        rpa.ragged_paged_attention(q.astype(jnp.float32), *args[1:], sm_scale=1.0)
+
+
+@pytest.mark.gpu
+def test_glm4_decode_batch64_long_context():
+    """Realistic decode: 64 sequences x ~4k context, GLM-4 heads, page 16, default (tuned) config."""
+    lens = np.random.default_rng(0).integers(3000, 4096, 64)
+    args = make_case(lens - 1, np.ones(64, np.int64), num_q_heads=32, num_kv_heads=2, head_dim=128,
+                     page_size=16, token_bucket=64, max_pages=256, seed=11, num_layers=1)
+    out = rpa.ragged_paged_attention(*args, sm_scale=128 ** -0.5)
+    assert_close(out, rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5), what="decode 64x4k")
+
+
+@pytest.mark.gpu
+def test_glm4_prefill_1k():
+    args = make_case([0], [1024], num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=16,
+                     token_bucket=1024, max_pages=64, seed=12, num_layers=1)
+    out = rpa.ragged_paged_attention(*args, sm_scale=128 ** -0.5)
+    assert_close(out, rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5), what="prefill 1k")

@@ -1,0 +1,28 @@
+"""Tuning tables: a matching entry wins, anything else falls back (never fails)."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+
+from pallas_kernels import matmul as mm
+from pallas_kernels import tuning
+from pallas_kernels._interpret import INTERPRETED_DEVICE_KIND, gpu_interpret
+
+
+def test_lookup_hits_matching_entry_and_misses_others(tmp_path, monkeypatch):
+    entry = {"device_kind": INTERPRETED_DEVICE_KIND, "dtype": "bfloat16", "shape": "M16_K4096_N4096",
+             "config": {"tile_n": 64, "tile_k": 128, "num_stages": 3, "num_k_splits": 4}}
+    (tmp_path / "matmul.json").write_text(json.dumps({"entries": [entry]}))
+    monkeypatch.setattr(tuning, "TUNING_DIR", tmp_path)
+    tuning._load_table.cache_clear()
+    try:
+        with gpu_interpret():
+            assert mm.default_config(16, 4096, 4096, jnp.bfloat16) == mm.MatmulConfig(**entry["config"])
+            assert tuning.lookup("matmul", jnp.float16, "M16_K4096_N4096") is None
+            assert tuning.lookup("no_such_kernel", jnp.bfloat16, "x") is None
+            fallback = mm.default_config(8, 4096, 4096, jnp.bfloat16)  # untuned shape: heuristic
+            assert fallback.num_k_splits >= 1 and 4096 % (fallback.tile_k * fallback.num_k_splits) == 0
+    finally:
+        tuning._load_table.cache_clear()
