@@ -106,7 +106,7 @@ class _HostRows:
     def fill(self, b: int, p: SamplingParams, seed: int, step: int, eos_token_ids: Sequence[int]) -> None:
         f = self.fields
         f["temperature"][b] = p.temperature
-        f["top_k"][b] = max(p.top_k, 0)
+        f["top_k"][b] = min(max(p.top_k, 0), np.iinfo(np.int32).max)  # any k >= vocab means "off"
         f["top_p"][b] = p.top_p
         f["min_p"][b] = p.min_p
         f["presence_penalty"][b] = p.presence_penalty

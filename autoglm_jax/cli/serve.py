@@ -16,6 +16,8 @@ import signal
 
 from absl import app, flags
 
+from autoglm_jax.engine.config import EngineConfig
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Preset name, Hugging Face directory, .gguf file or Orbax checkpoint "
                     "(default: the embedded SmolLM2-135M-Instruct).")
@@ -44,10 +46,21 @@ flags.DEFINE_float("memory_fraction", 0.85, "Share of free device memory the KV 
 flags.DEFINE_integer("max_waiting_requests", 4096, "Requests in flight before the server answers 429.")
 flags.DEFINE_integer("max_logprobs", 20, "Most top logprobs a request may ask for.")
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "xla", "pallas"], "Attention implementation.")
+flags.DEFINE_string("compilation_cache_dir", EngineConfig.compilation_cache_dir,
+                    "Persistent XLA compilation cache ('' = none).")
 
 _ENGINE_FLAGS = ("model", "tokenizer", "dtype", "seed", "max_batch_size", "max_sequence_length",
                  "max_num_batched_tokens", "prefill_ratio", "decode_steps_per_call", "page_size", "num_pages",
                  "memory_fraction", "max_waiting_requests", "max_logprobs", "attention_backend")
+
+
+def engine_settings() -> dict:
+    """EngineConfig fields from the flags (an empty --compilation_cache_dir disables the cache)."""
+    settings = {name: getattr(FLAGS, name) for name in _ENGINE_FLAGS}
+    settings["compilation_cache_dir"] = FLAGS.compilation_cache_dir or None
+    return settings
+
+
 log = logging.getLogger("autoglm.serve")
 
 
@@ -74,7 +87,7 @@ def main(argv):
     logging.basicConfig(level=FLAGS.log_level.upper())
     server_config = ServerConfig(served_model_name=FLAGS.served_model_name or default_served_model_name(FLAGS.model),
                                  api_key=FLAGS.api_key or None, max_n=FLAGS.max_n)
-    engine = AutoGLMEngine({name: getattr(FLAGS, name) for name in _ENGINE_FLAGS}).start()
+    engine = AutoGLMEngine(engine_settings()).start()
     server = uvicorn.Server(uvicorn.Config(
         create_app(engine, server_config), host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level,
         timeout_graceful_shutdown=FLAGS.shutdown_timeout, lifespan="off"))

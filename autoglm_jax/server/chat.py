@@ -11,11 +11,10 @@ last with its finish_reason), a usage chunk when ``stream_options.include_usage`
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import jinja2
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.requests import Request
 
 from autoglm_jax.outputs import RequestOutput
@@ -24,13 +23,11 @@ from autoglm_jax.server.errors import APIError
 from autoglm_jax.server.logprobs import chat_logprobs
 from autoglm_jax.server.protocol import ChatCompletionRequest, ChatMessage
 from autoglm_jax.server.responses import (AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatCompletion,
-                                          Usage, chunk)
+                                          Usage)
 from autoglm_jax.server.sampling import (check_request, check_token_ids, resolve_max_tokens,
                                          sampling_params)
 from autoglm_jax.server.state import ServerState
-from autoglm_jax.server.streaming import Delta, sse_events
-
-CHUNK = "chat.completion.chunk"
+from autoglm_jax.server.streaming import Delta, ResponseWriter
 
 
 def template_message(index: int, message: ChatMessage, model: str) -> dict:
@@ -50,7 +47,8 @@ def template_message(index: int, message: ChatMessage, model: str) -> dict:
         content = "\n".join(texts)
     if content is None:
         if message.role != "assistant":
-            raise APIError(400, f"messages[{index}] ({message.role}) has no content", param=f"messages[{index}].content")
+            raise APIError(400, f"messages[{index}] ({message.role}) has no content",
+                           param=f"messages[{index}].content")
         content = ""
     result = {"role": "system" if message.role == "developer" else message.role, "content": content}
     result.update({k: v for k, v in (("name", message.name), ("tool_call_id", message.tool_call_id)) if v is not None})
@@ -58,8 +56,6 @@ def template_message(index: int, message: ChatMessage, model: str) -> dict:
 
 
 def chat_prompt_ids(state: ServerState, body: ChatCompletionRequest) -> list[int]:
-    if not body.messages:
-        raise APIError(400, "messages must contain at least one message", param="messages")
     if body.tools:
         raise APIError(400, "tools (function calling) are not supported by this server", param="tools")
     if body.response_format and body.response_format.get("type", "text") != "text":
@@ -86,28 +82,18 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
     max_tokens = resolve_max_tokens(max_tokens, len(prompt_ids), state.max_sequence_length, "messages")
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens=max_tokens, logprobs=top_logprobs)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    handle = generation.submit(state.engine, prompt_ids, params, request_id)
-    outputs = generation.outputs(state.engine, handle, state.metrics.timer())
-    writer = _ChatWriter(state, request_id, top_logprobs)
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                   for i in range(body.n)]
-        events = sse_events(outputs, body.n, opening=opening, delta_choice=writer.delta_choice,
-                            make_chunk=writer.chunk_maker(include_usage))
-        return generation.GenerationStream(events, state.engine, handle)
-    final = await generation.final_output(request, state.engine, handle, outputs)
-    if final is None:  # the client went away; nobody reads this
-        return Response(status_code=499)
-    return JSONResponse(writer.completion(final).model_dump())
+    writer = ChatWriter(state, f"chatcmpl-{uuid.uuid4().hex}", top_logprobs)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return await generation.respond(request, state, prompt_ids, params, writer, stream=body.stream,
+                                    include_usage=include_usage)
 
 
-class _ChatWriter:
+class ChatWriter(ResponseWriter):
+    chunk_object = "chat.completion.chunk"
+
     def __init__(self, state: ServerState, request_id: str, top_logprobs: int | None):
-        self.state, self.request_id, self.top_logprobs = state, request_id, top_logprobs
-        self.created = int(time.time())
-        self.model = state.config.served_model_name
+        super().__init__(state, request_id)
+        self.top_logprobs = top_logprobs
 
     def _logprobs(self, token_ids, positions) -> ChatChoiceLogprobs | None:
         if self.top_logprobs is None or positions is None:
@@ -121,16 +107,12 @@ class _ChatWriter:
         return ChatCompletion(id=self.request_id, created=self.created, model=self.model, choices=choices,
                               usage=Usage.of(output))
 
+    def opening(self, n: int) -> list[dict]:
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(n)]
+
     def delta_choice(self, delta: Delta) -> dict:
         content = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
         logprobs = self._logprobs(delta.token_ids, delta.logprobs)
         return {"index": delta.index, "delta": content, "logprobs": logprobs.model_dump() if logprobs else None,
                 "finish_reason": delta.finish_reason}
-
-    def chunk_maker(self, include_usage: bool):
-        def make(choices: list[dict], usage: Usage | None) -> dict | None:
-            if not choices and not include_usage:
-                return None
-            return chunk(CHUNK, self.request_id, self.created, self.model, choices, include_usage=include_usage,
-                         usage=usage)
-        return make

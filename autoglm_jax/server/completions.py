@@ -9,10 +9,9 @@ n, echo with logprobs unsupported), and the response in both forms with OpenAI's
 
 from __future__ import annotations
 
-import time
 import uuid
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.requests import Request
 
 from autoglm_jax.outputs import RequestOutput
@@ -20,13 +19,11 @@ from autoglm_jax.server import generation
 from autoglm_jax.server.errors import APIError
 from autoglm_jax.server.logprobs import completion_logprobs
 from autoglm_jax.server.protocol import CompletionRequest
-from autoglm_jax.server.responses import Completion, CompletionChoice, Usage, chunk
+from autoglm_jax.server.responses import Completion, CompletionChoice, Usage
 from autoglm_jax.server.sampling import (check_request, check_token_ids, resolve_max_tokens,
                                          sampling_params)
 from autoglm_jax.server.state import ServerState
-from autoglm_jax.server.streaming import Delta, sse_events
-
-OBJECT = "text_completion"
+from autoglm_jax.server.streaming import Delta, ResponseWriter
 
 
 def prompt_ids(state: ServerState, prompt: str | list) -> tuple[list[int], str | None]:
@@ -59,28 +56,19 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     ids, text = prompt_ids(state, body.prompt)
     max_tokens = resolve_max_tokens(body.max_tokens, len(ids), state.max_sequence_length, "prompt")
     params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    handle = generation.submit(state.engine, ids, params, request_id)
-    outputs = generation.outputs(state.engine, handle, state.metrics.timer())
     echo = (text if text is not None else state.tokenizer.decode(ids)) if body.echo else ""
-    writer = _CompletionWriter(state, request_id, body.logprobs, echo)
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        opening = [{"index": i, "text": echo, "logprobs": None, "finish_reason": None} for i in range(body.n)] if echo else []
-        events = sse_events(outputs, body.n, opening=opening, delta_choice=writer.delta_choice,
-                            make_chunk=writer.chunk_maker(include_usage))
-        return generation.GenerationStream(events, state.engine, handle)
-    final = await generation.final_output(request, state.engine, handle, outputs)
-    if final is None:  # the client went away; nobody reads this
-        return Response(status_code=499)
-    return JSONResponse(writer.completion(final).model_dump())
+    writer = CompletionWriter(state, f"cmpl-{uuid.uuid4().hex}", body.logprobs, echo)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return await generation.respond(request, state, ids, params, writer, stream=body.stream,
+                                    include_usage=include_usage)
 
 
-class _CompletionWriter:
+class CompletionWriter(ResponseWriter):
+    chunk_object = "text_completion"
+
     def __init__(self, state: ServerState, request_id: str, logprobs: int | None, echo: str):
-        self.state, self.request_id, self.top_logprobs, self.echo = state, request_id, logprobs, echo
-        self.created = int(time.time())
-        self.model = state.config.served_model_name
+        super().__init__(state, request_id)
+        self.top_logprobs, self.echo = logprobs, echo
 
     def _logprobs(self, token_ids, positions, text_offset: int):
         if self.top_logprobs is None or positions is None:
@@ -94,15 +82,12 @@ class _CompletionWriter:
         return Completion(id=self.request_id, created=self.created, model=self.model, choices=choices,
                           usage=Usage.of(output))
 
+    def opening(self, n: int) -> list[dict]:
+        if not self.echo:
+            return []
+        return [{"index": i, "text": self.echo, "logprobs": None, "finish_reason": None} for i in range(n)]
+
     def delta_choice(self, delta: Delta) -> dict:
         logprobs = self._logprobs(delta.token_ids, delta.logprobs, delta.text_offset)
         return {"index": delta.index, "text": delta.text, "logprobs": logprobs.model_dump() if logprobs else None,
                 "finish_reason": delta.finish_reason}
-
-    def chunk_maker(self, include_usage: bool):
-        def make(choices: list[dict], usage: Usage | None) -> dict | None:
-            if not choices and not include_usage:
-                return None
-            return chunk(OBJECT, self.request_id, self.created, self.model, choices, include_usage=include_usage,
-                         usage=usage)
-        return make

@@ -4,8 +4,9 @@ Owns: ``submit`` (engine exceptions -> ``APIError`` before any response byte is 
 (the cumulative ``RequestOutput``s of a submitted request; leaving the iteration early for any reason
 - disconnect, cancellation, error - aborts the request, which frees its KV pages at once) and
 ``final_output`` / ``GenerationStream`` (a non-streamed / streamed response that aborts its request
-when the client disconnects, even one that leaves before the first output was awaited). It does not
-own response formats (``chat.py``, ``completions.py``).
+when the client disconnects, even one that leaves before the first output was awaited), and
+``respond``, which ties them together for a handler. It does not own response formats
+(``chat.py``, ``completions.py``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from autoglm_jax.engine.async_engine import AutoGLMEngine, EngineStoppedError, RequestHandle
 from autoglm_jax.outputs import RequestOutput
 from autoglm_jax.sampling_params import SamplingParams
 from autoglm_jax.server.errors import from_engine_error
 from autoglm_jax.server.metrics import RequestTimer
+from autoglm_jax.server.state import ServerState
+from autoglm_jax.server.streaming import ResponseWriter, sse_events
 
 
 def submit(engine: AutoGLMEngine, prompt_token_ids: list[int], params: SamplingParams,
@@ -101,3 +104,18 @@ async def final_output(request: Request, engine: AutoGLMEngine, handle: RequestH
         return generation.result()
     except EngineStoppedError as error:  # shutting down: the request never ran
         raise from_engine_error(error) from error
+
+
+async def respond(request: Request, state: ServerState, prompt_token_ids: list[int], params: SamplingParams,
+                  writer: ResponseWriter, *, stream: bool, include_usage: bool) -> Response:
+    """Submits the request and answers with SSE events (``stream``) or the whole response."""
+    handle = submit(state.engine, prompt_token_ids, params, writer.request_id)
+    results = outputs(state.engine, handle, state.metrics.timer(params.n))
+    if stream:
+        events = sse_events(results, params.n, opening=writer.opening(params.n), delta_choice=writer.delta_choice,
+                            make_chunk=writer.chunk_maker(include_usage))
+        return GenerationStream(events, state.engine, handle)
+    final = await final_output(request, state.engine, handle, results)
+    if final is None:  # the client went away; nobody reads this
+        return Response(status_code=499)
+    return JSONResponse(writer.completion(final).model_dump())

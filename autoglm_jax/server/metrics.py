@@ -63,15 +63,17 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def timer(self) -> "RequestTimer":
-        return RequestTimer(self)
+    def timer(self, num_choices: int) -> "RequestTimer":
+        return RequestTimer(self, num_choices)
 
 
 class RequestTimer:
-    """Latency of one request, fed every cumulative output; records once, when the request ends."""
+    """Latency of one request (of ``num_choices`` sequences), fed every cumulative output; records once,
+    when the request ends."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, num_choices: int):
         self._metrics = metrics
+        self._num_choices = num_choices
         self._start = time.monotonic()
         self._first_token: float | None = None
         self._last: RequestOutput | None = None
@@ -88,7 +90,8 @@ class RequestTimer:
         """Records counters and histograms (also for aborted requests: what they produced counts)."""
         output, metrics = self._last, self._metrics
         metrics.e2e.observe(self._last_time - self._start)
-        if output is None:
+        if output is None:  # aborted before its first output
+            metrics.finished.labels(finish_reason="abort").inc(self._num_choices)
             return
         longest = max((len(choice.token_ids) for choice in output.outputs), default=0)
         if self._first_token is not None and longest > 1:

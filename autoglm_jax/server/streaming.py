@@ -3,19 +3,24 @@
 Owns: ``ChoiceDeltas``, which remembers per choice how many characters, tokens and logprob positions
 were sent and whether its finish was sent, and hands out ``Delta``s (the engine holds back text that
 could still become a stop string, so sent text is never taken back); ``sse_events``, the order of
-events shared by chat and completions. It does not own the chunk formats (``chat.py``,
-``completions.py``, ``responses.py``) nor logprob formats (``logprobs.py``).
+events shared by chat and completions; ``ResponseWriter``, the interface (and shared chunk envelope)
+of their formatters. It does not own the choice formats (``chat.py``, ``completions.py``) nor
+logprob formats (``logprobs.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable
+
+from pydantic import BaseModel
 
 from autoglm_jax.outputs import Logprob, RequestOutput
 from autoglm_jax.server.errors import error_body
-from autoglm_jax.server.responses import SSE_DONE, Usage, sse
+from autoglm_jax.server.responses import SSE_DONE, Usage, chunk, sse
+from autoglm_jax.server.state import ServerState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,3 +86,32 @@ async def sse_events(outputs: AsyncIterator[RequestOutput], n: int, *, opening: 
     if usage_chunk is not None:
         yield sse(usage_chunk)
     yield SSE_DONE
+
+
+class ResponseWriter:
+    """Formats one request's output, whole or as stream chunks; chat and completions subclass it."""
+
+    chunk_object = ""  # "chat.completion.chunk" or "text_completion"
+
+    def __init__(self, state: ServerState, request_id: str):
+        self.state, self.request_id = state, request_id
+        self.created = int(time.time())
+        self.model = state.config.served_model_name
+
+    def opening(self, n: int) -> list[dict]:
+        """Choices streamed before any token (one chunk each)."""
+        return []
+
+    def delta_choice(self, delta: Delta) -> dict:
+        raise NotImplementedError
+
+    def completion(self, output: RequestOutput) -> BaseModel:
+        raise NotImplementedError
+
+    def chunk_maker(self, include_usage: bool) -> Callable[[list[dict], Usage | None], dict | None]:
+        def make(choices: list[dict], usage: Usage | None) -> dict | None:
+            if not choices and not include_usage:
+                return None
+            return chunk(self.chunk_object, self.request_id, self.created, self.model, choices,
+                         include_usage=include_usage, usage=usage)
+        return make
