@@ -26,7 +26,12 @@ class LLM:
         config = EngineConfig.from_dict(engine_args, model=model, dtype=dtype, tokenizer=tokenizer,
                                         skip_tokenizer_init=skip_tokenizer_init, max_sequence_length=max_model_len,
                                         seed=seed)
-        self.engine = EngineCore(config)
+        if config.data_parallel_size > 1:  # replicas behind a load balancer (autoglm_jax.parallel.replicas)
+            from autoglm_jax.parallel.replicas import ReplicatedEngineCore
+
+            self.engine = ReplicatedEngineCore(config)
+        else:
+            self.engine = EngineCore(config)
 
     @classmethod
     def from_engine(cls, engine: EngineCore) -> "LLM":

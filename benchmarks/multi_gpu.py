@@ -14,6 +14,7 @@ requests) and speed-up vs one replica. Not a test; record results in benchmarks/
 
 from __future__ import annotations
 
+import gc
 import time
 
 import jax
@@ -41,9 +42,19 @@ flags.DEFINE_string("dtype", "bfloat16", "Weights, activations and KV dtype.")
 
 
 def engine_args(max_batch: int) -> dict:
+    """Engine settings; the KV pool is sized for exactly this workload (not from free memory), so the
+    engines of successive configurations fit on the same GPUs one after another."""
+    max_len = FLAGS.context + max(FLAGS.decode_tokens, FLAGS.offline_tokens) + 64
+    num_pages = max_batch * -(-max_len // 16) + 1
     return dict(model=FLAGS.model, dtype=FLAGS.dtype, skip_tokenizer_init=True, warmup=False, show_progress=False,
-                max_batch_size=max_batch, max_sequence_length=FLAGS.context + max(FLAGS.decode_tokens, FLAGS.offline_tokens) + 64,
-                max_num_batched_tokens=512, decode_steps_per_call=FLAGS.steps_per_call)
+                max_batch_size=max_batch, max_sequence_length=max_len, max_num_batched_tokens=512, page_size=16,
+                num_pages=num_pages, decode_steps_per_call=FLAGS.steps_per_call)
+
+
+def release(core) -> None:
+    """Drops an engine and its device buffers before the next configuration allocates its own."""
+    del core
+    gc.collect()  # the runner's jitted closures form reference cycles
 
 
 def prompts(count: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -107,7 +118,7 @@ def bench_tp(batches: list[int]) -> None:
             base.setdefault(batch, ms)
             ar = allreduce_ms_per_step(core.mesh, config, batch)
             print(f"{tp:>3} {batch:>5} {ms:>9.2f} {rate:>10.1f} {base[batch] / ms:>8.2f}x {ar:>19.3f}", flush=True)
-        del core
+        release(core)
 
 
 def offline_throughput(core, num_requests: int) -> float:
@@ -129,13 +140,13 @@ def bench_dp(batch: int) -> None:
     for dp in map(int, FLAGS.dp):
         args = engine_args(batch)
         core = EngineCore(args) if dp == 1 else ReplicatedEngineCore(args, data_parallel_size=dp)
-        offline_throughput(core, dp)  # compile every bucket the timed run uses
+        offline_throughput(core, dp * batch)  # the same run once untimed: compiles every bucket it uses
         rate = offline_throughput(core, dp * batch)
         base = base or rate
         print(f"{dp:>3} {dp * batch:>8} {rate:>10.1f} {rate / base:>8.2f}x", flush=True)
         if dp > 1:
             core.close()
-        del core
+        release(core)
 
 
 def main(argv):

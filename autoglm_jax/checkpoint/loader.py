@@ -16,6 +16,7 @@ from flax import nnx
 from autoglm_jax.checkpoint.gguf_file import CheckpointError
 from autoglm_jax.config import PRESETS, ModelConfig
 from autoglm_jax.model.decoder import CausalLM
+from autoglm_jax.quant.transform import is_quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +80,11 @@ def load_params(source: ModelSource, dtype, progress: bool = False) -> tuple[Mod
     if source.kind == "orbax":
         from autoglm_jax.checkpoint.orbax_io import restore_checkpoint
 
-        config, params, _ = restore_checkpoint(source.path, dtype=dtype)
-        return config, params
+        from autoglm_jax.quant.transform import from_storable
+
+        # restored in the saved dtypes: quantized weights (int8, fp8, ...) and their scales keep theirs
+        config, params, extra = restore_checkpoint(source.path)
+        return config, from_storable(params, (extra.get("quantization") or {}).get("weights"), dtype)
     raise ValueError(f"unknown model source kind {source.kind!r}")
 
 
@@ -89,9 +93,15 @@ def abstract_model(config: ModelConfig, dtype, attention_backend: str = "xla") -
                                            rngs=nnx.Rngs(0)))
 
 
-def build_model(config: ModelConfig, params: dict | None, dtype, attention_backend: str = "xla", seed: int = 0) -> CausalLM:
+def build_model(config: ModelConfig, params: dict | None, dtype, attention_backend: str = "xla", seed: int = 0,
+                mesh=None) -> CausalLM:
     """A CausalLM on the default device: from a host parameter tree (consumed: each host buffer is
-    dropped once on the device), or random weights created on the device when ``params`` is None."""
+    dropped once on the device), or random weights created on the device when ``params`` is None.
+    With a ("tp",) ``mesh`` the weights go straight into their tensor-parallel shards instead."""
+    if mesh is not None:
+        from autoglm_jax.parallel.placement import build_sharded_model
+
+        return build_sharded_model(config, params, dtype, attention_backend, seed, mesh)
     if params is None:
         return nnx.jit(lambda: CausalLM(config, param_dtype=dtype, attention_backend=attention_backend,
                                         rngs=nnx.Rngs(seed)))()
@@ -105,13 +115,28 @@ def _to_device(tree: dict, dtype) -> dict:
     out = {}
     for key in list(tree):
         value = tree.pop(key)
-        out[key] = _to_device(value, dtype) if isinstance(value, dict) else jax.device_put(jnp.asarray(value, dtype))
+        if isinstance(value, dict):
+            out[key] = _to_device(value, dtype)
+        elif is_quantized(value):  # a restored quantized weight keeps its own dtypes
+            out[key] = jax.device_put(value)
+        else:
+            out[key] = jax.device_put(jnp.asarray(value, dtype))
     return out
 
 
 def load_model(model: str | None, dtype=jnp.bfloat16, attention_backend: str = "xla", seed: int = 0,
-               progress: bool = False):
-    """(config, CausalLM, source) for a preset name, HF directory, GGUF file, Orbax checkpoint or None."""
+               progress: bool = False, mesh=None, quantization: str | None = None):
+    """(config, CausalLM, source) for a preset name, HF directory, GGUF file, Orbax checkpoint or None;
+    ``mesh``: see ``build_model``. ``quantization``: a scheme of ``autoglm_jax.quant.SCHEMES`` applied to
+    every decoder linear projection after loading (a quantized Orbax checkpoint is already quantized:
+    None or its own scheme)."""
+    if quantization is not None and mesh is not None:
+        raise ValueError(f"quantization={quantization!r} with tensor parallelism (a mesh) is not supported yet")
     source = resolve_model_source(model)
     config, params = load_params(source, dtype, progress)
-    return config, build_model(config, params, dtype, attention_backend, seed), source
+    model_ = build_model(config, params, dtype, attention_backend, seed, mesh)
+    if quantization is not None:
+        from autoglm_jax.quant.transform import apply_quantization
+
+        apply_quantization(model_, quantization)
+    return config, model_, source

@@ -11,6 +11,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Source: Hugging Face directory or .gguf file (default: the embedded SmolLM2).")
 flags.DEFINE_string("output", None, "Destination directory (default: checkpoints/<source name>).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Dtype of the stored weights.")
+flags.DEFINE_string("quantization", None, "Quantize every decoder linear projection with this scheme (int8, fp8, "
+                    "w8a8-int8, w8a8-fp8, int4, int4-g64, int4-g128, q8_0, q4_0, q4_1); scales are stored.")
 
 
 def main(argv):
@@ -18,7 +20,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from autoglm_jax.checkpoint.convert import convert_checkpoint
 
-    path = convert_checkpoint(FLAGS.model, FLAGS.output, FLAGS.dtype)
+    path = convert_checkpoint(FLAGS.model, FLAGS.output, FLAGS.dtype, FLAGS.quantization)
     print(f"[autoglm] wrote {path}")
 
 

@@ -14,6 +14,8 @@ COMMANDS = {
     "generate": "generate text with a model (default: the embedded SmolLM2-135M-Instruct)",
     "convert": "convert a Hugging Face directory or GGUF file to an Orbax checkpoint",
     "serve": "OpenAI-compatible HTTP server",
+    "analyze": "operator analysis of the compiled prefill/decode steps (ops, fusions, FLOPs, roofline)",
+    "autotune": "search engine settings for the best serving throughput under a latency bound",
 }
 
 

@@ -28,6 +28,8 @@ flags.DEFINE_string("served_model_name", None, "Model name clients send and /v1/
                     "(default: the model's file or folder name).")
 flags.DEFINE_string("api_key", os.environ.get("AUTOGLM_API_KEY"), "When set, /v1/* requires "
                     "'Authorization: Bearer <key>' (default: $AUTOGLM_API_KEY).")
+flags.DEFINE_string("config", None, "JSON or YAML file of EngineConfig settings (e.g. autotune's "
+                    "best_config.json); engine flags given explicitly on the command line override it.")
 flags.DEFINE_integer("max_n", 16, "Most choices (n) one request may ask for.")
 flags.DEFINE_float("shutdown_timeout", 30.0, "Seconds running requests get to finish after SIGTERM/SIGINT.")
 flags.DEFINE_enum("log_level", "info", ["critical", "error", "warning", "info", "debug"], "uvicorn log level.")
@@ -55,9 +57,19 @@ _ENGINE_FLAGS = ("model", "tokenizer", "dtype", "seed", "max_batch_size", "max_s
 
 
 def engine_settings() -> dict:
-    """EngineConfig fields from the flags (an empty --compilation_cache_dir disables the cache)."""
-    settings = {name: getattr(FLAGS, name) for name in _ENGINE_FLAGS}
-    settings["compilation_cache_dir"] = FLAGS.compilation_cache_dir or None
+    """EngineConfig fields: --config's file, then the flags (explicit flags win; without --config every
+    engine flag applies). An empty --compilation_cache_dir disables the cache."""
+    settings = {}
+    if FLAGS.config:
+        import yaml
+
+        with open(FLAGS.config) as f:
+            settings = dict(yaml.safe_load(f) or {})  # YAML is a superset of JSON
+    for name in _ENGINE_FLAGS:
+        if not FLAGS.config or FLAGS[name].present:
+            settings[name] = getattr(FLAGS, name)
+    if "compilation_cache_dir" in settings:
+        settings["compilation_cache_dir"] = settings["compilation_cache_dir"] or None
     return settings
 
 

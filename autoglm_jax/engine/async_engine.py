@@ -124,6 +124,10 @@ class AutoGLMEngine:
         """Loads the model (if not yet), compiles the buckets and starts the loop thread."""
         if self._running:
             return self
+        if self.core is None and self.config.data_parallel_size > 1:  # replicas behind a load balancer
+            from autoglm_jax.parallel.replicas import ReplicatedEngineCore
+
+            self.core = ReplicatedEngineCore(self.config)
         if self.core is None:
             self.core = EngineCore(self.config)
         self._running = True

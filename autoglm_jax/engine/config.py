@@ -33,6 +33,9 @@ class EngineConfig:
     adaptive_batching: wait up to batching_window_max_ms for more requests under light load.
     max_logprobs: most top-logprobs a request may ask for (compiled into the step's output shape).
     max_waiting_requests: bound of the waiting queue (the server answers 429 past it).
+    tensor_parallel_size: devices one model replica is split over (heads / MLP columns / vocab, with
+        shard_map). data_parallel_size: engine replicas behind one load-balancing front; together they
+        need tensor_parallel_size x data_parallel_size devices (``autoglm_jax.parallel``).
     """
 
     model: str | None = None
@@ -59,12 +62,19 @@ class EngineConfig:
     compilation_cache_dir: str | None = os.path.join(os.path.expanduser("~"), ".cache", "autoglm_jax", "xla")
     warmup: bool = True
     show_progress: bool = True  # tqdm bar while weights load
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    quantization: str | None = None  # a scheme of autoglm_jax.quant.SCHEMES for every decoder linear
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; choose one of {DTYPES}")
+        if self.quantization is not None:
+            from autoglm_jax.quant.schemes import get_scheme
+
+            get_scheme(self.quantization)  # ValueError naming the unknown scheme
         for name in ("max_batch_size", "max_num_batched_tokens", "page_size", "decode_steps_per_call",
-                     "max_waiting_requests"):
+                     "max_waiting_requests", "tensor_parallel_size", "data_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")

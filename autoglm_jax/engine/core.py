@@ -11,6 +11,7 @@ import itertools
 import logging
 import numbers
 import random
+import sys
 import time
 
 import jax
@@ -41,21 +42,35 @@ def resolve_dtype(name: str):
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig | dict | None = None, **overrides):
+    def __init__(self, config: EngineConfig | dict | None = None, *, mesh=None, **overrides):
+        """``mesh``: the ("tp",) device mesh of this replica (``autoglm_jax.parallel``); None = built
+        from ``tensor_parallel_size`` (one device when it is 1)."""
         self.config = cfg = EngineConfig.from_dict(config, **overrides)
+        if mesh is None:
+            from autoglm_jax.parallel.mesh import engine_mesh
+
+            mesh = engine_mesh(cfg.tensor_parallel_size, cfg.data_parallel_size)
+        self.mesh = mesh
         enable_compilation_cache(cfg.compilation_cache_dir)
         self.dtype = resolve_dtype(cfg.dtype)
         backend = cfg.attention_backend
         if backend == "auto":
             backend = "pallas" if jax.default_backend() == "gpu" else "xla"
-        self.model_config, model, source = load_model(cfg.model, self.dtype, backend, cfg.seed, progress=cfg.show_progress)
+        self.model_config, model, source = load_model(cfg.model, self.dtype, backend, cfg.seed,
+                                                      progress=cfg.show_progress, mesh=mesh,
+                                                      quantization=cfg.quantization)
         self.tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg.tokenizer, source)
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self.model_config.eos_token_ids
         self.eos_token_ids = eos or self.model_config.eos_token_ids
         self.max_sequence_length = cfg.resolved_max_sequence_length(self.model_config.max_position_embeddings)
         sched_config = cfg.scheduler_config(self.max_sequence_length)
+        plan_config, plan_device = self.model_config, None
+        if mesh is not None:
+            from autoglm_jax.parallel.placement import per_device_plan
+
+            plan_config, plan_device = per_device_plan(self.model_config, mesh)
         num_pages = cfg.num_pages or plan_num_pages(
-            self.model_config, page_size=cfg.page_size, cache_dtype=self.dtype, max_batch_size=cfg.max_batch_size,
+            plan_config, device=plan_device, page_size=cfg.page_size, cache_dtype=self.dtype, max_batch_size=cfg.max_batch_size,
             max_sequence_length=self.max_sequence_length, max_num_batched_tokens=sched_config.max_num_batched_tokens,
             memory_fraction=cfg.memory_fraction)
         self.allocator = PageAllocator(num_pages, cfg.page_size)
@@ -65,7 +80,7 @@ class EngineCore:
             max_num_batched_tokens=sched_config.max_num_batched_tokens, max_sequence_length=self.max_sequence_length,
             page_size=cfg.page_size, num_pages=num_pages, cache_dtype=self.dtype,
             decode_steps_per_call=cfg.decode_steps_per_call, max_logprobs=cfg.max_logprobs,
-            eos_token_ids=self.eos_token_ids)
+            eos_token_ids=self.eos_token_ids, mesh=mesh)
         del model
         self.requests: dict[str, RequestState] = {}
         self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}
@@ -74,7 +89,10 @@ class EngineCore:
         self.metrics = EngineMetrics(time.monotonic())
         self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0
         if cfg.warmup:
-            log.info("warmup compiled %d step variants in %.1f s", self.runner.num_traces, self.warmup_seconds)
+            message = f"warmup compiled {self.runner.num_traces} step variants in {self.warmup_seconds:.1f} s"
+            log.info(message)
+            if cfg.show_progress:
+                print(f"[autoglm] {message}", file=sys.stderr)
 
     # ------------------------------------------------------------------ requests
     def new_request_id(self) -> str:
@@ -153,6 +171,9 @@ class EngineCore:
                                  f"max_logprobs={self.config.max_logprobs}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})")
         num_stop_ids = len(dict.fromkeys([*self.eos_token_ids, *params.stop_token_ids]))
         if num_stop_ids > STOP_IDS_WIDTH:
             raise ValueError(f"{len(params.stop_token_ids)} stop_token_ids (with the model's EOS ids: {num_stop_ids}) "

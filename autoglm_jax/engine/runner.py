@@ -68,8 +68,11 @@ class RowRequest:
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config: ModelConfig, *, max_batch_size: int,
                  max_num_batched_tokens: int, max_sequence_length: int, page_size: int, num_pages: int,
-                 cache_dtype, decode_steps_per_call: int, max_logprobs: int, eos_token_ids=()):
+                 cache_dtype, decode_steps_per_call: int, max_logprobs: int, eos_token_ids=(), mesh=None):
+        """``mesh``: a ("tp",) jax Mesh to serve a tensor-parallel model (``autoglm_jax.parallel``) over;
+        None = the model's one device."""
         self.config = model_config
+        self.mesh = mesh
         self.graphdef, self.params = nnx.split(model)  # split once; never per step
         self.ladder = BucketLadder(max_batch_size, max_num_batched_tokens)
         self.max_batch_size = max_batch_size
@@ -79,12 +82,19 @@ class ModelRunner:
         self.decode_steps_per_call = decode_steps_per_call
         self.num_logprobs = max_logprobs
         self.eos_token_ids = tuple(eos_token_ids)
-        self.state = DeviceState.create(model_config, num_pages, page_size, max_batch_size, cache_dtype)
+        mixed_fn, decode_fn = functools.partial(mixed_step, self.graphdef), functools.partial(decode_loop, self.graphdef)
+        if mesh is None:
+            self.state = DeviceState.create(model_config, num_pages, page_size, max_batch_size, cache_dtype)
+        else:
+            from autoglm_jax.parallel.sharded_steps import tensor_parallel_parts
+
+            self.state, mixed_fn, decode_fn = tensor_parallel_parts(
+                self.graphdef, self.params, model_config, mesh, num_pages=num_pages, page_size=page_size,
+                num_slots=max_batch_size, cache_dtype=cache_dtype)
         self.num_traces = 0
-        self._mixed = jax.jit(self._counted(functools.partial(mixed_step, self.graphdef)),
-                              static_argnames=("num_logprobs",), donate_argnums=(1,))
-        self._decode = jax.jit(self._counted(functools.partial(decode_loop, self.graphdef)),
-                               static_argnames=("max_steps", "num_logprobs"), donate_argnums=(1,))
+        self._mixed = jax.jit(self._counted(mixed_fn), static_argnames=("num_logprobs",), donate_argnums=(1,))
+        self._decode = jax.jit(self._counted(decode_fn), static_argnames=("max_steps", "num_logprobs"),
+                               donate_argnums=(1,))
 
     def _counted(self, fn):
         @functools.wraps(fn)
@@ -167,13 +177,22 @@ class ModelRunner:
         return sampled
 
     def _run_mixed(self, inp: StepInput):
+        inp = self._replicated(inp)
         self.state, out = self._mixed(self.params, self.state, inp, num_logprobs=self.num_logprobs)
         return out
 
     def _run_decode(self, inp: DecodeInput):
+        inp = self._replicated(inp)
         self.state, out = self._decode(self.params, self.state, inp, max_steps=self.decode_steps_per_call,
                                        num_logprobs=self.num_logprobs)
         return out
+
+    def _replicated(self, inp):
+        if self.mesh is None:
+            return inp
+        from autoglm_jax.parallel.sharded_steps import replicate_inputs
+
+        return replicate_inputs(inp, self.mesh)
 
     # ------------------------------------------------------------------ host-side assembly
     def _page_table(self, scheduled, num_rows: int) -> np.ndarray:

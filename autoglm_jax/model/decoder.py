@@ -3,6 +3,8 @@
 Owns: parameters and the forward pass embed -> L x [norm, attention, norm, MLP] -> norm -> lm_head.
 Layer parameters are stacked on a leading L axis and the layers run under ``lax.scan``, so compile
 time does not grow with depth. The model never allocates pages, sees requests or samples tokens.
+Under tensor parallelism (``tensor_parallel_axis`` set, run inside ``shard_map``) the same code runs
+on one shard's weights; ``autoglm_jax.parallel.collectives`` supplies the all-reduces and gathers.
 
 Parameters (H hidden, I intermediate, V vocab, L layers, QKV = (Nq + 2 Nkv) D, Q = Nq D):
     embed_tokens [V, H]; norm [H]; lm_head [H, V] (absent when tied)
@@ -26,6 +28,8 @@ from autoglm_jax.model.attention_metadata import AttentionMetadata
 from autoglm_jax.model.kv_cache import KVCache
 from autoglm_jax.model.layers import linear, rms_norm
 from autoglm_jax.model.rope import apply_rotary
+from autoglm_jax.parallel.collectives import all_reduce, gather_vocab, vocab_parallel_embed
+from autoglm_jax.parallel.shard_config import shard_model_config
 
 
 def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -62,14 +66,15 @@ class DecoderLayers(nnx.Module):
         for name, shape in layer_param_shapes(config).items():
             setattr(self, name, nnx.Param(_init(rngs.params(), (L, *shape), param_dtype, name)))
 
-    def __call__(self, x, kv_cache: KVCache, md: AttentionMetadata, attention_backend: str):
+    def __call__(self, x, kv_cache: KVCache, md: AttentionMetadata, attention_backend: str, tp_axis: str | None = None):
         weights = {name: getattr(self, name)[...] for name in self.names}
-        config = self.config
+        # Under tensor parallelism (inside shard_map over tp_axis) the weights are this shard's slice.
+        config = self.config if tp_axis is None else shard_model_config(self.config, jax.lax.axis_size(tp_axis))
 
         def one_layer(carry, layer_inputs):
             x, k_cache, v_cache = carry
             w, layer = layer_inputs
-            x, k_cache, v_cache = decoder_layer(config, w, x, k_cache, v_cache, layer, md, attention_backend)
+            x, k_cache, v_cache = decoder_layer(config, w, x, k_cache, v_cache, layer, md, attention_backend, tp_axis)
             return (x, k_cache, v_cache), None
 
         layers = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
@@ -77,8 +82,10 @@ class DecoderLayers(nnx.Module):
         return x, KVCache(k=k, v=v)
 
 
-def decoder_layer(config: ModelConfig, w: dict, x, k_cache, v_cache, layer, md: AttentionMetadata, backend: str):
-    """One layer on x [T, H]; w holds this layer's weights (see module docstring)."""
+def decoder_layer(config: ModelConfig, w: dict, x, k_cache, v_cache, layer, md: AttentionMetadata, backend: str,
+                  tp_axis: str | None = None):
+    """One layer on x [T, H]; w holds this layer's weights (see module docstring), or under tensor
+    parallelism this shard's slice (``parallel.layout``) with ``config`` the shard's sizes."""
     eps, D = config.rms_norm_eps, config.head_dim
     T = x.shape[0]
     h = rms_norm(x, w["input_norm"], eps)
@@ -88,16 +95,25 @@ def decoder_layer(config: ModelConfig, w: dict, x, k_cache, v_cache, layer, md: 
     k = apply_rotary(k.reshape(T, config.num_key_value_heads, D), md.positions, config)
     v = v.reshape(T, config.num_key_value_heads, D)
     attn, k_cache, v_cache = attention(backend, q, k, v, k_cache, v_cache, layer, md, D**-0.5)
-    attn = linear(w["o"], attn.reshape(T, config.q_size), w.get("o_bias"))
+    attn = _row_parallel(w["o"], attn.reshape(T, config.q_size), w.get("o_bias"), tp_axis)
     if config.sandwich_norms:
         attn = rms_norm(attn, w["post_attn_norm"], eps)
     x = x + attn
     h = rms_norm(x, w["mlp_norm"], eps)
     gate, up = jnp.split(linear(w["gate_up"], h, w.get("gate_up_bias")), 2, axis=-1)
-    mlp = linear(w["down"], jax.nn.silu(gate) * up, w.get("down_bias"))
+    mlp = _row_parallel(w["down"], jax.nn.silu(gate) * up, w.get("down_bias"), tp_axis)
     if config.sandwich_norms:
         mlp = rms_norm(mlp, w["post_mlp_norm"], eps)
     return x + mlp, k_cache, v_cache
+
+
+def _row_parallel(weight, x, bias, tp_axis: str | None):
+    """x @ weight (+ bias). Under TP each shard holds rows of weight: the partial sums are all-reduced,
+    then the (replicated) bias is added once."""
+    if tp_axis is None:
+        return linear(weight, x, bias)
+    y = all_reduce(linear(weight, x), tp_axis)
+    return y if bias is None else (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
 
 
 class CausalLM(nnx.Module):
@@ -114,6 +130,8 @@ class CausalLM(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.config = config
         self.attention_backend = attention_backend
+        # Mesh axis name when this graph runs as one shard inside shard_map (set by autoglm_jax.parallel).
+        self.tensor_parallel_axis: str | None = None
         H, V = config.hidden_size, config.vocab_size
         self.embed_tokens = nnx.Param(_init(rngs.params(), (V, H), param_dtype, "embed_tokens"))
         self.layers = DecoderLayers(config, param_dtype, rngs)
@@ -129,11 +147,12 @@ class CausalLM(nnx.Module):
 
     def hidden_states(self, token_ids, kv_cache: KVCache, md: AttentionMetadata):
         """Final-normed hidden states [T, H] and the updated cache."""
-        x = jnp.take(self.embed_tokens[...], token_ids, axis=0)
-        x, kv_cache = self.layers(x, kv_cache, md, self.attention_backend)
+        tp_axis = self.tensor_parallel_axis
+        x = vocab_parallel_embed(self.embed_tokens[...], token_ids, self.config.vocab_size, tp_axis)
+        x, kv_cache = self.layers(x, kv_cache, md, self.attention_backend, tp_axis)
         return rms_norm(x, self.norm[...], self.config.rms_norm_eps), kv_cache
 
     def logits(self, x):
         """x [S, H] -> float32 logits [S, V]."""
         head = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return linear(head, x, out_dtype=jnp.float32)
+        return gather_vocab(linear(head, x, out_dtype=jnp.float32), self.config.vocab_size, self.tensor_parallel_axis)

@@ -26,6 +26,7 @@ TINY_BAD = [
     ({"prompt_token_ids": [5, 6]}, SamplingParams(prompt_logprobs=-1), ValueError, "asks for 256 logprobs"),
     ({"prompt_token_ids": [5, 6]}, SamplingParams(stop=["x"]), ValueError, "stop strings need a tokenizer"),
     ({"prompt_token_ids": [5, 6]}, SamplingParams(stop_token_ids=list(range(3, 23))), ValueError, "limit of 16"),
+    ({"prompt_token_ids": [5, 6]}, SamplingParams(stop_token_ids=[2**40]), ValueError, "outside the vocabulary"),
     ({"prompt_token_ids": [5, 6]}, {"temperature": 0}, TypeError, "must be SamplingParams"),
 ]
 BAD_SAMPLING_VALUES = [dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2), dict(min_p=1.5), dict(n=0),
@@ -59,6 +60,14 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving(tiny_llm):
     with pytest.raises(ValueError, match="'same-id' is already in use"):
         core.add_request(good[1], GREEDY, request_id="same-id")
     assert core.abort("same-id") and not core.has_unfinished_requests()
+
+
+def test_top_k_beyond_int32_means_off(tiny_llm):
+    """A huge top_k must not overflow the int32 sampling arrays (it would fail every request in the step)."""
+    prompt = {"prompt_token_ids": [5, 6, 7]}
+    huge, off = (tiny_llm.generate(prompt, SamplingParams(temperature=1.0, top_k=k, seed=3, max_tokens=6),
+                                   use_tqdm=False)[0].outputs[0].token_ids for k in (2**40, -1))
+    assert huge == off
 
 
 def test_bad_submissions_fail_in_the_callers_thread(default_engine):

@@ -1,0 +1,6 @@
+"""Multi-device serving: tensor parallelism (shard_map), data-parallel replicas, multi-host.
+
+Modules: ``mesh`` (device meshes from tp/dp sizes), ``shard_config`` (per-shard model sizes),
+``layout`` (TP weight layout and partition specs), ``sharded_steps`` (the jitted steps under
+shard_map), ``balancer`` / ``replicas`` (DP front), ``distributed`` / ``plan_broadcast`` (multi-host).
+"""

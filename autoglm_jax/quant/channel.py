@@ -1,0 +1,117 @@
+"""Per-output-channel 8-bit weights (int8 or fp8 e4m3), optionally with dynamic 8-bit activations (W8A8).
+
+Owns: ``ChannelWeight`` (the pytree the model holds in place of a float [.., K, N] weight), quantizing
+a float weight into it (round-to-nearest, optionally with learned per-channel clipping factors), its
+dequantization, and its ``linear`` rule. Does not own choosing which weights to quantize
+(``quant.transform``) or learning the clipping factors (``quant.calibration``).
+
+Layout (leading axes ``...`` are e.g. the stacked layer axis L; ``lax.scan`` slices every leaf):
+    values [..., K, N]  int8 in [-127, 127] or float8_e4m3fn in [-448, 448]
+    scales [..., N]     float32, w[k, n] ~= values[k, n] * scales[n]
+    activations         None (weight-only) | "int8" | "fp8": x is quantized per token at run time
+
+The weight-only rule computes ``(x @ values) * scales``: the scale is per output column, so applying it
+after the float32-accumulated dot is exact, and the narrow weight is what gets read from memory.
+W8A8 quantizes each token row of x with its own scale (absmax / qmax) and runs an 8-bit x 8-bit dot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from autoglm_jax.model.layers import linear
+from autoglm_jax.quant.ste import cast_ste, round_ste
+
+# storage dtype name -> (jnp dtype, largest representable magnitude we use)
+STORAGE = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, 448.0)}
+ACTIVATIONS = (None, "int8", "fp8")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"],
+                   meta_fields=["activations"])
+@dataclasses.dataclass(frozen=True)
+class ChannelWeight:
+    values: jax.Array
+    scales: jax.Array
+    activations: str | None = None
+
+    def __getitem__(self, index):  # ``nnx.Param(weight)[...]`` returns the weight itself
+        if index is Ellipsis:
+            return self
+        raise TypeError(f"ChannelWeight supports only [...] indexing, got {index!r}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The float weight's shape [..., K, N]."""
+        return tuple(self.values.shape)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """[..., K, N] in dtype."""
+        return (self.values.astype(jnp.float32) * self.scales[..., None, :]).astype(dtype)
+
+    def arrays(self) -> dict:
+        return {"values": self.values, "scales": self.scales}
+
+
+def _codes(w: jax.Array, storage: str, clip: jax.Array | None):
+    """(float codes [..., K, N] on the storage grid, scales [..., N]); differentiable in clip."""
+    _, qmax = STORAGE[storage]
+    w = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w), axis=-2)
+    if clip is not None:
+        amax = amax * clip
+    scales = jnp.where(amax > 0, amax / qmax, 1.0)
+    scaled = jnp.clip(w / scales[..., None, :], -qmax, qmax)
+    codes = round_ste(scaled) if storage == "int8" else cast_ste(scaled, jnp.float8_e4m3fn)
+    return codes, scales
+
+
+def quantize_channel(w: jax.Array, storage: str = "int8", clip: jax.Array | None = None,
+                     activations: str | None = None) -> ChannelWeight:
+    """Float w [..., K, N] -> ChannelWeight. clip [..., N] in (0, ~1] shrinks each column's range
+    (None = round-to-nearest on the full absmax)."""
+    if storage not in STORAGE:
+        raise ValueError(f"storage={storage!r}; choose one of {tuple(STORAGE)}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r}; choose one of {ACTIVATIONS}")
+    if w.ndim < 2:
+        raise ValueError(f"weight must be [..., K, N], got shape {tuple(w.shape)}")
+    codes, scales = _codes(w, storage, clip)
+    return ChannelWeight(codes.astype(STORAGE[storage][0]), scales, activations)
+
+
+def fake_quantize_channel(w: jax.Array, storage: str, clip: jax.Array | None) -> jax.Array:
+    """Quantize-dequantize w [..., K, N] in float32, differentiable in clip (straight-through)."""
+    codes, scales = _codes(w, storage, clip)
+    return codes * scales[..., None, :]
+
+
+def quantize_activations(x: jax.Array, storage: str) -> tuple[jax.Array, jax.Array]:
+    """Per-token dynamic quantization: x [..., K] -> (codes [..., K] in the storage dtype, scales [..., 1] f32)."""
+    dtype, qmax = STORAGE[storage]
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scales = jnp.where(amax > 0, amax / qmax, 1.0)
+    scaled = jnp.clip(x32 / scales, -qmax, qmax)
+    return (jnp.round(scaled) if storage == "int8" else scaled).astype(dtype), scales
+
+
+@linear.register
+def _linear_channel(weight: ChannelWeight, x: jax.Array, bias: jax.Array | None = None, out_dtype=None) -> jax.Array:
+    """x [..., K] @ weight [K, N] (+ bias [N]) -> [..., N] in out_dtype (default x.dtype)."""
+    if weight.activations is None:
+        precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+        y = jnp.dot(x, weight.values.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
+        y = y * weight.scales
+    else:
+        xq, x_scales = quantize_activations(x, weight.activations)
+        acc = jnp.int32 if weight.activations == "int8" else jnp.float32
+        y = jnp.dot(xq, weight.values, preferred_element_type=acc).astype(jnp.float32)
+        y = y * x_scales * weight.scales
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype or x.dtype)

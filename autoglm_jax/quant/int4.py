@@ -1,0 +1,135 @@
+"""Group-wise asymmetric 4-bit weights, two codes packed per byte.
+
+Owns: ``Int4Weight`` (the pytree the model holds in place of a float [.., K, N] weight), quantizing a
+float weight into it (round-to-nearest, optionally with learned per-group clipping factors), its
+dequantization and its ``linear`` rule. Does not own choosing which weights to quantize
+(``quant.transform``) or learning the clipping factors (``quant.calibration``).
+
+Layout (G = ceil(K / group_size) groups along the contraction axis K; ``...`` e.g. the layer axis L):
+    packed [..., K, N/2] uint8  low nibble = code of column 2j, high nibble = code of column 2j+1
+    scales [..., G, N]   float32
+    zeros  [..., G, N]   uint8 in [0, 15] (integer zero point)
+    w[k, n] ~= (code[k, n] - zeros[k // g, n]) * scales[k // g, n]
+
+Packing along N (not K) keeps every K group whole whatever K is (SmolLM2's K = 576 is not a multiple
+of 2 x 128), and the rule never interleaves weights: it multiplies x by the even and the odd columns
+separately and interleaves the two [.., N/2] results, which are activations, not weights.
+A last group shorter than group_size (K % group_size != 0) is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from autoglm_jax.model.layers import linear
+from autoglm_jax.quant.ste import round_ste
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "scales", "zeros"],
+                   meta_fields=["group_size"])
+@dataclasses.dataclass(frozen=True)
+class Int4Weight:
+    packed: jax.Array
+    scales: jax.Array
+    zeros: jax.Array
+    group_size: int = 128
+
+    def __getitem__(self, index):  # ``nnx.Param(weight)[...]`` returns the weight itself
+        if index is Ellipsis:
+            return self
+        raise TypeError(f"Int4Weight supports only [...] indexing, got {index!r}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The float weight's shape [..., K, N]."""
+        return (*self.packed.shape[:-1], 2 * self.packed.shape[-1])
+
+    def codes(self) -> tuple[jax.Array, jax.Array]:
+        """(even-column codes, odd-column codes), each uint8 [..., K, N/2]."""
+        return self.packed & 0xF, self.packed >> 4
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """[..., K, N] in dtype."""
+        even, odd = (_dequant_half(c, self, parity, jnp.float32) for parity, c in enumerate(self.codes()))
+        return jnp.stack([even, odd], axis=-1).reshape(self.shape).astype(dtype)
+
+    def arrays(self) -> dict:
+        return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+
+
+def _per_row(group_values: jax.Array, group_size: int, k: int) -> jax.Array:
+    """[..., G, C] -> [..., K, C]: each group's value repeated over its rows."""
+    return jnp.repeat(group_values, group_size, axis=-2, total_repeat_length=group_values.shape[-2] * group_size)[..., :k, :]
+
+
+def _dequant_half(codes, weight: Int4Weight, parity: int, dtype):
+    k = codes.shape[-2]
+    scales = _per_row(weight.scales[..., parity::2], weight.group_size, k)
+    zeros = _per_row(weight.zeros[..., parity::2], weight.group_size, k)
+    return ((codes.astype(jnp.float32) - zeros.astype(jnp.float32)) * scales).astype(dtype)
+
+
+def _grouped(w: jax.Array, group_size: int) -> jax.Array:
+    """[..., K, N] -> [..., G, group_size, N], the last group padded by repeating its final row
+    (padding never widens a group's range)."""
+    k = w.shape[-2]
+    groups = -(-k // group_size)
+    pad = groups * group_size - k
+    if pad:
+        w = jnp.concatenate([w, jnp.repeat(w[..., -1:, :], pad, axis=-2)], axis=-2)
+    return w.reshape(*w.shape[:-2], groups, group_size, w.shape[-1])
+
+
+def _codes(w: jax.Array, group_size: int, clip: jax.Array | None):
+    """(float codes [..., G, g, N] in [0, 15], scales [..., G, N], zeros [..., G, N]); differentiable in clip."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size}; choose one of {GROUP_SIZES}")
+    if w.ndim < 2 or w.shape[-1] % 2:
+        raise ValueError(f"int4 weight must be [..., K, N] with N even, got shape {tuple(w.shape)}")
+    g = _grouped(w.astype(jnp.float32), group_size)
+    hi = jnp.maximum(jnp.max(g, axis=-2), 0.0)
+    lo = jnp.minimum(jnp.min(g, axis=-2), 0.0)
+    if clip is not None:
+        hi, lo = hi * clip, lo * clip
+    scales = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
+    zeros = jnp.clip(jnp.round(-lo / scales), 0, 15)
+    codes = jnp.clip(round_ste(g / scales[..., None, :]) + zeros[..., None, :], 0, 15)
+    return codes, scales, zeros
+
+
+def quantize_int4(w: jax.Array, group_size: int = 128, clip: jax.Array | None = None) -> Int4Weight:
+    """Float w [..., K, N] -> Int4Weight. clip [..., G, N] in (0, ~1] shrinks each group's range."""
+    codes, scales, zeros = _codes(w, group_size, clip)
+    k = w.shape[-2]
+    codes = codes.reshape(*codes.shape[:-3], -1, codes.shape[-1])[..., :k, :].astype(jnp.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return Int4Weight(packed, scales, zeros.astype(jnp.uint8), group_size)
+
+
+def fake_quantize_int4(w: jax.Array, group_size: int, clip: jax.Array | None) -> jax.Array:
+    """Quantize-dequantize w [..., K, N] in float32, differentiable in clip (straight-through)."""
+    codes, scales, zeros = _codes(w, group_size, clip)
+    deq = (codes - zeros[..., None, :]) * scales[..., None, :]
+    return deq.reshape(*deq.shape[:-3], -1, deq.shape[-1])[..., : w.shape[-2], :]
+
+
+def group_count(k: int, group_size: int) -> int:
+    return -(-k // group_size)
+
+
+@linear.register
+def _linear_int4(weight: Int4Weight, x: jax.Array, bias: jax.Array | None = None, out_dtype=None) -> jax.Array:
+    """x [..., K] @ weight [K, N] (+ bias [N]) -> [..., N] in out_dtype (default x.dtype)."""
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    halves = [jnp.dot(x, _dequant_half(c, weight, parity, x.dtype), preferred_element_type=jnp.float32,
+                      precision=precision) for parity, c in enumerate(weight.codes())]
+    y = jnp.stack(halves, axis=-1).reshape(*x.shape[:-1], -1)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype or x.dtype)

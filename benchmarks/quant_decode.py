@@ -1,0 +1,88 @@
+"""Batch-1 decode tokens/s of bf16 against each quantization scheme, at GLM-4-9B shape, same run.
+
+Random bf16 weights are made on the device (preset ``--model``), then each scheme quantizes the decoder's
+linear projections (``quant.transform``) inside a fresh ``LLM`` with greedy, EOS-ignoring generation.
+Decode speed is isolated from prefill and compilation by timing two generation lengths and dividing
+the extra tokens by the extra time. Also reports offline throughput (``--offline_batch`` prompts at
+once) for W8A8-fp8 against bf16. Not a test; record the table in benchmarks/RESULTS.md (card, jax).
+
+    PYTHONPATH=. python3 benchmarks/quant_decode.py --schemes=bf16,int8,fp8,int4,w8a8-fp8,w8a8-int8,q8_0,q4_0
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import jax
+from absl import app, flags
+
+from autoglm_jax import LLM, SamplingParams
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "glm-4-9b-chat-hf", "Preset (random weights made on the device).")
+flags.DEFINE_list("schemes", ["bf16", "int8", "fp8", "int4", "w8a8-int8", "w8a8-fp8"], "bf16 = no quantization.")
+flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
+flags.DEFINE_integer("short", 32, "Tokens of the short generation.")
+flags.DEFINE_integer("long", 288, "Tokens of the long generation.")
+flags.DEFINE_integer("offline_batch", 64, "Prompts of the offline-throughput measurement (0 = skip).")
+flags.DEFINE_list("offline_schemes", ["bf16", "w8a8-fp8"], "Schemes of the offline measurement.")
+
+
+def _timed(llm, prompts, max_tokens):
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
+def _engine(scheme, batch):
+    return LLM(model=FLAGS.model, dtype="bfloat16", quantization=None if scheme == "bf16" else scheme,
+               skip_tokenizer_init=True, max_batch_size=batch, max_model_len=FLAGS.prompt_len + FLAGS.long + 16,
+               max_num_batched_tokens=max(256, FLAGS.prompt_len), decode_steps_per_call=16, show_progress=False)
+
+
+def decode_tokens_per_s(scheme):
+    llm = _engine(scheme, 1)
+    prompt = [{"prompt_token_ids": list(range(10, 10 + FLAGS.prompt_len))}]
+    _timed(llm, prompt, FLAGS.short)  # warm every path
+    t_short, _ = _timed(llm, prompt, FLAGS.short)
+    t_long, _ = _timed(llm, prompt, FLAGS.long)
+    del llm
+    gc.collect()
+    return (FLAGS.long - FLAGS.short) / (t_long - t_short)
+
+
+def offline_tokens_per_s(scheme):
+    llm = _engine(scheme, FLAGS.offline_batch)
+    prompts = [{"prompt_token_ids": list(range(10 + i, 10 + i + FLAGS.prompt_len))} for i in range(FLAGS.offline_batch)]
+    _timed(llm, prompts[:2], FLAGS.short)
+    elapsed, tokens = _timed(llm, prompts, FLAGS.long)
+    del llm
+    gc.collect()
+    return tokens / elapsed
+
+
+def main(argv):
+    del argv
+    device = jax.devices()[0]
+    print(f"{FLAGS.model}, random weights; {device.device_kind}; jax {jax.__version__}; prompt {FLAGS.prompt_len} "
+          f"tokens; decode = ({FLAGS.long} - {FLAGS.short}) tokens / time difference", flush=True)
+    decode = {}
+    for scheme in FLAGS.schemes:
+        decode[scheme] = decode_tokens_per_s(scheme)
+        print(f"  {scheme}: {decode[scheme]:.1f} tok/s", flush=True)
+    base = decode.get("bf16")
+    print("\n| scheme | batch-1 decode tok/s | vs bf16 |\n|---|---|---|")
+    for scheme, tps in decode.items():
+        print(f"| {scheme} | {tps:.1f} | {tps / base:.2f}x |" if base else f"| {scheme} | {tps:.1f} | - |")
+    if FLAGS.offline_batch:
+        offline = {s: offline_tokens_per_s(s) for s in FLAGS.offline_schemes}
+        base = offline.get("bf16")
+        print(f"\n| scheme | offline tok/s ({FLAGS.offline_batch} prompts x {FLAGS.long} tokens) | vs bf16 |\n|---|---|---|")
+        for scheme, tps in offline.items():
+            print(f"| {scheme} | {tps:.1f} | {tps / base:.2f}x |" if base else f"| {scheme} | {tps:.1f} | - |")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,51 @@
+"""``convert --quantization`` writes a quantized Orbax checkpoint that loads without recomputing scales."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autoglm_jax.checkpoint.convert import convert_checkpoint
+from autoglm_jax.checkpoint.loader import load_model, load_params, resolve_model_source
+from autoglm_jax.quant import model_manifest, quantize_params
+from autoglm_jax.quant.transform import flatten
+from tests.model_runner import forward, new_cache
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int4-g64", "q4_1"])
+def test_quantized_checkpoint_round_trips(tmp_path, scheme):
+    from tests.hf_tiny import save_tiny
+
+    src = tmp_path / "hf"
+    save_tiny("Glm4ForCausalLM", src, seed=11)
+    out = convert_checkpoint(str(src), str(tmp_path / "orbax"), "float32", quantization=scheme)
+    with open(os.path.join(out, "autoglm_metadata.json")) as f:
+        meta = json.load(f)
+    assert meta["quantization"]["scheme"] == scheme
+    assert set(meta["quantization"]["weights"]) == {"layers/qkv", "layers/o", "layers/gate_up", "layers/down"}
+
+    config, restored, _ = load_model(out, jnp.float32)
+    assert set(model_manifest(restored).values()) == {scheme}
+    _, expected = load_params(resolve_model_source(str(src)), jnp.float32)
+    expected, _ = quantize_params(expected, scheme)
+    from flax import nnx
+
+    got = flatten(nnx.to_pure_dict(nnx.state(restored, nnx.Param)))
+    for path, weight in flatten(expected).items():
+        for a, b in zip(jax.tree.leaves(weight), jax.tree.leaves(got[path])):
+            assert a.dtype == b.dtype, path  # fp8 / uint8 / float16 arrays keep their dtypes
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+    _, live, _ = load_model(str(src), jnp.float32, quantization=scheme)
+    tokens = np.random.default_rng().integers(3, config.vocab_size, 20)
+    cache, table = new_cache(config, 20)
+    a = forward(restored, tokens, 0, cache, table)[0]
+    cache, table = new_cache(config, 20)
+    np.testing.assert_allclose(a, forward(live, tokens, 0, cache, table)[0], rtol=1e-5, atol=1e-5)
+
+    _, again, _ = load_model(out, jnp.float32, quantization=scheme)  # same scheme: accepted
+    with pytest.raises(ValueError, match="quantized already"):
+        load_model(out, jnp.float32, quantization="int8")
