@@ -28,6 +28,15 @@ flags.DEFINE_integer("output_len", 64, "Output tokens per request (EOS ignored).
 flags.DEFINE_float("request_rate", None, "Poisson arrival rate in requests/s (default: offline, all at once).")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_string("json", None, "Write the metrics as JSON to this file.")
+flags.DEFINE_bool("batching_modes", False, "Run the workload under static batching, continuous (dynamic) "
+                  "batching and continuous batching with the adaptive window, and print one table.")
+
+# The seed's three rows: (name, EngineConfig overrides).
+BATCHING_MODES = (
+    ("static batching", {"use_dynamic_batching": False}),
+    ("dynamic batching", {"use_dynamic_batching": True, "adaptive_batching": False}),
+    ("adaptive batching", {"use_dynamic_batching": True, "adaptive_batching": True}),
+)
 
 _ENGINE_FLAGS = ("model", "max_batch_size", "max_num_batched_tokens", "max_sequence_length")
 
@@ -45,6 +54,9 @@ def main(argv):
         if not FLAGS.config or FLAGS[name].present:
             settings[name] = getattr(FLAGS, name)
     workload = Workload(FLAGS.num_requests, FLAGS.input_len, FLAGS.output_len, FLAGS.request_rate, FLAGS.seed)
+    if FLAGS.batching_modes:
+        compare_batching_modes(settings, workload)
+        return
     metrics = benchmark_settings(settings, workload)
     metrics.update(device=jax.devices()[0].device_kind, jax_version=jax.__version__, settings=settings,
                    workload=dataclasses.asdict(workload))
@@ -56,6 +68,21 @@ def main(argv):
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(metrics, f, indent=1)
+
+
+def compare_batching_modes(settings: dict, workload) -> None:
+    from autoglm_jax.tools.serving_benchmark import benchmark_settings
+
+    rate = f"{workload.request_rate} req/s Poisson" if workload.request_rate else "offline"
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; {workload.num_requests} requests, "
+          f"{workload.input_len} in / {workload.output_len} out, {rate}; settings {settings}")
+    print("\n| mode | output tok/s | req/s | mean latency (ms) | e2e p90 (ms) | TTFT p50 (ms) | TTFT p90 (ms) | TPOT p50 (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, overrides in BATCHING_MODES:
+        m = benchmark_settings({**settings, **overrides}, workload)
+        print(f"| {name} | {m['output_tokens_per_s']:.1f} | {m['requests_per_s']:.2f} | {m['e2e_mean_ms']:.0f} | "
+              f"{m['e2e_p90_ms']:.0f} | {m['ttft_p50_ms']:.0f} | {m['ttft_p90_ms']:.0f} | {m['tpot_p50_ms']:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

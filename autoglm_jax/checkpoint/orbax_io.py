@@ -27,6 +27,7 @@ import numpy as np
 
 from autoglm_jax.checkpoint.gguf_file import CheckpointError
 from autoglm_jax.config import ModelConfig
+from autoglm_jax.tree_paths import flatten, unflatten
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "autoglm_config.json"
@@ -60,7 +61,7 @@ def save_checkpoint(path: str | os.PathLike, config: ModelConfig, params: dict,
         extra_json = json.loads(json.dumps(extra))
     except TypeError as e:
         raise ValueError(f"extra_metadata must be JSON-serialisable: {e}") from e
-    leaves = _flatten(params)
+    leaves = flatten(params)
     arrays = {}
     for name, leaf in leaves.items():
         dtype = jnp.dtype(leaf.dtype)
@@ -122,7 +123,7 @@ def restore_checkpoint(path: str | os.PathLike, dtype=None, shardings=None) -> t
     arrays = metadata.get("arrays")
     if not isinstance(arrays, dict) or not arrays:
         raise CheckpointError(f"{os.path.join(path, METADATA_FILE)} lists no arrays")
-    target = _unflatten({
+    target = unflatten({
         name: jax.ShapeDtypeStruct(tuple(a["shape"]), jnp.dtype(a["dtype"]), sharding=sharding)
         for (name, a), sharding in zip(arrays.items(), _leaf_shardings(shardings, list(arrays)))
     })
@@ -134,7 +135,7 @@ def restore_checkpoint(path: str | os.PathLike, dtype=None, shardings=None) -> t
                               f"{str(e)[:500]}") from e
     finally:
         checkpointer.close()
-    flat = _flatten(restored)
+    flat = flatten(restored)
     if flat.keys() != arrays.keys():
         raise CheckpointError(
             f"Orbax checkpoint {path}: restored arrays {sorted(flat)} differ from metadata {sorted(arrays)}")
@@ -144,7 +145,7 @@ def restore_checkpoint(path: str | os.PathLike, dtype=None, shardings=None) -> t
         if dtype is not None and jnp.issubdtype(value.dtype, jnp.floating) and value.dtype != jnp.dtype(dtype):
             flat[name] = value.astype(dtype)
             value.delete()
-    return config, _unflatten(flat), metadata.get("extra", {})
+    return config, unflatten(flat), metadata.get("extra", {})
 
 
 def _read_json(path: str) -> dict:
@@ -183,37 +184,10 @@ def _leaf_shardings(shardings, names: list[str]) -> list:
         return [jax.sharding.SingleDeviceSharding(jax.devices()[0])] * len(names)
     if isinstance(shardings, jax.sharding.Sharding):
         return [shardings] * len(names)
-    flat = _flatten(shardings)
+    flat = flatten(shardings)
     if flat.keys() != set(names):
         raise ValueError(f"shardings tree has leaves {sorted(flat)}, the checkpoint has {sorted(names)}")
     return [flat[name] for name in names]
-
-
-# ---- tree helpers --------------------------------------------------------------------------------
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"layers": {"qkv": x}} -> {"layers/qkv": x}; leaves are anything but dicts."""
-    if not isinstance(tree, dict):
-        raise TypeError(f"expected a nested dict of arrays, got {type(tree).__name__} at {prefix or 'the root'!r}")
-    out = {}
-    for key, value in tree.items():
-        if not isinstance(key, str) or "/" in key:
-            raise ValueError(f"tree key {key!r} under {prefix or 'the root'!r} must be a str without '/'")
-        name = f"{prefix}{key}"
-        out.update(_flatten(value, name + "/") if isinstance(value, dict) else {name: value})
-    return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 # ---- checksum ------------------------------------------------------------------------------------

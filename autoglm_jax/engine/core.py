@@ -261,8 +261,10 @@ class EngineCore:
         stop_ids = ()  # on-device early stop; before min_tokens no stop may fire (the host decides then)
         if request.num_output_tokens >= params.min_tokens:
             stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(self.eos_token_ids))
+        # The token history is only read for prompt logprobs: not copied per step otherwise.
+        history = request.all_token_ids if params.prompt_logprobs is not None else ()
         return RowRequest(sampling_params=params, seed=seq.seed, num_generated=request.num_output_tokens,
-                          num_prompt_tokens=len(state.prompt_token_ids), all_token_ids=request.all_token_ids,
+                          num_prompt_tokens=len(state.prompt_token_ids), all_token_ids=history,
                           max_new_tokens=max(remaining, 1), stop_ids=stop_ids)
 
     def _finish_sequence(self, sequence_id: str, reason: str, changed: dict) -> None:

@@ -60,7 +60,7 @@ class RowRequest:
     seed: int
     num_generated: int             # output tokens before this step
     num_prompt_tokens: int
-    all_token_ids: tuple[int, ...]  # prompt + outputs (for prompt logprobs' next tokens)
+    all_token_ids: tuple[int, ...]  # prompt + outputs; only filled when prompt logprobs are wanted
     max_new_tokens: int            # tokens it may still generate (max_tokens / length limit)
     stop_ids: tuple[int, ...]      # eos (unless ignore_eos) + stop_token_ids, for on-device stops
 

@@ -31,7 +31,8 @@ from autoglm_jax.model.attention_metadata import AttentionMetadata
 from autoglm_jax.model.kv_cache import KVCache
 from autoglm_jax.model.layers import linear
 from autoglm_jax.quant.schemes import QuantScheme, get_scheme
-from autoglm_jax.quant.transform import QuantRules, as_rules, flatten, is_quantized
+from autoglm_jax.quant.transform import QuantRules, as_rules, is_quantized
+from autoglm_jax.tree_paths import flatten
 
 PAGE_SIZE = 16
 TOKEN_BUCKET = 32  # prompts are padded to a multiple of this (bounded recompiles)

@@ -24,6 +24,7 @@ from flax import nnx
 from autoglm_jax.quant.channel import ChannelWeight
 from autoglm_jax.quant.gguf_blocks import GGUFBlockWeight
 from autoglm_jax.quant.int4 import Int4Weight
+from autoglm_jax.tree_paths import flatten, unflatten
 from autoglm_jax.quant.schemes import QuantScheme, get_scheme
 
 QUANTIZED_TYPES = (ChannelWeight, Int4Weight, GGUFBlockWeight)
@@ -66,26 +67,6 @@ def as_rules(quantization: str | QuantRules) -> QuantRules:
 @functools.partial(jax.jit, static_argnums=0)
 def _quantize(scheme: QuantScheme, w, clip):
     return scheme.quantize(w, clip)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """Nested dict -> {"a/b": leaf}; quantized weights are leaves."""
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        out.update(flatten(value, path + "/") if isinstance(value, dict) else {path: value})
-    return out
-
-
-def unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def quantize_params(params: dict, quantization: str | QuantRules, clips: dict | None = None) -> tuple[dict, dict]:

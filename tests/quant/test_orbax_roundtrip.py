@@ -11,7 +11,7 @@ import pytest
 from autoglm_jax.checkpoint.convert import convert_checkpoint
 from autoglm_jax.checkpoint.loader import load_model, load_params, resolve_model_source
 from autoglm_jax.quant import model_manifest, quantize_params
-from autoglm_jax.quant.transform import flatten
+from autoglm_jax.tree_paths import flatten
 from tests.model_runner import forward, new_cache
 
 
