@@ -79,7 +79,7 @@ def main(argv):
         ours = bench_ours(prompts, FLAGS.max_tokens)
         theirs = bench_transformers(prompts, FLAGS.max_tokens)
         rows.append((name, ours, theirs))
-    print(f"\n| workload | autoglm-jax tok/s | transformers tok/s | ratio |\n|---|---|---|---|")
+    print("\n| workload | autoglm-jax tok/s | transformers tok/s | ratio |\n|---|---|---|---|")
     for name, ours, theirs in rows:
         print(f"| {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
 

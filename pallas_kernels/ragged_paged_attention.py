@@ -92,6 +92,13 @@ def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_di
     return AttentionConfig(block_kv=64, num_stages=1, num_kv_splits=splits)
 
 
+def supports(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, page_size: int) -> bool:
+    """Whether a model's attention shapes fit this kernel (the engine falls back to XLA otherwise)."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 64 == 0
+            and num_q_heads % num_kv_heads == 0 and _padded_group(num_q_heads, num_kv_heads) <= ROWS
+            and page_size % 8 == 0 and page_size <= 256 and (256 % page_size == 0 or page_size % 64 == 0))
+
+
 def _check_args(q, k_cache, v_cache, seq_ids, positions, page_table, context_lens, query_start_loc, config):
     if q.ndim != 3:
         raise ValueError(f"q must be [T, Nq, D], got {q.shape=}")

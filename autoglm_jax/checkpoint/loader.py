@@ -57,6 +57,22 @@ def _progress(iterable, total: int | None, enabled: bool):
     return tqdm(iterable, total=total, desc="Loading weights", unit="tensor", disable=not enabled, leave=False)
 
 
+def model_config_of(model: str | None) -> ModelConfig:
+    """The ModelConfig of what ``model=`` names, without reading any weights."""
+    source = resolve_model_source(model)
+    if source.kind == "preset":
+        return ModelConfig.from_preset(source.path)
+    if source.kind == "hf":
+        return ModelConfig.from_hf_config(source.path)
+    if source.kind == "gguf":
+        from autoglm_jax.checkpoint.gguf import config_from_gguf
+
+        return config_from_gguf(source.path)
+    from autoglm_jax.checkpoint.orbax_io import read_config
+
+    return read_config(source.path)
+
+
 def load_params(source: ModelSource, dtype, progress: bool = False) -> tuple[ModelConfig, dict | None]:
     """(config, host parameter tree) for a checkpoint; (config, None) for a random preset.
     ``progress`` shows a tqdm bar over the tensors while they stream in."""

@@ -45,7 +45,7 @@ def main(argv):
     from autoglm_jax.engine.core import resolve_dtype
     from autoglm_jax.tools.analysis import analyze, format_report
     from autoglm_jax.tools.roofline import DeviceSpec
-    from autoglm_jax.tools.step_programs import model_config_for
+    from autoglm_jax.checkpoint.loader import model_config_of
 
     engine_config = EngineConfig(
         model=FLAGS.model, dtype=FLAGS.dtype, max_batch_size=FLAGS.max_batch_size,
@@ -56,7 +56,7 @@ def main(argv):
     if FLAGS.peak_tflops is not None:
         dtype = jnp.dtype(resolve_dtype(FLAGS.dtype)).name
         spec = DeviceSpec("given", {dtype: FLAGS.peak_tflops * 1e12}, FLAGS.memory_bandwidth_gbs * 1e9)
-    report = analyze(model_config_for(FLAGS.model), engine_config, prefill_tokens=FLAGS.prefill_tokens,
+    report = analyze(model_config_of(FLAGS.model), engine_config, prefill_tokens=FLAGS.prefill_tokens,
                      decode_batch=FLAGS.decode_batch, spec=spec, fusions=FLAGS.fusions)
     if FLAGS.json == "-":
         json.dump(report, sys.stdout, indent=1)

@@ -88,8 +88,11 @@ class EngineConfig:
             raise ValueError(f"memory_fraction={self.memory_fraction!r} must be in (0, 1]")
         if self.attention_backend not in ("auto", "xla", "pallas"):
             raise ValueError(f"attention_backend={self.attention_backend!r}; choose auto, xla or pallas")
-        if self.matmul_backend not in ("xla", "pallas"):
-            raise ValueError(f"matmul_backend={self.matmul_backend!r}; choose xla or pallas")
+        if self.matmul_backend == "pallas":
+            raise NotImplementedError("matmul_backend='pallas' is not wired into the model's projections yet "
+                                      "(the kernel is pallas_kernels/matmul.py); use 'xla'")
+        if self.matmul_backend != "xla":
+            raise ValueError(f"matmul_backend={self.matmul_backend!r}; the only choice today is 'xla'")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs={self.max_logprobs!r} must be an int >= 0")
         if not 0 <= self.batching_window_min_ms <= self.batching_window_max_ms:

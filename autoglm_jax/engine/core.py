@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autoglm_jax.checkpoint.loader import load_model
+from autoglm_jax.checkpoint.loader import load_model, model_config_of
 from autoglm_jax.engine.config import EngineConfig
+from autoglm_jax.model.attention import resolve_attention_backend
 from autoglm_jax.engine.metrics import EngineMetrics
 from autoglm_jax.engine.memory import enable_compilation_cache, plan_num_pages
 from autoglm_jax.engine.output_state import RequestState, SequenceState
@@ -53,9 +54,8 @@ class EngineCore:
         self.mesh = mesh
         enable_compilation_cache(cfg.compilation_cache_dir)
         self.dtype = resolve_dtype(cfg.dtype)
-        backend = cfg.attention_backend
-        if backend == "auto":
-            backend = "pallas" if jax.default_backend() == "gpu" else "xla"
+        backend = resolve_attention_backend(cfg.attention_backend, model_config_of(cfg.model), self.dtype,
+                                            cfg.page_size)
         self.model_config, model, source = load_model(cfg.model, self.dtype, backend, cfg.seed,
                                                       progress=cfg.show_progress, mesh=mesh,
                                                       quantization=cfg.quantization)

@@ -61,6 +61,19 @@ def paged_attention_pallas(q, k_cache, v_cache, layer, md: AttentionMetadata, sm
 _IMPLEMENTATIONS = {"xla": paged_attention_xla, "pallas": paged_attention_pallas}
 
 
+def resolve_attention_backend(setting: str, config, dtype, page_size: int) -> str:
+    """The engine arg ``attention_backend``: "auto" = the Pallas kernel on GPU when the model's heads,
+    dtype and page size fit it, else plain XLA; "xla" / "pallas" as given."""
+    if setting != "auto":
+        return setting
+    if jax.default_backend() != "gpu":
+        return "xla"
+    from pallas_kernels.ragged_paged_attention import supports
+
+    fits = supports(config.num_attention_heads, config.num_key_value_heads, config.head_dim, dtype, page_size)
+    return "pallas" if fits else "xla"
+
+
 def attention(backend: str, q, k_new, v_new, k_cache, v_cache, layer, md: AttentionMetadata, sm_scale: float):
     """Writes k_new/v_new for this step's tokens, then attends; returns (out [T, Nq, D], k_cache, v_cache)."""
     if backend not in _IMPLEMENTATIONS:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 
@@ -24,6 +23,7 @@ from autoglm_jax.engine.core import resolve_dtype
 from autoglm_jax.engine.device_state import DeviceState
 from autoglm_jax.engine.memory import plan_num_pages
 from autoglm_jax.engine.runner import ModelRunner
+from autoglm_jax.model.attention import resolve_attention_backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,33 +39,6 @@ class StepProgram:
     compiled: jax.stages.Compiled
 
 
-def model_config_for(model: str | None) -> ModelConfig:
-    """The ModelConfig of a preset, HF directory, GGUF file or Orbax checkpoint, reading no weights."""
-    from autoglm_jax.checkpoint.loader import resolve_model_source
-
-    source = resolve_model_source(model)
-    if source.kind == "preset":
-        return ModelConfig.from_preset(source.path)
-    if source.kind == "hf":
-        return ModelConfig.from_hf_config(source.path)
-    if source.kind == "gguf":
-        from autoglm_jax.checkpoint.gguf import config_from_gguf
-
-        return config_from_gguf(source.path)
-    if source.kind == "orbax":
-        from autoglm_jax.checkpoint.orbax_io import CONFIG_FILE, _read_config
-
-        return _read_config(os.path.join(source.path, CONFIG_FILE))
-    raise ValueError(f"unknown model source kind {source.kind!r} for model={model!r}")
-
-
-def attention_backend_for(setting: str) -> str:
-    """The engine's rule: ``auto`` = Pallas on GPU, XLA elsewhere."""
-    if setting == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    return setting
-
-
 class StepPrograms:
     """The runner of ``engine_config`` over ``model_config`` with shape-only parameters and KV pools."""
 
@@ -75,7 +48,8 @@ class StepPrograms:
         self.model_config = model_config
         self.engine_config = cfg = engine_config
         self.dtype = resolve_dtype(cfg.dtype)
-        self.attention_backend = attention_backend_for(cfg.attention_backend)
+        self.attention_backend = resolve_attention_backend(cfg.attention_backend, model_config, self.dtype,
+                                                           cfg.page_size)
         max_len = cfg.resolved_max_sequence_length(model_config.max_position_embeddings)
         sched = cfg.scheduler_config(max_len)
         self.num_pages = cfg.num_pages or plan_num_pages(

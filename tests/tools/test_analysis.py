@@ -1,7 +1,6 @@
 """``autoglm analyze`` on the tiny models: fusion toggles change the counts, FLOPs match a hand count,
 the fusion variants compute what the production model computes."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
