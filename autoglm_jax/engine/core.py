@@ -90,9 +90,10 @@ class EngineCore:
         self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0
         if cfg.warmup:
             message = f"warmup compiled {self.runner.num_traces} step variants in {self.warmup_seconds:.1f} s"
-            log.info(message)
             if cfg.show_progress:
                 print(f"[autoglm] {message}", file=sys.stderr)
+            else:
+                log.info(message)
 
     # ------------------------------------------------------------------ requests
     def new_request_id(self) -> str:
