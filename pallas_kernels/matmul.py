@@ -63,11 +63,7 @@ def default_config(m: int, k: int, n: int, dtype) -> MatmulConfig:
     if m <= SMALL_M_MAX:
         tile_n = 128 if m <= 64 else 64
         tile_k = 128 if k % 128 == 0 else 64
-        tiles = pl.cdiv(n, tile_n)
-        k_steps = k // tile_k
-        splits = 1
-        while tiles * splits < tuning.num_sms() and k_steps % (splits * 2) == 0 and k_steps // (splits * 2) >= 4:
-            splits *= 2
+        splits = tuning.split_k(pl.cdiv(n, tile_n), k // tile_k)
         return MatmulConfig(tile_n=tile_n, tile_k=tile_k, num_stages=4, num_k_splits=splits)
     tile_n = 128 if n % 256 == 0 else 64
     return MatmulConfig(tile_m=128, tile_n=tile_n, tile_k=64, num_stages=4)

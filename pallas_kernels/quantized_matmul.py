@@ -63,9 +63,7 @@ def default_config(m: int, k: int, n: int, weight_dtype) -> QuantizedMatmulConfi
     if tuned is not None:
         return QuantizedMatmulConfig(**tuned)
     tile_n, tile_k = (128 if m <= 64 else 64), 128
-    tiles, k_steps, splits = pl.cdiv(n, tile_n), k // tile_k, 1
-    while tiles * splits < tuning.num_sms() and k_steps % (splits * 2) == 0 and k_steps // (splits * 2) >= 4:
-        splits *= 2
+    splits = tuning.split_k(pl.cdiv(n, tile_n), k // tile_k)
     for stages in (6, 5, 4, 3, 2):  # deepest pipeline that fits in SMEM
         config = QuantizedMatmulConfig(tile_n=tile_n, tile_k=tile_k, num_stages=stages, num_k_splits=splits)
         if smem_bytes(config, m) <= SMEM_BUDGET:

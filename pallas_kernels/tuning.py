@@ -55,3 +55,13 @@ def lookup(kernel: str, dtype, shape_key: str) -> dict | None:
     import jax.numpy as jnp
 
     return _load_table(kernel).get((device_kind(), jnp.dtype(dtype).name, shape_key))
+
+
+def split_k(num_n_tiles: int, num_k_steps: int, min_steps_per_split: int = 4) -> int:
+    """Split-K factor for a weight-streaming (small-M) matmul: double the splits until the CTAs fill
+    every SM, while each split keeps >= ``min_steps_per_split`` K steps and the steps divide evenly."""
+    splits = 1
+    while (num_n_tiles * splits < num_sms() and num_k_steps % (splits * 2) == 0
+           and num_k_steps // (splits * 2) >= min_steps_per_split):
+        splits *= 2
+    return splits
