@@ -157,6 +157,11 @@ def _read_json(path: str) -> dict:
         raise CheckpointError(f"cannot parse {path} (truncated or corrupted): {e}") from e
 
 
+def read_config(checkpoint: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a ``save_checkpoint`` directory, without reading its arrays."""
+    return _read_config(os.path.join(os.fspath(checkpoint), CONFIG_FILE))
+
+
 def _read_config(path: str) -> ModelConfig:
     """ModelConfig from its JSON; lists back to the tuples the frozen dataclass holds."""
     raw = _read_json(path)
