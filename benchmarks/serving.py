@@ -44,15 +44,10 @@ _ENGINE_FLAGS = ("model", "max_batch_size", "max_num_batched_tokens", "max_seque
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from autoglm_jax.cli.engine_settings import settings_from_flags
     from autoglm_jax.tools.serving_benchmark import Workload, benchmark_settings
 
-    settings = {}
-    if FLAGS.config:
-        with open(FLAGS.config) as f:
-            settings = json.load(f)
-    for name in _ENGINE_FLAGS:
-        if not FLAGS.config or FLAGS[name].present:
-            settings[name] = getattr(FLAGS, name)
+    settings = settings_from_flags(FLAGS, _ENGINE_FLAGS, FLAGS.config)
     workload = Workload(FLAGS.num_requests, FLAGS.input_len, FLAGS.output_len, FLAGS.request_rate, FLAGS.seed)
     if FLAGS.batching_modes:
         compare_batching_modes(settings, workload)

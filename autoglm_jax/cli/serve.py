@@ -57,17 +57,11 @@ _ENGINE_FLAGS = ("model", "tokenizer", "dtype", "seed", "max_batch_size", "max_s
 
 
 def engine_settings() -> dict:
-    """EngineConfig fields: --config's file, then the flags (explicit flags win; without --config every
-    engine flag applies). An empty --compilation_cache_dir disables the cache."""
-    settings = {}
-    if FLAGS.config:
-        import yaml
+    """EngineConfig fields from --config and the flags (see ``cli.engine_settings``); an empty
+    --compilation_cache_dir disables the cache."""
+    from autoglm_jax.cli.engine_settings import settings_from_flags
 
-        with open(FLAGS.config) as f:
-            settings = dict(yaml.safe_load(f) or {})  # YAML is a superset of JSON
-    for name in _ENGINE_FLAGS:
-        if not FLAGS.config or FLAGS[name].present:
-            settings[name] = getattr(FLAGS, name)
+    settings = settings_from_flags(FLAGS, _ENGINE_FLAGS + ("compilation_cache_dir",), FLAGS.config)
     if "compilation_cache_dir" in settings:
         settings["compilation_cache_dir"] = settings["compilation_cache_dir"] or None
     return settings

@@ -36,3 +36,11 @@ def test_config_file_then_explicit_flags(tmp_path):
 def test_without_config_every_flag_applies():
     settings = _settings("--max_batch_size=4")
     assert settings["max_batch_size"] == 4 and settings["prefill_ratio"] == 0.8
+
+
+def test_compilation_cache_flag_reaches_the_engine(tmp_path):
+    assert _settings("--compilation_cache_dir=")["compilation_cache_dir"] is None
+    assert _settings(f"--compilation_cache_dir={tmp_path}")["compilation_cache_dir"] == str(tmp_path)
+    path = tmp_path / "best_config.json"
+    path.write_text(json.dumps({"compilation_cache_dir": ""}))
+    assert _settings(f"--config={path}")["compilation_cache_dir"] is None
