@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from _timing import copy_bandwidth
+
 from autoglm_jax.checkpoint.loader import build_model
 from autoglm_jax.config import ModelConfig
 from autoglm_jax.engine.runner import STOP_IDS_WIDTH, ModelRunner
@@ -35,20 +37,8 @@ flags.DEFINE_list("context", ["1024", "4096"], "Context lengths (tokens already 
 flags.DEFINE_list("backends", ["pallas", "xla"], "Attention backends.")
 flags.DEFINE_integer("steps", 16, "Decode steps per jitted call.")
 flags.DEFINE_integer("page_size", 16, "KV page size.")
-
-
-def measure_bandwidth() -> float:
-    x = jax.random.normal(jax.random.key(0), (1 << 29,), jnp.bfloat16)
-    copy = jax.jit(lambda v: v * jnp.bfloat16(1.0009765625))
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(5):  # 10 queued calls per sample: launch latency hidden, as in benchmarks/kernels.py
-        start = time.perf_counter()
-        for _ in range(10):
-            out = copy(x)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / 10)
-    return 2 * x.nbytes / statistics.median(times)  # bytes/s read + written
+flags.DEFINE_list("scan_layers", ["false"], "Layer loops to measure: false = unrolled over per-layer weight buffers "
+                  "(the engine's GPU default), true = lax.scan over the stacked weights.")
 
 
 def decode_input(batch: int, context: int, runner: ModelRunner, steps: int) -> DecodeInput:
@@ -67,18 +57,21 @@ def decode_input(batch: int, context: int, runner: ModelRunner, steps: int) -> D
         num_steps=jnp.asarray(steps, jnp.int32))
 
 
-def run_backend(config: ModelConfig, backend: str, batches, contexts, bandwidth: float, weight_bytes: int):
+def run_backend(config: ModelConfig, backend: str, scan_layers: bool, batches, contexts, bandwidth: float,
+                weight_bytes: int):
     model = build_model(config, None, jnp.bfloat16, backend)
     max_context = max(contexts) + FLAGS.steps + 1
     pages_per_seq = -(-max_context // FLAGS.page_size)
     runner = ModelRunner(model, config, max_batch_size=max(batches), max_num_batched_tokens=max(batches),
                          max_sequence_length=pages_per_seq * FLAGS.page_size, page_size=FLAGS.page_size,
                          num_pages=max(batches) * pages_per_seq + 1, cache_dtype=jnp.bfloat16,
-                         decode_steps_per_call=FLAGS.steps, max_logprobs=0)
-    shape = runner.state.kv.k.shape
-    fill = jax.jit(lambda key: jax.random.normal(key, shape, jnp.bfloat16))  # never time on zeros
-    runner.state = runner.state.__class__(kv=KVCache(k=fill(jax.random.key(1)), v=fill(jax.random.key(2))),
+                         decode_steps_per_call=FLAGS.steps, max_logprobs=0, scan_layers=scan_layers)
+    # never time on zeros; the zeroed pool is donated, so the random one takes its place (no second pool)
+    fill = jax.jit(lambda a, key: jax.random.normal(key, a.shape, a.dtype), donate_argnums=0)
+    kv = runner.state.kv
+    runner.state = runner.state.__class__(kv=KVCache(k=fill(kv.k, jax.random.key(1)), v=fill(kv.v, jax.random.key(2))),
                                           output_counts=runner.state.output_counts, prompt_mask=runner.state.prompt_mask)
+    del kv
     rows = []
     per_token_kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
     for batch in batches:
@@ -96,8 +89,9 @@ def run_backend(config: ModelConfig, backend: str, batches, contexts, bandwidth:
             ms_step = statistics.median(times) / FLAGS.steps * 1e3
             kv_bytes = batch * (context + FLAGS.steps / 2) * per_token_kv
             roofline_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
-            rows.append((backend, batch, context, batch / ms_step * 1e3, ms_step, roofline_ms / ms_step, compile_s))
-            print(f"{backend:6s} batch {batch:4d} ctx {context:5d}: {batch / ms_step * 1e3:9.1f} tok/s "
+            label = backend + (" scan" if scan_layers else "")
+            rows.append((label, batch, context, batch / ms_step * 1e3, ms_step, roofline_ms / ms_step, compile_s))
+            print(f"{label:11s} batch {batch:4d} ctx {context:5d}: {batch / ms_step * 1e3:9.1f} tok/s "
                   f"{ms_step:7.2f} ms/step  roofline {roofline_ms:6.2f} ms ({roofline_ms / ms_step:.2f})  "
                   f"first call {compile_s:.1f} s", flush=True)
     del runner, model
@@ -110,15 +104,17 @@ def main(argv):
     batches = [int(b) for b in FLAGS.batch]
     contexts = [int(c) for c in FLAGS.context]
     device = jax.devices()[0]
-    bandwidth = measure_bandwidth()
+    bandwidth = copy_bandwidth()
     weight_bytes = config.num_parameters() * 2
     print(f"{device.device_kind}; jax {jax.__version__}; {FLAGS.model}: {config.num_parameters() / 1e9:.2f} B params; "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.1f} GB -> batch-1 floor "
           f"{weight_bytes / bandwidth * 1e3:.2f} ms/step", flush=True)
     rows = []
-    for backend in FLAGS.backends:
-        rows += run_backend(config, backend, batches, contexts, bandwidth, weight_bytes)
-    print("\n| backend | batch | context | tok/s | ms/step | fraction of roofline | first call (s) |")
+    for scan in FLAGS.scan_layers:
+        for backend in FLAGS.backends:
+            rows += run_backend(config, backend, scan.lower() in ("true", "1"), batches, contexts, bandwidth,
+                                weight_bytes)
+    print("\n| backend (layers unrolled unless 'scan') | batch | context | tok/s | ms/step | fraction of roofline | first call (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.1f} |")

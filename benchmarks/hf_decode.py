@@ -43,8 +43,11 @@ def main(argv):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = getattr(transformers, config.architecture)(hf_config(config)).to(torch.bfloat16).eval()
+    # transformers' own recipe: a static cache makes generate() compile the decode forward itself
+    # (CompileConfig: inductor, mode="reduce-overhead" = CUDA graphs), stepping the graphs safely; wrapping
+    # model.forward in torch.compile by hand trips torch's CUDA-graph overwrite check on the in-place cache.
     model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    model.generation_config.compile_config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
     ids = torch.randint(0, config.vocab_size, (FLAGS.batch, FLAGS.context), device="cuda")
 
     def run(n):

@@ -12,9 +12,7 @@ XLA pre/post-processing around a Pallas kernel is included. Prints a markdown ta
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -22,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import matmul as mm
+from _timing import time_ms
 from pallas_kernels import quantized_matmul as qm
 from pallas_kernels import ragged_paged_attention as rpa
 from tests.kernels.test_ragged_paged_attention import make_case
@@ -29,19 +28,6 @@ from tests.kernels.test_ragged_paged_attention import make_case
 ROWS: list[dict] = []
 
 
-def time_ms(fn, *args, iterations: int = 20) -> float:
-    """Median wall time per call (ms) over 5 batches of ``iterations`` queued calls, after a warm-up.
-    (CUPTI via ``mosaic.gpu.profiler.measure`` returned no timings on these machines.) Calls are
-    dispatched asynchronously, so for kernels longer than the dispatch (~20 µs) this is device time."""
-    jax.block_until_ready(fn(*args))
-    batches = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(iterations):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        batches.append((time.perf_counter() - start) / iterations * 1e3)
-    return statistics.median(batches)
 
 
 def record(group: str, what: str, impl: str, ms: float | None, *, nbytes: float = 0, flops: float = 0,

@@ -28,6 +28,7 @@ from autoglm_jax.engine.core import EngineCore
 from autoglm_jax.parallel.mesh import TP_AXIS, engine_mesh
 from autoglm_jax.parallel.replicas import ReplicatedEngineCore
 from autoglm_jax.sampling_params import SamplingParams
+from autoglm_jax.tools.device_profile import profile_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "glm-4-9b-0414", "Model preset (random weights).")
@@ -39,6 +40,10 @@ flags.DEFINE_integer("decode_tokens", 64, "Timed decode tokens per sequence.")
 flags.DEFINE_integer("offline_tokens", 128, "Output tokens per request in the DP throughput run.")
 flags.DEFINE_integer("steps_per_call", 8, "Decode steps per jitted call (engine decode_steps_per_call).")
 flags.DEFINE_string("dtype", "bfloat16", "Weights, activations and KV dtype.")
+flags.DEFINE_bool("allreduce_only", False, "Only time each TP size's per-step all-reduces (no model): for "
+                  "comparing XLA collective flags, see benchmarks/allreduce_flags.py.")
+flags.DEFINE_bool("profile", True, "Profile a few engine steps per (tp, batch): device busy share (host overhead "
+                  "= the idle rest) and the top kernels (collectives included).")
 
 
 def engine_args(max_batch: int) -> dict:
@@ -79,6 +84,10 @@ def decode_rate(core: EngineCore, batch: int) -> tuple[float, float]:
         core.step()
     elapsed = time.perf_counter() - start
     tokens = generated() - before
+    if FLAGS.profile:  # engine steps back to back: what the device does, and how long it waits for the host
+        summary = profile_device(lambda: [core.step() for _ in range(3)] and None, warmup=0)
+        print(f"    profile tp={len(core.mesh.devices.flat) if core.mesh is not None else 1} batch={batch}: "
+              + summary.format(8).replace("\n", "\n    "), flush=True)
     for request_id in ids:
         core.abort(request_id)
     return 1e3 * elapsed / (tokens / batch), tokens / elapsed
@@ -91,10 +100,10 @@ def allreduce_ms_per_step(mesh, config: ModelConfig, batch: int) -> float:
     count = 2 * config.num_hidden_layers + 1
     dtype = jnp.dtype(FLAGS.dtype)
 
-    def body(x):
-        def one(_, y):
-            return jax.lax.psum(y, TP_AXIS) * jnp.asarray(0.5, y.dtype)  # data-dependent: no CSE
-        return jax.lax.fori_loop(0, count, one, x)
+    def body(x):  # straight-line, as in the step with its layers unrolled
+        for _ in range(count):
+            x = jax.lax.psum(x, TP_AXIS) * jnp.asarray(0.5, x.dtype)  # data-dependent: no CSE
+        return x
 
     run = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
     x = jnp.ones((batch, config.hidden_size), dtype)
@@ -154,6 +163,13 @@ def main(argv):
     batches = sorted(map(int, FLAGS.batch))
     print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
     engine_mesh(max(map(int, FLAGS.tp)), 1)  # fails early when there are too few devices
+    if FLAGS.allreduce_only:
+        config = ModelConfig.from_preset(FLAGS.model)
+        for tp in (t for t in map(int, FLAGS.tp) if t > 1):
+            for batch in batches:
+                ms = allreduce_ms_per_step(engine_mesh(tp, 1), config, batch)
+                print(f"ALLREDUCE tp={tp} batch={batch} ms_per_step={ms:.3f}", flush=True)
+        return
     bench_tp(batches)
     if FLAGS.dp:
         bench_dp(max(batches))

@@ -1,83 +1,220 @@
-"""Serving benchmark through ``AutoGLMEngine``: offline throughput or Poisson-rate online load.
+"""Serving benchmark through ``AutoGLMEngine``: offline throughput and Poisson-rate online load, per batching mode.
 
-Prints output tok/s, requests/s and TTFT / TPOT / ITL / end-to-end p50, p90, p99 (ms); --json writes
-the metrics (the same dict ``autoglm autotune`` optimises). Engine settings come from --config (a
-JSON file of EngineConfig fields, e.g. the autotuner's best_config.json) and the flags below.
+One process sweeps batching modes x workloads x request rates; each mode builds one engine (one
+compile) and reuses it for every workload and rate. Prompts are random token ids (no tokenizer); a
+preset name gives random weights made on the device. Per run it reports output tok/s, req/s, mean
+latency and TTFT / TPOT / ITL / end-to-end p50, p90, p99, and GPU utilisation sampled from NVML.
+--json writes the rows as they finish (a run cut short by a time limit keeps what it measured);
+--plot draws output tok/s against mean latency, one line per configuration; --merge puts results
+files (this script's and ``hf_serving.py``'s) in one table, speed-up line and plot without running.
+Engine settings come from --config (a JSON/YAML file of EngineConfig fields, e.g. the autotuner's
+best_config.json) and the engine flags below.
 
-    .venv/bin/python benchmarks/serving.py --model tiny-llama --num_requests 16 --input_len 32 --output_len 16
-    .venv/bin/python benchmarks/serving.py --model glm-4-9b-chat-hf --request_rate 8 --num_requests 200
+    .venv/bin/python benchmarks/serving.py --model=tiny-llama --num_requests=16 --input_len=32 --output_len=16
+    # issue 5 on one GPU: the offline target, then the seed's table (modes x fixed/mixed x rates)
+    python3 benchmarks/serving.py --model=glm-4-9b-0414 --max_batch_size=256 --max_num_batched_tokens=2048 \
+        --max_sequence_length=2048 --num_requests=1000 --input_len=1000 --output_len=1000 --json=serving.json
+    python3 benchmarks/serving.py --model=glm-4-9b-0414 --max_batch_size=256 --max_num_batched_tokens=2048 \
+        --max_sequence_length=2048 --batching_modes --workloads=fixed,mixed --num_requests=256 \
+        --online_num_requests=128 --input_len=512 --output_len=256 --request_rates=inf,8,32 --deadline_s=400 \
+        --json=modes.json --plot=modes.png
+    python3 benchmarks/serving.py --merge=serving.json,hf_serving.json --plot=serving.png  # + hf_serving.py's
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import gc
+import sys
+import time
 
-import jax
+from _serving_report import markdown_table, parse_rates, plot, rate_label, read_results, speedups, write_results
+from _serving_workload import ServingWorkload, named_workloads
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Preset, HF directory, .gguf or Orbax checkpoint (default: embedded SmolLM2).")
-flags.DEFINE_string("config", None, "JSON file of EngineConfig settings (flags given explicitly override it).")
+flags.DEFINE_string("model", None, "Preset (random weights), HF directory, .gguf or Orbax checkpoint "
+                    "(default: embedded SmolLM2).")
+flags.DEFINE_string("config", None, "JSON/YAML file of EngineConfig settings (flags given explicitly override it).")
 flags.DEFINE_integer("max_batch_size", 32, "Sequences decoding together.")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "Token budget of one engine step.")
-flags.DEFINE_integer("max_sequence_length", 1024, "Prompt + output tokens of one sequence.")
-flags.DEFINE_integer("num_requests", 64, "Requests in the workload.")
-flags.DEFINE_integer("input_len", 128, "Prompt tokens per request (random ids).")
-flags.DEFINE_integer("output_len", 64, "Output tokens per request (EOS ignored).")
-flags.DEFINE_float("request_rate", None, "Poisson arrival rate in requests/s (default: offline, all at once).")
+flags.DEFINE_integer("max_sequence_length", None, "Prompt + output tokens of one sequence (default: the "
+                     "workloads' longest request, rounded up to a multiple of 256).")
+flags.DEFINE_integer("num_requests", 64, "Requests of an offline run.")
+flags.DEFINE_integer("online_num_requests", None, "Requests of a Poisson-rate run (default: --num_requests).")
+flags.DEFINE_integer("input_len", 128, "Prompt tokens per request (mean, for the mixed workload).")
+flags.DEFINE_integer("output_len", 64, "Output tokens per request (mean, for the mixed workload); EOS ignored.")
+flags.DEFINE_list("workloads", ["fixed"], "fixed: every request input_len / output_len; mixed: lengths uniform "
+                  "in [L(1-r), L(1+r)] with r = --range_ratio.")
+flags.DEFINE_float("range_ratio", 0.9, "Spread r of the mixed workload's lengths (vLLM's --random-range-ratio).")
+flags.DEFINE_list("request_rates", ["inf"], "Poisson arrival rates in requests/s; inf = offline (all at t=0).")
+flags.DEFINE_alias("request_rate", "request_rates")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
-flags.DEFINE_string("json", None, "Write the metrics as JSON to this file.")
-flags.DEFINE_bool("batching_modes", False, "Run the workload under static batching, continuous (dynamic) "
-                  "batching and continuous batching with the adaptive window, and print one table.")
+flags.DEFINE_bool("batching_modes", False, "Run static batching, continuous (dynamic) batching and continuous "
+                  "batching with the adaptive window (the seed's three rows) instead of the configured engine.")
+flags.DEFINE_float("deadline_s", None, "Start no engine or run after this many seconds (runs in flight finish); "
+                   "the skipped ones are listed. Default: no deadline.")
+flags.DEFINE_string("json", None, "Write the results (rows + settings) to this file, after every run.")
+flags.DEFINE_string("plot", None, "Write a PNG of output tok/s against mean latency (needs matplotlib).")
+flags.DEFINE_list("merge", None, "Results files to put in one table / plot (no benchmark runs).")
 
-# The seed's three rows: (name, EngineConfig overrides).
+# The seed's three rows, in its order: (name, EngineConfig overrides). They run adaptive first, static last,
+# so a --deadline_s cuts the baseline rather than the engine's default mode.
 BATCHING_MODES = (
     ("static batching", {"use_dynamic_batching": False}),
     ("dynamic batching", {"use_dynamic_batching": True, "adaptive_batching": False}),
     ("adaptive batching", {"use_dynamic_batching": True, "adaptive_batching": True}),
 )
-
 _ENGINE_FLAGS = ("model", "max_batch_size", "max_num_batched_tokens", "max_sequence_length")
+_MAX_SEQUENCE_ROUNDING = 256
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.merge:
+        metas, rows = read_results(FLAGS.merge)
+        for meta in metas:
+            print(_describe(meta))
+        report(rows)
+        return
+    started = time.monotonic()
+    runs = build_runs()
+    settings = engine_settings(runs)
+    modes = BATCHING_MODES[::-1] if FLAGS.batching_modes else ((mode_name(settings), {}),)
+    meta = run_meta(settings)
+    print(_describe(meta), flush=True)
+    rows: list[dict] = []
+    for name, overrides in modes:
+        rows += run_mode(name, {**settings, **overrides}, runs, meta, rows, started)
+        gc.collect()  # the engine's jitted closures form reference cycles: free its memory before the next
+    order = [name for name, _ in BATCHING_MODES]
+    rows.sort(key=lambda r: order.index(r["mode"]) if r["mode"] in order else len(order))
+    if FLAGS.json:
+        write_results(FLAGS.json, meta, rows)
+    report(rows)
+    if meta["skipped"]:
+        print(f"\nskipped (--deadline_s={FLAGS.deadline_s}): {'; '.join(meta['skipped'])}")
+
+
+def build_runs() -> list[tuple[ServingWorkload, float | None]]:
+    """(workload at its offline size, request rate) for every --workloads x --request_rates pair."""
+    try:
+        workloads = named_workloads(FLAGS.workloads, FLAGS.num_requests, FLAGS.input_len, FLAGS.output_len,
+                                    FLAGS.range_ratio, FLAGS.seed)
+        return [(workload, rate) for workload in workloads for rate in parse_rates(FLAGS.request_rates)]
+    except ValueError as error:
+        raise app.UsageError(str(error))
+
+
+def at_rate(workload: ServingWorkload, rate: float | None) -> ServingWorkload:
+    if rate is None:
+        return workload
+    return dataclasses.replace(workload, request_rate=rate,
+                               num_requests=FLAGS.online_num_requests or workload.num_requests)
+
+
+def engine_settings(runs) -> dict:
     from autoglm_jax.cli.engine_settings import settings_from_flags
-    from autoglm_jax.tools.serving_benchmark import Workload, benchmark_settings
 
     settings = settings_from_flags(FLAGS, _ENGINE_FLAGS, FLAGS.config)
-    workload = Workload(FLAGS.num_requests, FLAGS.input_len, FLAGS.output_len, FLAGS.request_rate, FLAGS.seed)
-    if FLAGS.batching_modes:
-        compare_batching_modes(settings, workload)
-        return
-    metrics = benchmark_settings(settings, workload)
-    metrics.update(device=jax.devices()[0].device_kind, jax_version=jax.__version__, settings=settings,
-                   workload=dataclasses.asdict(workload))
-    print(f"{metrics['output_tokens_per_s']:.1f} output tok/s, {metrics['requests_per_s']:.2f} req/s over "
-          f"{metrics['duration_s']:.2f} s on {metrics['device']}")
-    for name in ("ttft", "tpot", "itl", "e2e"):
-        print(f"  {name:<5} p50 {metrics[f'{name}_p50_ms']:9.2f} ms  p90 {metrics[f'{name}_p90_ms']:9.2f} ms  "
-              f"p99 {metrics[f'{name}_p99_ms']:9.2f} ms")
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(metrics, f, indent=1)
+    longest = max(at_rate(workload, rate).max_total_len() for workload, rate in runs)
+    if settings.get("max_sequence_length") is None:
+        settings["max_sequence_length"] = -(-longest // _MAX_SEQUENCE_ROUNDING) * _MAX_SEQUENCE_ROUNDING
+    if settings["max_sequence_length"] < longest:
+        raise app.UsageError(f"max_sequence_length={settings['max_sequence_length']} is shorter than the workload's "
+                             f"longest request ({longest} tokens): raise it or shorten --input_len/--output_len")
+    return settings
 
 
-def compare_batching_modes(settings: dict, workload) -> None:
-    from autoglm_jax.tools.serving_benchmark import benchmark_settings
+def mode_name(settings: dict) -> str:
+    from autoglm_jax.engine.config import EngineConfig
 
-    rate = f"{workload.request_rate} req/s Poisson" if workload.request_rate else "offline"
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; {workload.num_requests} requests, "
-          f"{workload.input_len} in / {workload.output_len} out, {rate}; settings {settings}")
-    print("\n| mode | output tok/s | req/s | mean latency (ms) | e2e p90 (ms) | TTFT p50 (ms) | TTFT p90 (ms) | TPOT p50 (ms) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, overrides in BATCHING_MODES:
-        m = benchmark_settings({**settings, **overrides}, workload)
-        print(f"| {name} | {m['output_tokens_per_s']:.1f} | {m['requests_per_s']:.2f} | {m['e2e_mean_ms']:.0f} | "
-              f"{m['e2e_p90_ms']:.0f} | {m['ttft_p50_ms']:.0f} | {m['ttft_p90_ms']:.0f} | {m['tpot_p50_ms']:.1f} |",
-              flush=True)
+    config = EngineConfig.from_dict(settings)
+    if not config.use_dynamic_batching:
+        return "static batching"
+    return "adaptive batching" if config.adaptive_batching else "dynamic batching"
+
+
+def run_meta(settings: dict) -> dict:
+    import jax
+
+    return {"engine": "autoglm-jax", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+            "jax_version": jax.__version__, "settings": settings, "argv": sys.argv[1:], "skipped": []}
+
+
+def run_mode(name: str, settings: dict, runs, meta: dict, done: list[dict], started: float) -> list[dict]:
+    """Builds one engine with ``settings`` and does every (workload, rate) run on it; returns the rows."""
+    from _serving_load import run_requests
+
+    from autoglm_jax.engine.async_engine import AutoGLMEngine
+
+    if _past_deadline(started):
+        meta["skipped"] += [f"{name} / {w.label} / {rate_label(r)}" for w, r in runs]
+        return []
+    in_use = _device_bytes_in_use()  # what an earlier engine left behind would show here
+    build_start = time.perf_counter()
+    engine = AutoGLMEngine({"show_progress": False, **settings, "skip_tokenizer_init": True}).start()
+    build = {"engine_build_s": time.perf_counter() - build_start, "warmup_s": engine.core.warmup_seconds,
+             "num_pages": engine.core.allocator.num_pages, "device_bytes_in_use_before_build": in_use}
+    print(f"[{name}] engine built in {build['engine_build_s']:.1f} s (warmup compile {build['warmup_s']:.1f} s), "
+          f"{build['num_pages']} KV pages; device memory in use before: "
+          f"{'n/a' if in_use is None else f'{in_use / 2**30:.1f} GiB'}", flush=True)
+    rows = []
+    try:
+        run_requests(engine, ServingWorkload(2, min(16, FLAGS.input_len), 4), sample_gpu=False)  # first-call costs
+        for workload, rate in runs:
+            if _past_deadline(started):
+                meta["skipped"].append(f"{name} / {workload.label} / {rate_label(rate)}")
+                continue
+            run = at_rate(workload, rate)
+            metrics = run_requests(engine, run, sample_gpu=meta["backend"] == "gpu")
+            rows.append({"engine": "autoglm-jax", "mode": name, "workload": workload.label, "request_rate": rate,
+                         **metrics, **build, "settings": settings, "workload_spec": dataclasses.asdict(run)})
+            print(_progress_line(rows[-1]), flush=True)
+            if FLAGS.json:
+                write_results(FLAGS.json, meta, done + rows)
+    finally:
+        engine.stop(drain=False)
+    return rows
+
+
+def _device_bytes_in_use() -> int | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_in_use")
+
+
+def _past_deadline(started: float) -> bool:
+    return FLAGS.deadline_s is not None and time.monotonic() - started > FLAGS.deadline_s
+
+
+def _progress_line(row: dict) -> str:
+    util = row.get("gpu_util_mean_pct")
+    return (f"[{row['mode']}] {row['workload']} {rate_label(row['request_rate'])}: {row['num_requests']} requests, "
+            f"{row['output_tokens_per_s']:,.0f} output tok/s, mean latency {row['e2e_mean_ms']:,.0f} ms, "
+            f"TTFT p50 {row['ttft_p50_ms']:,.0f} ms, TPOT p50 {row['tpot_p50_ms']:.1f} ms, GPU util "
+            f"{'n/a' if util is None else f'{util:.0f}%'} over {row['duration_s']:.1f} s")
+
+
+def _describe(meta: dict) -> str:
+    versions = ", ".join(f"{k.split('_')[0]} {v}" for k, v in meta.items() if k.endswith("_version"))
+    return f"{meta['engine']} on {meta['device']} ({versions}); settings {meta.get('settings')}"
+
+
+def report(rows: list[dict]) -> None:
+    print("\n" + markdown_table(rows))
+    lines = speedups(rows)
+    if lines:
+        print("\n" + "\n".join(lines))
+    if FLAGS.plot:
+        try:
+            plot(rows, FLAGS.plot)
+        except ImportError as error:
+            print(f"no plot ({error}); draw it elsewhere: python benchmarks/serving.py --merge=<json> --plot=<png>")
+        else:
+            print(f"\nplot: {FLAGS.plot}")
 
 
 if __name__ == "__main__":

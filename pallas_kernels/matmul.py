@@ -29,6 +29,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import tuning
 
 SMALL_M_MAX = 128
+OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))  # float32: small-M kernel only
 _SMALL_M_ALIGN = 32  # wgmma N for the token side; 32 f32 = one 128-byte swizzle row
 
 
@@ -104,7 +105,7 @@ def _small_m_kernel(a_ref, w_ref, out_ref, out_smem, *, config: MatmulConfig):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _matmul_small_m(a, w, config: MatmulConfig):
+def _matmul_small_m(a, w, config: MatmulConfig, out_dtype):
     m, k = a.shape
     n = w.shape[1]
     m_pad = pl.cdiv(m, _SMALL_M_ALIGN) * _SMALL_M_ALIGN
@@ -118,7 +119,7 @@ def _matmul_small_m(a, w, config: MatmulConfig):
         grid_names=("n", "split"),
     )
     partial_sums = kernel(a_pad, w)  # [S, N, Mp]
-    return partial_sums.sum(axis=0)[:, :m].T.astype(a.dtype)
+    return partial_sums.sum(axis=0)[:, :m].T.astype(out_dtype)
 
 
 def _large_m_kernel(a_ref, w_ref, out_ref, *, config: MatmulConfig, num_ctas: int):
@@ -211,7 +212,33 @@ def _matmul_large_m(a, w, config: MatmulConfig):
     return kernel(a_pad, w)[:m]
 
 
-def _check_args(a, w, config: MatmulConfig):
+def _shape_error(m: int, k: int, n: int, config: MatmulConfig, out_dtype) -> str | None:
+    """Why (M, K, N) with output ``out_dtype`` does not fit ``config``'s tiles, or None when it does."""
+    if jnp.dtype(out_dtype) not in OUT_DTYPES:
+        return f"out_dtype={jnp.dtype(out_dtype).name} must be one of {[d.name for d in OUT_DTYPES]}"
+    if m <= SMALL_M_MAX:
+        if n % config.tile_n:
+            return f"{config.tile_n=} must divide {n=}"
+        if k % (config.tile_k * config.num_k_splits):
+            return f"{config.tile_k=} * {config.num_k_splits=} must divide {k=}"
+    else:
+        if jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16):
+            return f"the prefill kernel ({m=} > {SMALL_M_MAX}) writes bfloat16 only, not {jnp.dtype(out_dtype).name}"
+        if n % (2 * config.tile_n):
+            return f"2 * {config.tile_n=} must divide {n=}"
+        if k % config.tile_k:
+            return f"{config.tile_k=} must divide {k=}"
+    return None
+
+
+def supports(m: int, k: int, n: int, dtype, out_dtype=None) -> bool:
+    """Whether [M, K] @ [K, N] in ``dtype`` -> ``out_dtype`` (None = dtype) fits this kernel with its
+    default config (the model's ``matmul_backend`` dispatch falls back to XLA otherwise)."""
+    return (jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and min(m, k, n) > 0
+            and _shape_error(m, k, n, default_config(m, k, n, dtype), out_dtype or dtype) is None)
+
+
+def _check_args(a, w, config: MatmulConfig, out_dtype):
     if a.ndim != 2 or w.ndim != 2:
         raise ValueError(f"a must be [M, K] and w [K, N], got {a.shape=} {w.shape=}")
     m, k = a.shape
@@ -220,26 +247,21 @@ def _check_args(a, w, config: MatmulConfig):
         raise ValueError(f"contraction mismatch: {a.shape=} vs {w.shape=}")
     if a.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
         raise ValueError(f"a and w must be bfloat16, got {a.dtype=} {w.dtype=}")
-    if m <= SMALL_M_MAX:
-        if n % config.tile_n:
-            raise ValueError(f"{config.tile_n=} must divide {n=}")
-        if k % (config.tile_k * config.num_k_splits):
-            raise ValueError(f"{config.tile_k=} * {config.num_k_splits=} must divide {k=}")
-    else:
-        if n % (2 * config.tile_n):
-            raise ValueError(f"2 * {config.tile_n=} must divide {n=}")
-        if k % config.tile_k:
-            raise ValueError(f"{config.tile_k=} must divide {k=}")
+    error = _shape_error(m, k, n, config, out_dtype)
+    if error is not None:
+        raise ValueError(error)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def matmul(a, w, config: MatmulConfig | None = None):
-    """a [M, K] bf16 @ w [K, N] bf16 -> [M, N] bf16 (f32 accumulation)."""
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype"))
+def matmul(a, w, config: MatmulConfig | None = None, out_dtype=None):
+    """a [M, K] bf16 @ w [K, N] bf16 -> [M, N] in out_dtype (f32 accumulation). out_dtype: None =
+    bfloat16; float32 (the unrounded sums, e.g. to add a bias before rounding) only for M <= SMALL_M_MAX."""
+    out_dtype = jnp.dtype(out_dtype or a.dtype)
     if config is None:
         config = default_config(a.shape[0], a.shape[1], w.shape[-1], a.dtype)
-    _check_args(a, w, config)
+    _check_args(a, w, config, out_dtype)
     if a.shape[0] <= SMALL_M_MAX:
-        return _matmul_small_m(a, w, config)
+        return _matmul_small_m(a, w, config, out_dtype)
     return _matmul_large_m(a, w, config)
 
 

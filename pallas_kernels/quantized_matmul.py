@@ -119,7 +119,34 @@ def _kernel(a_ref, w_ref, out_ref, w_bf16_smem, out_smem, *, config: QuantizedMa
     plgpu.wait_smem_to_gmem(0)
 
 
-def _check_args(a, w_q, scale, config: QuantizedMatmulConfig):
+def _shape_error(m: int, k: int, n: int, config: QuantizedMatmulConfig, out_dtype) -> str | None:
+    """Why (M, K, N) with output ``out_dtype`` does not fit ``config``'s tiles and SMEM, or None when it does."""
+    if jnp.dtype(out_dtype) not in bf16_matmul.OUT_DTYPES:
+        return f"out_dtype={jnp.dtype(out_dtype).name} must be one of {[d.name for d in bf16_matmul.OUT_DTYPES]}"
+    if m > bf16_matmul.SMALL_M_MAX and jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16):
+        return f"large M ({m=}) runs matmul's prefill kernel, which writes bfloat16 only"
+    if n % config.tile_n:
+        return f"{config.tile_n=} must divide {n=}"
+    if k % (config.tile_k * config.num_k_splits):
+        return f"{config.tile_k=} * {config.num_k_splits=} must divide {k=}"
+    if m <= bf16_matmul.SMALL_M_MAX and smem_bytes(config, m) > SMEM_BUDGET:
+        return f"{config=} needs {smem_bytes(config, m)} bytes of SMEM > {SMEM_BUDGET} at {m=}"
+    return None
+
+
+def supports(m: int, k: int, n: int, activation_dtype, weight_dtype, out_dtype=None) -> bool:
+    """Whether bf16 [M, K] @ narrow [N, K]^T -> ``out_dtype`` (None = bf16) fits this kernel with its
+    default config (and, for large M, ``matmul``'s prefill kernel); the model's ``matmul_backend``
+    dispatch falls back to XLA otherwise."""
+    if jnp.dtype(activation_dtype) != jnp.dtype(jnp.bfloat16) or jnp.dtype(weight_dtype) not in WEIGHT_DTYPES:
+        return False
+    config = default_config(m, k, n, weight_dtype) if min(m, k, n) > 0 else None
+    if config is None or _shape_error(m, k, n, config, out_dtype or activation_dtype) is not None:
+        return False
+    return m <= bf16_matmul.SMALL_M_MAX or bf16_matmul.supports(m, k, n, jnp.bfloat16)
+
+
+def _check_args(a, w_q, scale, config: QuantizedMatmulConfig, out_dtype):
     if a.ndim != 2 or w_q.ndim != 2:
         raise ValueError(f"a must be [M, K] and w_q [N, K], got {a.shape=} {w_q.shape=}")
     m, k = a.shape
@@ -132,12 +159,9 @@ def _check_args(a, w_q, scale, config: QuantizedMatmulConfig):
         raise ValueError(f"w_q dtype {w_q.dtype} must be one of {[d.name for d in WEIGHT_DTYPES]}")
     if scale.shape != (n,):
         raise ValueError(f"{scale.shape=} must be ({n},), one scale per output channel")
-    if n % config.tile_n:
-        raise ValueError(f"{config.tile_n=} must divide {n=}")
-    if k % (config.tile_k * config.num_k_splits):
-        raise ValueError(f"{config.tile_k=} * {config.num_k_splits=} must divide {k=}")
-    if m <= bf16_matmul.SMALL_M_MAX and smem_bytes(config, m) > SMEM_BUDGET:
-        raise ValueError(f"{config=} needs {smem_bytes(config, m)} bytes of SMEM > {SMEM_BUDGET} at {m=}")
+    error = _shape_error(m, k, n, config, out_dtype)
+    if error is not None:
+        raise ValueError(error)
 
 
 def dequantize(w_q, scale, dtype=jnp.float32):
@@ -145,14 +169,16 @@ def dequantize(w_q, scale, dtype=jnp.float32):
     return (w_q.astype(jnp.float32) * scale[:, None].astype(jnp.float32)).T.astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def quantized_matmul(a, w_q, scale, config: QuantizedMatmulConfig | None = None):
-    """a [M, K] bf16 @ dequant(w_q [N, K], scale [N])^T -> [M, N] bf16 (f32 accumulation)."""
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype"))
+def quantized_matmul(a, w_q, scale, config: QuantizedMatmulConfig | None = None, out_dtype=None):
+    """a [M, K] bf16 @ dequant(w_q [N, K], scale [N])^T -> [M, N] in out_dtype (f32 accumulation).
+    out_dtype: None = bfloat16; float32 (the unrounded scaled sums) only for M <= SMALL_M_MAX."""
     m, k = a.shape
     n = w_q.shape[0]
+    out_dtype = jnp.dtype(out_dtype or a.dtype)
     if config is None:
         config = default_config(m, k, n, w_q.dtype)
-    _check_args(a, w_q, scale, config)
+    _check_args(a, w_q, scale, config, out_dtype)
     if m > bf16_matmul.SMALL_M_MAX:
         return bf16_matmul.matmul(a, dequantize(w_q, scale, jnp.bfloat16))
     m_pad = pl.cdiv(m, _M_ALIGN) * _M_ALIGN
@@ -169,7 +195,7 @@ def quantized_matmul(a, w_q, scale, config: QuantizedMatmulConfig | None = None)
     )
     partial_sums = kernel(jnp.pad(a, ((0, m_pad - m), (0, 0))), w_q)  # [S, N, Mp]
     out_t = partial_sums.sum(axis=0) * scale[:, None].astype(jnp.float32)
-    return out_t[:, :m].T.astype(a.dtype)
+    return out_t[:, :m].T.astype(out_dtype)
 
 
 def quantized_matmul_reference(a, w_q, scale):

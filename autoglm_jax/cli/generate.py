@@ -25,6 +25,8 @@ flags.DEFINE_string("system", None, "Optional system message with --chat.")
 flags.DEFINE_integer("max_model_len", 2048, "max_sequence_length of the engine.")
 flags.DEFINE_string("quantization", None, "Quantize the decoder's linear projections after loading (int8, fp8, "
                     "w8a8-int8, w8a8-fp8, int4, int4-g64, int4-g128, q8_0, q4_0, q4_1).")
+flags.DEFINE_enum("matmul_backend", "xla", ["xla", "pallas"], "Decoder projections: XLA dots or the Pallas "
+                  "matmul kernels (bf16 / int8 / fp8 weights on GPU; XLA where a shape does not fit).")
 
 
 def main(argv):
@@ -36,7 +38,7 @@ def main(argv):
     start = time.perf_counter()
     core = EngineCore(model=FLAGS.model, dtype=FLAGS.dtype, seed=FLAGS.seed, max_batch_size=1,
                       max_sequence_length=FLAGS.max_model_len, max_num_batched_tokens=256,
-                      quantization=FLAGS.quantization)
+                      quantization=FLAGS.quantization, matmul_backend=FLAGS.matmul_backend)
     print(f"[autoglm] model ready in {time.perf_counter() - start:.1f} s "
           f"(compiled {core.runner.num_traces} step variants in {core.warmup_seconds:.1f} s)", file=sys.stderr)
     prompt = FLAGS.prompt

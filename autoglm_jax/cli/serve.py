@@ -48,12 +48,15 @@ flags.DEFINE_float("memory_fraction", 0.85, "Share of free device memory the KV 
 flags.DEFINE_integer("max_waiting_requests", 4096, "Requests in flight before the server answers 429.")
 flags.DEFINE_integer("max_logprobs", 20, "Most top logprobs a request may ask for.")
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "xla", "pallas"], "Attention implementation.")
+flags.DEFINE_enum("matmul_backend", "xla", ["xla", "pallas"], "Decoder projections: XLA dots or the Pallas "
+                  "matmul kernels (bf16 / int8 / fp8 weights on GPU; XLA where a shape does not fit).")
 flags.DEFINE_string("compilation_cache_dir", EngineConfig.compilation_cache_dir,
                     "Persistent XLA compilation cache ('' = none).")
 
 _ENGINE_FLAGS = ("model", "tokenizer", "dtype", "seed", "max_batch_size", "max_sequence_length",
                  "max_num_batched_tokens", "prefill_ratio", "decode_steps_per_call", "page_size", "num_pages",
-                 "memory_fraction", "max_waiting_requests", "max_logprobs", "attention_backend")
+                 "memory_fraction", "max_waiting_requests", "max_logprobs", "attention_backend",
+                 "matmul_backend")
 
 
 def engine_settings() -> dict:

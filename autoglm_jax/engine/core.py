@@ -42,6 +42,11 @@ def resolve_dtype(name: str):
     return jnp.dtype(name)
 
 
+def resolve_scan_layers(setting: bool | None) -> bool:
+    """The engine arg ``scan_layers``: None = unrolled layers on GPU (weight-bound steps), scan elsewhere."""
+    return jax.default_backend() != "gpu" if setting is None else setting
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig | dict | None = None, *, mesh=None, **overrides):
         """``mesh``: the ("tp",) device mesh of this replica (``autoglm_jax.parallel``); None = built
@@ -58,7 +63,8 @@ class EngineCore:
                                             cfg.page_size)
         self.model_config, model, source = load_model(cfg.model, self.dtype, backend, cfg.seed,
                                                       progress=cfg.show_progress, mesh=mesh,
-                                                      quantization=cfg.quantization)
+                                                      quantization=cfg.quantization,
+                                                      matmul_backend=cfg.matmul_backend)
         self.tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg.tokenizer, source)
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self.model_config.eos_token_ids
         self.eos_token_ids = eos or self.model_config.eos_token_ids
@@ -80,7 +86,7 @@ class EngineCore:
             max_num_batched_tokens=sched_config.max_num_batched_tokens, max_sequence_length=self.max_sequence_length,
             page_size=cfg.page_size, num_pages=num_pages, cache_dtype=self.dtype,
             decode_steps_per_call=cfg.decode_steps_per_call, max_logprobs=cfg.max_logprobs,
-            eos_token_ids=self.eos_token_ids, mesh=mesh)
+            eos_token_ids=self.eos_token_ids, mesh=mesh, scan_layers=resolve_scan_layers(cfg.scan_layers))
         del model
         self.requests: dict[str, RequestState] = {}
         self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}

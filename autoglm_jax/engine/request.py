@@ -95,6 +95,14 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    def token_ids_between(self, start: int, end: int) -> tuple[int, ...]:
+        """all_token_ids[start:end] without building the whole history (called per request per step)."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        outputs = tuple(self.output_token_ids[max(start - num_prompt, 0) : end - num_prompt])
+        return self.prompt_token_ids[start:] + outputs if start < num_prompt else outputs
+
     @property
     def all_token_ids(self) -> tuple[int, ...]:
         """Prompt followed by outputs: what a re-prefill after preemption feeds."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +70,15 @@ class RowRequest:
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config: ModelConfig, *, max_batch_size: int,
                  max_num_batched_tokens: int, max_sequence_length: int, page_size: int, num_pages: int,
-                 cache_dtype, decode_steps_per_call: int, max_logprobs: int, eos_token_ids=(), mesh=None):
+                 cache_dtype, decode_steps_per_call: int, max_logprobs: int, eos_token_ids=(), mesh=None,
+                 scan_layers: bool = True):
         """``mesh``: a ("tp",) jax Mesh to serve a tensor-parallel model (``autoglm_jax.parallel``) over;
-        None = the model's one device."""
+        None = the model's one device. ``scan_layers=False`` unstacks the model's layer weights in place
+        (``DecoderLayers.unstack``) so the steps run the layers unrolled over per-layer buffers."""
         self.config = model_config
         self.mesh = mesh
+        if not scan_layers:
+            model.layers.unstack()
         self.graphdef, self.params = nnx.split(model)  # split once; never per step
         self.ladder = BucketLadder(max_batch_size, max_num_batched_tokens)
         self.max_batch_size = max_batch_size
@@ -104,13 +110,27 @@ class ModelRunner:
         return traced
 
     # ------------------------------------------------------------------ warmup
-    def warmup(self) -> float:
-        """Compiles every bucket of the ladder with empty (all-padding) inputs; returns seconds."""
+    def warmup(self, compile_threads: int | None = None) -> float:
+        """Compiles every bucket of the ladder with empty (all-padding) inputs, then runs each once;
+        returns seconds. Tracing and lowering run in this thread, one program after another; the XLA
+        compilations (which release the GIL) run in ``compile_threads`` threads (default: one per CPU,
+        at most one per program). ``jax.jit`` shares the trace and executable caches with these
+        ahead-of-time compilations, so the runs below compile nothing."""
         start = time.perf_counter()
-        for tokens in self.ladder.token_buckets:
-            self._run_mixed(self._empty_step_input(tokens))
-        for rows in self.ladder.decode_batches:
-            self._run_decode(self._empty_decode_input(rows))
+        mixed = [self._empty_step_input(tokens) for tokens in self.ladder.token_buckets]
+        decode = [self._empty_decode_input(rows) for rows in self.ladder.decode_batches]
+        lowered = [self._mixed.lower(self.params, self.state, self._replicated(inp), num_logprobs=self.num_logprobs)
+                   for inp in mixed]
+        lowered += [self._decode.lower(self.params, self.state, self._replicated(inp), max_steps=self.decode_steps_per_call,
+                                       num_logprobs=self.num_logprobs) for inp in decode]
+        workers = min(len(lowered), compile_threads or os.cpu_count() or 1)
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="warmup-compile") as pool:
+                list(pool.map(lambda program: program.compile(), lowered))
+        for inp in mixed:
+            self._run_mixed(inp)
+        for inp in decode:
+            self._run_decode(inp)
         jax.block_until_ready(self.state)
         return time.perf_counter() - start
 

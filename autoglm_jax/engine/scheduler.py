@@ -306,7 +306,7 @@ class Scheduler:
         return ScheduledSequence(
             request_id=request.request_id,
             slot=request.slot,
-            token_ids=request.all_token_ids[start : start + num_new],
+            token_ids=request.token_ids_between(start, start + num_new),
             start_position=start,
             page_ids=tuple(request.pages),
             sample=start + num_new == request.num_tokens,

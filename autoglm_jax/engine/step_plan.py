@@ -21,14 +21,15 @@ class StepPlan:
         self._entries: dict[str, ScheduledSequence] = {}
         self.preempted: list[str] = []
         self.finished: list[str] = []
+        # running totals (O(1) budget queries: the scheduler asks once per running request)
+        self.num_decode_tokens = 0
+        self.num_prefill_tokens = 0
 
-    @property
-    def num_decode_tokens(self) -> int:
-        return sum(e.num_tokens for e in self._entries.values() if e.is_decode)
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(e.num_tokens for e in self._entries.values() if not e.is_decode)
+    def _count(self, entry: ScheduledSequence, sign: int) -> None:
+        if entry.is_decode:
+            self.num_decode_tokens += sign * entry.num_tokens
+        else:
+            self.num_prefill_tokens += sign * entry.num_tokens
 
     def decode_tokens_left(self) -> int:
         return self._token_budget - self.num_decode_tokens - self.num_prefill_tokens
@@ -43,10 +44,13 @@ class StepPlan:
         if entry.request_id in self._entries:
             raise RuntimeError(f"request {entry.request_id!r} scheduled twice in one step")
         self._entries[entry.request_id] = entry
+        self._count(entry, +1)
 
     def withdraw(self, request_id: str) -> None:
         """Drop the request's entry, if any (its request was preempted later in the step)."""
-        self._entries.pop(request_id, None)
+        entry = self._entries.pop(request_id, None)
+        if entry is not None:
+            self._count(entry, -1)
 
     def build(self) -> SchedulerOutput:
         entries = list(self._entries.values())

@@ -1,8 +1,12 @@
 """The decoder-only causal LM as a Flax NNX module (GLM, GLM-4-0414, Llama, SmolLM2, Qwen2).
 
 Owns: parameters and the forward pass embed -> L x [norm, attention, norm, MLP] -> norm -> lm_head.
-Layer parameters are stacked on a leading L axis and the layers run under ``lax.scan``, so compile
-time does not grow with depth. The model never allocates pages, sees requests or samples tokens.
+Layer parameters are made, loaded, quantized and sharded stacked on a leading L axis, and the layers
+run under ``lax.scan`` (compile time does not grow with depth). For serving on GPU the engine calls
+``DecoderLayers.unstack()``: each stacked parameter becomes a tuple of L per-layer buffers and the
+layers run unrolled — a scan slices each layer's weights out of the stack with a copy before its
+GEMMs, which triples the HBM traffic of a weight-bound decode step (``benchmarks/layer_loop.py``).
+The model never allocates pages, sees requests or samples tokens.
 Under tensor parallelism (``tensor_parallel_axis`` set, run inside ``shard_map``) the same code runs
 on one shard's weights; ``autoglm_jax.parallel.collectives`` supplies the all-reduces and gathers.
 
@@ -14,6 +18,7 @@ Parameters (H hidden, I intermediate, V vocab, L layers, QKV = (Nq + 2 Nkv) D, Q
     layers.gate_up [L, H, 2I]  (gate first, then up)          layers.gate_up_bias [L, 2I] (mlp_bias)
     layers.down [L, I, H]         layers.down_bias [L, H] (mlp_bias)
     layers.post_mlp_norm [L, H] (sandwich_norms)
+    (after ``unstack()``, each ``layers.*`` value is a tuple of L arrays without the L axis)
 """
 
 from __future__ import annotations
@@ -65,11 +70,35 @@ class DecoderLayers(nnx.Module):
         L = config.num_hidden_layers
         for name, shape in layer_param_shapes(config).items():
             setattr(self, name, nnx.Param(_init(rngs.params(), (L, *shape), param_dtype, name)))
+        self.scan = True  # static: False once unstack() has split the weights into per-layer buffers
+
+    def unstack(self) -> None:
+        """Splits every stacked parameter (an array or a pytree of arrays, e.g. a quantized weight, all
+        leaves [L, ...]) into a tuple of L per-layer buffers, one parameter at a time (the stacked buffer
+        is released once nothing else holds it), and makes the layers run unrolled. Sharded arrays keep
+        their sharding minus the L axis. Idempotent."""
+        if not self.scan:
+            return
+        L = self.config.num_hidden_layers
+        for name in self.names:
+            param = getattr(self, name)
+            leaves, treedef = jax.tree.flatten(param.get_value())
+            per_leaf = []
+            while leaves:
+                per_leaf.append(_split_layers(leaves.pop(0), L))
+            param.set_value(tuple(jax.tree.unflatten(treedef, [parts[i] for parts in per_leaf]) for i in range(L)))
+        self.scan = False
 
     def __call__(self, x, kv_cache: KVCache, md: AttentionMetadata, attention_backend: str, tp_axis: str | None = None):
-        weights = {name: getattr(self, name)[...] for name in self.names}
+        weights = {name: getattr(self, name).get_value() for name in self.names}
         # Under tensor parallelism (inside shard_map over tp_axis) the weights are this shard's slice.
         config = self.config if tp_axis is None else shard_model_config(self.config, jax.lax.axis_size(tp_axis))
+        if not self.scan:
+            k, v = kv_cache.k, kv_cache.v
+            for layer in range(config.num_hidden_layers):
+                w = {name: weights[name][layer] for name in self.names}
+                x, k, v = decoder_layer(config, w, x, k, v, jnp.int32(layer), md, attention_backend, tp_axis)
+            return x, KVCache(k=k, v=v)
 
         def one_layer(carry, layer_inputs):
             x, k_cache, v_cache = carry
@@ -80,6 +109,19 @@ class DecoderLayers(nnx.Module):
         layers = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
         (x, k, v), _ = jax.lax.scan(one_layer, (x, kv_cache.k, kv_cache.v), (weights, layers))
         return x, KVCache(k=k, v=v)
+
+
+def _split_layers(stacked: jax.Array, num_layers: int) -> tuple[jax.Array, ...]:
+    """[L, ...] -> L separate [...] buffers on the same devices (sharding kept, minus the L axis)."""
+    if stacked.shape[:1] != (num_layers,):
+        raise ValueError(f"expected a stacked layer parameter with leading axis {num_layers}, got {stacked.shape}")
+    out_shardings = None
+    sharding = getattr(stacked, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec)[1:]
+        out_shardings = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec)),) * num_layers
+    split = jax.jit(lambda a: tuple(a[i] for i in range(num_layers)), out_shardings=out_shardings)
+    return split(stacked)
 
 
 def decoder_layer(config: ModelConfig, w: dict, x, k_cache, v_cache, layer, md: AttentionMetadata, backend: str,

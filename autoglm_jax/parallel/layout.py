@@ -106,9 +106,12 @@ def _key_name(key) -> str:
 
 
 def param_specs(tree, config: ModelConfig, tp: int):
-    """The same tree (pure dict or nnx.State) with each array replaced by its PartitionSpec."""
+    """The same tree (pure dict or nnx.State) with each array replaced by its PartitionSpec; layer weights
+    may be stacked [L, ...] or unstacked (a tuple of L per-layer arrays, ``DecoderLayers.unstack``)."""
     def spec(path, _):
         names = tuple(n for n in map(_key_name, path) if n not in ("value", "raw_value"))
+        if names[:1] == ("layers",) and names[-1].isdigit():  # one layer of DecoderLayers.unstack(): no L axis
+            return P(*tuple(param_spec(names[:-1], config, tp))[1:])
         return param_spec(names, config, tp)
 
     return jax.tree_util.tree_map_with_path(spec, tree)

@@ -1,16 +1,19 @@
-"""Calibration: learn clipping factors that minimise each linear layer's output error, with optax.
+"""Calibration: quantized weights that minimise each linear layer's output error on the model's own
+activations: clipping factors learned with optax, then GPTQ (``quant.gptq``) on the clipped grid.
 
 Owns: collecting the model's own input activations of every quantized linear (``collect_input_stats``:
-the Gram matrix X^T X per layer, over a few hundred prompts' hidden states), learning one clipping
-factor per scale (``calibrate_weight``) and doing both for a model (``calibrate_model``).
-Does not own the schemes (``quant.schemes``) or applying them (``quant.transform``).
+the Gram matrix X^T X per layer, over a few hundred prompts' hidden states; a prefix all prompts share
+counted once), learning one clipping factor per scale and choosing per output column among
+round-to-nearest / clipped / GPTQ (``calibrate_weight``), and doing it for a model (``calibrate_params``,
+``calibrate_model``). Does not own the schemes (``quant.schemes``), GPTQ's rounding (``quant.gptq``) or
+placing the weights (``quant.transform``).
 
 Objective, per layer l with input activations X [T, K] and weight W [K, N]:
     err(clip) = ||X W - X Q(W; clip)||^2 / ||X W||^2 = tr(dW^T G dW) / tr(W^T G W),   G = X^T X
 Q is the scheme's quantize-dequantize with straight-through rounding (``quant.ste``), so Adam moves
 the clipping factors (initialised at 1 = round-to-nearest). The loss is optimised through a rank-r
-factor A of G (A^T A ~= G, the top-r eigen-directions), the final error is measured with the full G,
-and each layer keeps round-to-nearest unless its calibrated error is lower: never worse than RTN.
+factor A of G (A^T A ~= G, the top-r eigen-directions); the errors that choose between candidates are
+measured with the full G, per output column: never worse than RTN on the calibration inputs.
 
 Activations are captured without touching the layers: the target weights are wrapped in ``_Tap``
 pytrees whose ``linear`` rule sends x to the host (``jax.debug.callback``) and then runs the real rule.
@@ -30,6 +33,7 @@ from flax import nnx
 from autoglm_jax.model.attention_metadata import AttentionMetadata
 from autoglm_jax.model.kv_cache import KVCache
 from autoglm_jax.model.layers import linear
+from autoglm_jax.quant.gptq import GPTQConfig, gptq_weight
 from autoglm_jax.quant.schemes import QuantScheme, get_scheme
 from autoglm_jax.quant.transform import QuantRules, as_rules, is_quantized
 from autoglm_jax.tree_paths import flatten
@@ -47,10 +51,11 @@ class _GramSink:
     def __init__(self):
         self.grams: dict[str, np.ndarray] = {}
         self.tokens = 0
+        self.start = 0  # rows [start, valid) of the current sequence are counted
         self.valid = 0
 
     def add(self, path: str, layer, x) -> None:
-        x = np.asarray(x, np.float64)[: self.valid]
+        x = np.asarray(x, np.float64)[self.start: self.valid]
         layer = int(layer)
         gram = self.grams.get(path)
         if gram is None:
@@ -78,12 +83,25 @@ def _linear_tap(weight: _Tap, x, bias=None, out_dtype=None):
     return linear(weight.weight, x, bias, out_dtype)
 
 
-def collect_input_stats(model: nnx.Module, token_seqs, rules: QuantRules | str) -> tuple[dict[str, np.ndarray], int]:
-    """({path: Gram float64 [L, K, K]} of the inputs of every ruled [L, K, N] weight, token count).
+def shared_prefix_length(token_seqs) -> int:
+    """Length of the prefix all sequences share (e.g. a chat template's system prompt)."""
+    first = token_seqs[0] if token_seqs else []
+    n = 0
+    while n < len(first) and all(len(s) > n and s[n] == first[n] for s in token_seqs):
+        n += 1
+    return n
 
-    ``token_seqs``: iterable of token-id lists, each run as one prefill from position 0.
+
+def collect_input_stats(model: nnx.Module, token_seqs, rules: QuantRules | str) -> tuple[dict[str, np.ndarray], int]:
+    """({path: Gram float64 [L, K, K]} of the inputs of every ruled [L, K, N] weight, tokens counted).
+
+    ``token_seqs``: token-id lists, each run as one prefill from position 0. A prefix that all of them
+    share (a chat template's system prompt) is counted once, not once per sequence, so the statistics
+    are not dominated by the same positions repeated.
     """
     rules = as_rules(rules)
+    token_seqs = [list(s) for s in token_seqs]
+    shared = shared_prefix_length(token_seqs) if len(token_seqs) > 1 else 0
     graphdef, state = nnx.split(model)
     tapped = nnx.merge(graphdef, state)
     sink = _GramSink()
@@ -107,7 +125,7 @@ def collect_input_stats(model: nnx.Module, token_seqs, rules: QuantRules | str) 
         out, _ = nnx.merge(graphdef, state).hidden_states(tokens, cache, md)
         return out
 
-    for seq in token_seqs:
+    for index, seq in enumerate(token_seqs):
         n = len(seq)
         if n == 0:
             continue
@@ -118,10 +136,10 @@ def collect_input_stats(model: nnx.Module, token_seqs, rules: QuantRules | str) 
                                      PAGE_SIZE, bucket)
         tokens = np.zeros(bucket, np.int32)
         tokens[:n] = seq
-        sink.valid = n
+        sink.start, sink.valid = (0 if index == 0 else shared), n
         run(state, jnp.asarray(tokens), cache, md).block_until_ready()
         jax.effects_barrier()
-        sink.tokens += n
+        sink.tokens += n - sink.start
     if sink.tokens == 0:
         raise ValueError("calibration needs at least one non-empty token sequence")
     return sink.grams, sink.tokens
@@ -132,17 +150,19 @@ def collect_input_stats(model: nnx.Module, token_seqs, rules: QuantRules | str) 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
-    """steps / learning_rate: Adam on the clipping factors; clip_range: where factors may go;
-    rank: eigen-directions of G the optimised loss keeps (None = all K)."""
+    """steps / learning_rate: Adam on the clipping factors (steps=0: no clipping); clip_range: where
+    factors may go; rank: eigen-directions of G the optimised loss keeps (None = all K); gptq: GPTQ
+    on the (clipped) grid after clipping (None = round-to-nearest)."""
 
     steps: int = 100
     learning_rate: float = 1e-2
     clip_range: tuple[float, float] = (0.3, 1.2)
     rank: int | None = 128
+    gptq: GPTQConfig | None = GPTQConfig()
 
     def __post_init__(self):
-        if self.steps < 1 or self.learning_rate <= 0:
-            raise ValueError(f"steps={self.steps} must be >= 1 and learning_rate={self.learning_rate} > 0")
+        if self.steps < 0 or self.learning_rate <= 0:
+            raise ValueError(f"steps={self.steps} must be >= 0 and learning_rate={self.learning_rate} > 0")
         lo, hi = self.clip_range
         if not 0 < lo <= 1 <= hi:
             raise ValueError(f"clip_range={self.clip_range} must satisfy 0 < lo <= 1 <= hi")
@@ -164,7 +184,7 @@ def _relative_error(scheme: QuantScheme, w, a, clip):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _learn(scheme: QuantScheme, cfg: CalibrationConfig, w, a):
-    """Learned clip [L, ...] for w [L, K, N] with factors a [L, r, K]."""
+    """Learned clip [L, ...] for w [L, K, N] with factors a [L, r, K], starting at 1 (round-to-nearest)."""
     lo, hi = cfg.clip_range
     loss = lambda clip: jnp.sum(jax.vmap(functools.partial(_relative_error, scheme))(w, a, clip))  # noqa: E731
     opt = optax.adam(cfg.learning_rate)
@@ -180,40 +200,73 @@ def _learn(scheme: QuantScheme, cfg: CalibrationConfig, w, a):
     return clip
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _errors(scheme: QuantScheme, w, a, clip):
-    return jax.vmap(functools.partial(_relative_error, scheme))(w, a, clip)
+@jax.jit
+def _column_errors(w, q, gram):
+    """Output error of each column, dq_n^T G dq_n: w, q [L, K, N], gram [L, K, K] -> [L, N]."""
+    dw = w - q
+    return jnp.sum(dw * jnp.matmul(gram, dw, precision=jax.lax.Precision.HIGHEST), axis=-2)
 
 
 def calibrate_weight(w: jax.Array, gram: np.ndarray, scheme: QuantScheme | str,
-                     cfg: CalibrationConfig = CalibrationConfig()) -> tuple[jax.Array, np.ndarray, np.ndarray]:
-    """(clip [L, *clip_shape], RTN relative error [L], calibrated relative error [L]) for a stacked
-    float weight w [L, K, N] whose inputs have Gram matrices gram [L, K, K]. Errors use the full G."""
+                     cfg: CalibrationConfig = CalibrationConfig()) -> tuple[object, np.ndarray, np.ndarray]:
+    """(quantized weight, RTN relative error [L], calibrated relative error [L]) for a stacked float
+    weight w [L, K, N] whose inputs have Gram matrices gram [L, K, K].
+
+    Relative error of layer l: ||X (W - Q)||^2 / ||X W||^2 with the full G. Candidates: round-to-nearest,
+    learned clipping (optax), GPTQ on either grid; the error splits over output columns (and so do the
+    grids and GPTQ), so each column takes the candidate with its lowest error: never worse than
+    round-to-nearest on the calibration inputs."""
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     w = jnp.asarray(w, jnp.float32)
     scheme.check_shape(w.shape)
-    gram = np.asarray(gram, np.float64)
-    if gram.shape != (w.shape[0], w.shape[1], w.shape[1]):
-        raise ValueError(f"gram shape {gram.shape} does not match weight shape {tuple(w.shape)} (want [L, K, K])")
-    a_opt = jnp.asarray(np.stack([_factor(g, cfg.rank) for g in gram]))
-    a_full = jnp.asarray(np.stack([_factor(g, None) for g in gram]))
-    learned = _learn(scheme, cfg, w, a_opt)
-    ones = jnp.ones_like(learned)
-    rtn = np.asarray(_errors(scheme, w, a_full, ones))
-    cal = np.asarray(_errors(scheme, w, a_full, learned))
-    better = cal < rtn
-    keep = better.reshape((-1,) + (1,) * (learned.ndim - 1))
-    return jnp.where(keep, learned, ones), rtn, np.where(better, cal, rtn)
+    if w.ndim != 3 or np.shape(gram) != (w.shape[0], w.shape[1], w.shape[1]):
+        raise ValueError(f"gram shape {np.shape(gram)} does not match weight shape {tuple(w.shape)} (want [L, K, K])")
+    g32 = jnp.asarray(gram, jnp.float32)
+    scale = np.maximum(np.asarray(_column_errors(w, jnp.zeros_like(w), g32)).sum(-1), 1e-30)  # ||X W||^2 [L]
+    ones = jnp.ones(scheme.clip_shape(w.shape), jnp.float32)
+    candidates = [(ones, w)]  # (clip, rows to round): round-to-nearest first
+    if cfg.steps:
+        candidates.append((_learn(scheme, cfg, w, jnp.asarray(np.stack([_factor(g, cfg.rank) for g in gram]))), w))
+    if cfg.gptq is not None:
+        candidates += [(clip, _gptq_rows(scheme, w, gram, scheme.grid(w, clip), cfg.gptq)) for clip, _ in candidates]
+    clip, rows, best = ones, w, None
+    for cand_clip, cand_rows in candidates:  # per output column, the candidate with the lowest error wins
+        err = np.asarray(_column_errors(w, scheme.fake_quantize(cand_rows, grid=scheme.grid(w, cand_clip)), g32))
+        if best is None:
+            rtn = best = err
+            continue
+        better = jnp.asarray(err < best)
+        clip = jnp.where(scheme.per_column(better), cand_clip, clip)
+        rows = jnp.where(better[:, None, :], cand_rows, rows)
+        best = np.minimum(err, best)
+    grid = scheme.grid(w, clip)
+    return scheme.quantize(rows, grid=grid), rtn.sum(-1) / scale, best.sum(-1) / scale
+
+
+def _gptq_rows(scheme, w, gram, grid, cfg: GPTQConfig):
+    """GPTQ's rounded rows of every layer of w [L, K, N] on grid (arrays with a leading L axis)."""
+    return jnp.stack([gptq_weight(scheme, w[l], gram[l], jax.tree.map(lambda a: a[l], grid), cfg)
+                      for l in range(w.shape[0])])
+
+
+def calibrate_params(weights: dict, grams: dict, quantization: str | QuantRules,
+                     cfg: CalibrationConfig = CalibrationConfig()) -> tuple[dict, dict]:
+    """``calibrate_weight`` for every path of ``grams`` (from ``collect_input_stats``): flat float
+    ``weights`` {path: [L, K, N]} -> ({path: quantized weight}, {path: (rtn_err [L], calibrated_err [L])})."""
+    rules = as_rules(quantization)
+    calibrated, report = {}, {}
+    for path, gram in grams.items():
+        scheme = rules.scheme_for(path)
+        if scheme is None:
+            continue
+        weight, rtn, cal = calibrate_weight(weights[path], gram, scheme, cfg)
+        calibrated[path], report[path] = weight, (rtn, cal)
+    return calibrated, report
 
 
 def calibrate_model(model: nnx.Module, token_seqs, quantization: str | QuantRules,
                     cfg: CalibrationConfig = CalibrationConfig()) -> tuple[dict, dict]:
-    """({path: clip} for ``quantize_model(model, quantization, clips)``, {path: (rtn_err [L], cal_err [L])})."""
-    rules = as_rules(quantization)
-    grams, _ = collect_input_stats(model, token_seqs, rules)
-    weights = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    clips, report = {}, {}
-    for path, gram in grams.items():
-        clip, rtn, cal = calibrate_weight(weights[path], gram, rules.scheme_for(path), cfg)
-        clips[path], report[path] = clip, (rtn, cal)
-    return clips, report
+    """({path: quantized weight} for ``quantize_model(model, quantization, calibrated)``,
+    {path: (rtn_err [L], calibrated_err [L])}): input statistics on ``token_seqs``, then ``calibrate_params``."""
+    grams, _ = collect_input_stats(model, token_seqs, quantization)
+    return calibrate_params(flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))), grams, quantization, cfg)

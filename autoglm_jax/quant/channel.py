@@ -57,37 +57,47 @@ class ChannelWeight:
         return {"values": self.values, "scales": self.scales}
 
 
-def _codes(w: jax.Array, storage: str, clip: jax.Array | None):
-    """(float codes [..., K, N] on the storage grid, scales [..., N]); differentiable in clip."""
+def grid(w: jax.Array, storage: str, clip: jax.Array | None = None) -> tuple[jax.Array]:
+    """(scales [..., N],) of float w [..., K, N]: absmax / qmax per column, the absmax shrunk by clip
+    [..., N] (None = round-to-nearest on the full range); differentiable in clip."""
     _, qmax = STORAGE[storage]
-    w = w.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(w), axis=-2)
+    amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=-2)
     if clip is not None:
         amax = amax * clip
-    scales = jnp.where(amax > 0, amax / qmax, 1.0)
-    scaled = jnp.clip(w / scales[..., None, :], -qmax, qmax)
-    codes = round_ste(scaled) if storage == "int8" else cast_ste(scaled, jnp.float8_e4m3fn)
-    return codes, scales
+    return (jnp.where(amax > 0, amax / qmax, 1.0),)
+
+
+def expand(grid_arrays: tuple, k: int) -> tuple[jax.Array]:
+    """The grid per element: (scales [..., 1, N],), broadcastable to [..., K, N]."""
+    del k
+    return (grid_arrays[0][..., None, :],)
+
+
+def encode(w: jax.Array, expanded: tuple, storage: str) -> jax.Array:
+    """Float codes on the storage grid, w [..., K, N] (or any rows of it) with ``expand``'s params;
+    straight-through in the scales."""
+    _, qmax = STORAGE[storage]
+    scaled = jnp.clip(w.astype(jnp.float32) / expanded[0], -qmax, qmax)
+    return round_ste(scaled) if storage == "int8" else cast_ste(scaled, jnp.float8_e4m3fn)
+
+
+def decode(codes: jax.Array, expanded: tuple) -> jax.Array:
+    return codes * expanded[0]
 
 
 def quantize_channel(w: jax.Array, storage: str = "int8", clip: jax.Array | None = None,
-                     activations: str | None = None) -> ChannelWeight:
+                     activations: str | None = None, grid_arrays: tuple | None = None) -> ChannelWeight:
     """Float w [..., K, N] -> ChannelWeight. clip [..., N] in (0, ~1] shrinks each column's range
-    (None = round-to-nearest on the full absmax)."""
+    (None = round-to-nearest on the full absmax); ``grid_arrays`` (from ``grid``) fixes the scales instead."""
     if storage not in STORAGE:
         raise ValueError(f"storage={storage!r}; choose one of {tuple(STORAGE)}")
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations={activations!r}; choose one of {ACTIVATIONS}")
     if w.ndim < 2:
         raise ValueError(f"weight must be [..., K, N], got shape {tuple(w.shape)}")
-    codes, scales = _codes(w, storage, clip)
-    return ChannelWeight(codes.astype(STORAGE[storage][0]), scales, activations)
-
-
-def fake_quantize_channel(w: jax.Array, storage: str, clip: jax.Array | None) -> jax.Array:
-    """Quantize-dequantize w [..., K, N] in float32, differentiable in clip (straight-through)."""
-    codes, scales = _codes(w, storage, clip)
-    return codes * scales[..., None, :]
+    grid_arrays = grid(w, storage, clip) if grid_arrays is None else grid_arrays
+    codes = encode(w, expand(grid_arrays, w.shape[-2]), storage)
+    return ChannelWeight(codes.astype(STORAGE[storage][0]), grid_arrays[0], activations)
 
 
 def quantize_activations(x: jax.Array, storage: str) -> tuple[jax.Array, jax.Array]:

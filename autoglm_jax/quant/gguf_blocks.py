@@ -76,9 +76,13 @@ def _blocks(w: jax.Array) -> jax.Array:
     return rows.reshape(*rows.shape[:-1], rows.shape[-1] // BLOCK, BLOCK)
 
 
-def _codes(w: jax.Array, kind: str, clip: jax.Array | None):
-    """(float codes [..., N, B, 32], d [..., N, B], m [..., N, B] or None); differentiable in clip.
-    d and m are rounded to float16 before the codes are computed, as stored."""
+# kind -> (code range, code offset z): w = (code - z) * d + m, with m = 0 except for q4_1
+_CODES = {"q8_0": ((-127, 127), 0.0), "q4_0": ((0, 15), 8.0), "q4_1": ((0, 15), 0.0)}
+
+
+def grid(w: jax.Array, kind: str, clip: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(d [..., N, B], m [..., N, B]) of float w [..., K, N], rounded to float16 as stored (m = 0 but
+    for q4_1); clip [..., N, B] shrinks each block's range; differentiable in clip."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}; choose one of {KINDS}")
     b = _blocks(w)
@@ -88,39 +92,49 @@ def _codes(w: jax.Array, kind: str, clip: jax.Array | None):
         if clip is not None:
             mid = 0.5 * (hi + lo)
             hi, lo = mid + (hi - mid) * clip, mid + (lo - mid) * clip
-        d, m = f16(jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)), f16(lo)
-        codes = jnp.clip(round_ste((b - m[..., None]) / d[..., None]), 0, 15)
-        return codes, d, m
+        return f16(jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)), f16(lo)
     if kind == "q8_0":
         amax = jnp.max(jnp.abs(b), axis=-1) * (1.0 if clip is None else clip)
         d = f16(jnp.where(amax > 0, amax / 127.0, 1.0))
-        return jnp.clip(round_ste(b / d[..., None]), -127, 127), d, None
-    # q4_0, as ggml: d = (the element of largest magnitude, with its sign) / -8, codes q - 8 in [-8, 7]
-    idx = jnp.argmax(jnp.abs(b), axis=-1)
-    extreme = jnp.take_along_axis(b, idx[..., None], axis=-1)[..., 0] * (1.0 if clip is None else clip)
-    d = f16(jnp.where(extreme != 0, extreme / -8.0, 1.0))
-    return jnp.clip(round_ste(b / d[..., None]), -8, 7) + 8.0, d, None
+    else:  # q4_0, as ggml: d = (the element of largest magnitude, with its sign) / -8
+        idx = jnp.argmax(jnp.abs(b), axis=-1)
+        extreme = jnp.take_along_axis(b, idx[..., None], axis=-1)[..., 0] * (1.0 if clip is None else clip)
+        d = f16(jnp.where(extreme != 0, extreme / -8.0, 1.0))
+    return d, jnp.zeros_like(d)
 
 
-def quantize_gguf(w: jax.Array, kind: str = "q8_0", clip: jax.Array | None = None) -> GGUFBlockWeight:
-    """Float w [..., K, N] -> GGUFBlockWeight. clip [..., N, K/32] in (0, ~1] shrinks each block's range."""
-    codes, d, m = _codes(w, kind, clip)
+def expand(grid_arrays: tuple, k: int) -> tuple[jax.Array, jax.Array]:
+    """The grid per element: (d [..., K, N], m [..., K, N])."""
+    return tuple(jnp.broadcast_to(jnp.swapaxes(a, -1, -2)[..., None, :], (*a.shape[:-2], k // BLOCK, BLOCK, a.shape[-2]))
+                 .reshape(*a.shape[:-2], k, a.shape[-2]) for a in grid_arrays)
+
+
+def encode(w: jax.Array, expanded: tuple, kind: str) -> jax.Array:
+    """Float codes (code range of ``kind``) of w [..., K, N] (or any rows of it); straight-through."""
+    (lo, hi), z = _CODES[kind]
+    d, m = expanded
+    return jnp.clip(round_ste((w.astype(jnp.float32) - m) / d) + z, lo, hi)
+
+
+def decode(codes: jax.Array, expanded: tuple, kind: str) -> jax.Array:
+    d, m = expanded
+    return (codes - _CODES[kind][1]) * d + m
+
+
+def quantize_gguf(w: jax.Array, kind: str = "q8_0", clip: jax.Array | None = None,
+                  grid_arrays: tuple | None = None) -> GGUFBlockWeight:
+    """Float w [..., K, N] -> GGUFBlockWeight. clip [..., N, K/32] in (0, ~1] shrinks each block's range;
+    ``grid_arrays`` (from ``grid``) fixes d and m instead."""
+    grid_arrays = grid(w, kind, clip) if grid_arrays is None else grid_arrays
+    codes = _blocks(encode(w, expand(grid_arrays, w.shape[-2]), kind))  # [..., N, B, 32]
     if kind == "q8_0":
         qs = codes.astype(jnp.int8)
     else:
         c = codes.astype(jnp.uint8)
         qs = c[..., :16] | (c[..., 16:] << 4)
-    m = m if m is not None else jnp.zeros((*d.shape[:-1], 0), jnp.float16)
+    d, m = grid_arrays
+    m = m if kind == "q4_1" else jnp.zeros((*d.shape[:-1], 0), jnp.float16)
     return GGUFBlockWeight(qs, d.astype(jnp.float16), m.astype(jnp.float16), kind)
-
-
-def fake_quantize_gguf(w: jax.Array, kind: str, clip: jax.Array | None) -> jax.Array:
-    """Quantize-dequantize w [..., K, N] in float32, differentiable in clip (straight-through)."""
-    codes, d, m = _codes(w, kind, clip)
-    if kind == "q4_0":
-        codes = codes - 8.0
-    rows = codes * d[..., None] + (0.0 if m is None else m[..., None])
-    return jnp.swapaxes(rows.reshape(*rows.shape[:-2], -1), -1, -2)
 
 
 # ---- GGUF bytes ----------------------------------------------------------------------------------

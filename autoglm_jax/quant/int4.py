@@ -65,7 +65,9 @@ class Int4Weight:
 
 def _per_row(group_values: jax.Array, group_size: int, k: int) -> jax.Array:
     """[..., G, C] -> [..., K, C]: each group's value repeated over its rows."""
-    return jnp.repeat(group_values, group_size, axis=-2, total_repeat_length=group_values.shape[-2] * group_size)[..., :k, :]
+    *lead, groups, c = group_values.shape
+    rows = jnp.broadcast_to(group_values[..., None, :], (*lead, groups, group_size, c))  # no gather to fold
+    return rows.reshape(*lead, groups * group_size, c)[..., :k, :]
 
 
 def _dequant_half(codes, weight: Int4Weight, parity: int, dtype):
@@ -86,8 +88,9 @@ def _grouped(w: jax.Array, group_size: int) -> jax.Array:
     return w.reshape(*w.shape[:-2], groups, group_size, w.shape[-1])
 
 
-def _codes(w: jax.Array, group_size: int, clip: jax.Array | None):
-    """(float codes [..., G, g, N] in [0, 15], scales [..., G, N], zeros [..., G, N]); differentiable in clip."""
+def grid(w: jax.Array, group_size: int, clip: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(scales [..., G, N], zeros [..., G, N] float in [0, 15]) of float w [..., K, N]: each group's
+    [min, max] (widened to hold 0) shrunk by clip [..., G, N]; differentiable in clip."""
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size}; choose one of {GROUP_SIZES}")
     if w.ndim < 2 or w.shape[-1] % 2:
@@ -98,25 +101,34 @@ def _codes(w: jax.Array, group_size: int, clip: jax.Array | None):
     if clip is not None:
         hi, lo = hi * clip, lo * clip
     scales = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
-    zeros = jnp.clip(jnp.round(-lo / scales), 0, 15)
-    codes = jnp.clip(round_ste(g / scales[..., None, :]) + zeros[..., None, :], 0, 15)
-    return codes, scales, zeros
+    return scales, jnp.clip(jnp.round(-lo / scales), 0, 15)
 
 
-def quantize_int4(w: jax.Array, group_size: int = 128, clip: jax.Array | None = None) -> Int4Weight:
-    """Float w [..., K, N] -> Int4Weight. clip [..., G, N] in (0, ~1] shrinks each group's range."""
-    codes, scales, zeros = _codes(w, group_size, clip)
-    k = w.shape[-2]
-    codes = codes.reshape(*codes.shape[:-3], -1, codes.shape[-1])[..., :k, :].astype(jnp.uint8)
+def expand(grid_arrays: tuple, k: int, group_size: int) -> tuple[jax.Array, jax.Array]:
+    """The grid per element: (scales [..., K, N], zeros [..., K, N])."""
+    return tuple(_per_row(a, group_size, k) for a in grid_arrays)
+
+
+def encode(w: jax.Array, expanded: tuple) -> jax.Array:
+    """Float codes in [0, 15] of w [..., K, N] (or any rows of it); straight-through in the scales."""
+    scales, zeros = expanded
+    return jnp.clip(round_ste(w.astype(jnp.float32) / scales) + zeros, 0, 15)
+
+
+def decode(codes: jax.Array, expanded: tuple) -> jax.Array:
+    scales, zeros = expanded
+    return (codes - zeros) * scales
+
+
+def quantize_int4(w: jax.Array, group_size: int = 128, clip: jax.Array | None = None,
+                  grid_arrays: tuple | None = None) -> Int4Weight:
+    """Float w [..., K, N] -> Int4Weight. clip [..., G, N] in (0, ~1] shrinks each group's range;
+    ``grid_arrays`` (from ``grid``) fixes the scales and zeros instead."""
+    grid_arrays = grid(w, group_size, clip) if grid_arrays is None else grid_arrays
+    codes = encode(w, expand(grid_arrays, w.shape[-2], group_size)).astype(jnp.uint8)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales, zeros = grid_arrays
     return Int4Weight(packed, scales, zeros.astype(jnp.uint8), group_size)
-
-
-def fake_quantize_int4(w: jax.Array, group_size: int, clip: jax.Array | None) -> jax.Array:
-    """Quantize-dequantize w [..., K, N] in float32, differentiable in clip (straight-through)."""
-    codes, scales, zeros = _codes(w, group_size, clip)
-    deq = (codes - zeros[..., None, :]) * scales[..., None, :]
-    return deq.reshape(*deq.shape[:-3], -1, deq.shape[-1])[..., : w.shape[-2], :]
 
 
 def group_count(k: int, group_size: int) -> int:

@@ -1,9 +1,10 @@
 """The named quantization schemes: what ``--quantization=<name>`` means.
 
-Owns: the table of schemes and, for each, how to quantize a float [.., K, N] weight (``quantize``), the
-differentiable quantize-dequantize used by calibration (``fake_quantize``), the shape of its learnable
-clipping factors (``clip_shape``: one factor per scale), and rebuilding a stored weight from its arrays
-(``from_arrays``). Does not own the weight types (``channel``, ``int4``, ``gguf_blocks``) or which
+Owns: the table of schemes and, for each, how to quantize a float [.., K, N] weight (``quantize``), its
+grid (``grid``: the stored scales / zero points, and ``expand``: the same per element), the differentiable
+quantize-dequantize used by calibration and GPTQ (``round_trip`` / ``fake_quantize``), the shape of its
+learnable clipping factors (``clip_shape``: one factor per scale), and rebuilding a stored weight from
+its arrays (``from_arrays``). Does not own the weight types (``channel``, ``int4``, ``gguf_blocks``) or which
 parameters get a scheme (``transform``).
 
     int8        int8 weights, per-output-channel scales           (weight-only)
@@ -35,22 +36,47 @@ class QuantScheme:
     activations: str | None = None
     group_size: int = 0
 
-    def quantize(self, w: jax.Array, clip: jax.Array | None = None):
-        """Float w [..., K, N] -> the scheme's weight pytree (clip: see ``clip_shape``)."""
+    def quantize(self, w: jax.Array, clip: jax.Array | None = None, grid: tuple | None = None):
+        """Float w [..., K, N] -> the scheme's weight pytree (clip: see ``clip_shape``; grid: fixed
+        scales from ``grid``, e.g. those GPTQ rounded against, instead of w's own)."""
         self.check_shape(w.shape)
         if self.family == "channel":
-            return channel.quantize_channel(w, self.storage, clip, self.activations)
+            return channel.quantize_channel(w, self.storage, clip, self.activations, grid)
         if self.family == "int4":
-            return int4.quantize_int4(w, self.group_size, clip)
-        return gguf_blocks.quantize_gguf(w, self.storage, clip)
+            return int4.quantize_int4(w, self.group_size, clip, grid)
+        return gguf_blocks.quantize_gguf(w, self.storage, clip, grid)
 
-    def fake_quantize(self, w: jax.Array, clip: jax.Array | None = None) -> jax.Array:
-        """w [..., K, N] quantized and dequantized in float32, differentiable in clip."""
+    def grid(self, w: jax.Array, clip: jax.Array | None = None) -> tuple:
+        """The scales (and zero points / minima) of float w [..., K, N], as the weight stores them;
+        differentiable in clip."""
+        self.check_shape(w.shape)
         if self.family == "channel":
-            return channel.fake_quantize_channel(w, self.storage, clip)
+            return channel.grid(w, self.storage, clip)
         if self.family == "int4":
-            return int4.fake_quantize_int4(w, self.group_size, clip)
-        return gguf_blocks.fake_quantize_gguf(w, self.storage, clip)
+            return int4.grid(w, self.group_size, clip)
+        return gguf_blocks.grid(w, self.storage, clip)
+
+    def expand(self, grid: tuple, k: int) -> tuple:
+        """``grid`` per element: arrays broadcastable to [..., K, N]."""
+        if self.family == "channel":
+            return channel.expand(grid, k)
+        if self.family == "int4":
+            return int4.expand(grid, k, self.group_size)
+        return gguf_blocks.expand(grid, k)
+
+    def round_trip(self, w: jax.Array, expanded: tuple) -> jax.Array:
+        """Quantize-dequantize w [..., R, N] (any rows, with those rows of ``expand``'s arrays) in float32,
+        straight-through in the grid: the one rounding both storing and calibration use."""
+        if self.family == "channel":
+            return channel.decode(channel.encode(w, expanded, self.storage), expanded)
+        if self.family == "int4":
+            return int4.decode(int4.encode(w, expanded), expanded)
+        return gguf_blocks.decode(gguf_blocks.encode(w, expanded, self.storage), expanded, self.storage)
+
+    def fake_quantize(self, w: jax.Array, clip: jax.Array | None = None, grid: tuple | None = None) -> jax.Array:
+        """w [..., K, N] quantized and dequantized in float32, differentiable in clip."""
+        grid = self.grid(w, clip) if grid is None else grid
+        return self.round_trip(w, self.expand(grid, w.shape[-2]))
 
     def clip_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the clipping factors for a float weight of ``shape`` [..., K, N]: one per scale."""
@@ -60,6 +86,14 @@ class QuantScheme:
         if self.family == "int4":
             return (*lead, int4.group_count(k, self.group_size), n)
         return (*lead, n, k // gguf_blocks.BLOCK)
+
+    def per_column(self, values: jax.Array) -> jax.Array:
+        """values [..., N] (one per output column) -> broadcastable against clipping factors of ``clip_shape``."""
+        if self.family == "channel":
+            return values
+        if self.family == "int4":
+            return values[..., None, :]
+        return values[..., :, None]
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
         if len(shape) < 2:

@@ -8,7 +8,8 @@ JSON manifest ``{path: scheme}``, so a saved checkpoint restores without recompu
 
 Paths are the model's parameter paths joined by "/": ``layers/qkv``, ``layers/o``, ``layers/gate_up``,
 ``layers/down`` ([L, K, N] stacked weights), ``embed_tokens``, ``lm_head``, ``norm``, ...
-Does not own the schemes' numerics (``quant.schemes``) or learning clipping factors (``quant.calibration``).
+Does not own the schemes' numerics (``quant.schemes``) or calibration (``quant.calibration``: learned
+clipping + GPTQ, whose quantized weights the transform places where the rules say).
 """
 
 from __future__ import annotations
@@ -65,16 +66,28 @@ def as_rules(quantization: str | QuantRules) -> QuantRules:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _quantize(scheme: QuantScheme, w, clip):
-    return scheme.quantize(w, clip)
+def _quantize(scheme: QuantScheme, w):
+    return scheme.quantize(w)
 
 
-def quantize_params(params: dict, quantization: str | QuantRules, clips: dict | None = None) -> tuple[dict, dict]:
+def _quantized(path: str, scheme: QuantScheme, value, calibrated: dict | None):
+    """The quantized weight for ``path``: calibration's (checked against the rule) or round-to-nearest."""
+    if is_quantized(value):
+        raise ValueError(f"parameter {path!r} is quantized already ({type(value).__name__})")
+    if calibrated is None or path not in calibrated:
+        return _quantize(scheme, jnp.asarray(value))
+    weight = calibrated[path]
+    if not is_quantized(weight) or scheme_name(weight) != scheme.name or weight.shape != tuple(value.shape):
+        raise ValueError(f"calibrated weight for {path!r} is not a {scheme.name} weight of shape {tuple(value.shape)}")
+    return weight
+
+
+def quantize_params(params: dict, quantization: str | QuantRules, calibrated: dict | None = None) -> tuple[dict, dict]:
     """(tree with quantized weights at the ruled paths, manifest {path: scheme name}).
 
-    ``params``: nested dict of float arrays (host or device), consumed leaf by leaf. ``clips``:
-    optional {path: clipping factors of ``scheme.clip_shape``} from calibration. Raises ValueError
-    when the rules match no parameter, or a weight is quantized already.
+    ``params``: nested dict of float arrays (host or device), consumed leaf by leaf. ``calibrated``:
+    optional {path: quantized weight} from ``quant.calibration`` used instead of round-to-nearest.
+    Raises ValueError when the rules match no parameter, or a weight is quantized already.
     """
     rules = as_rules(quantization)
     flat, manifest = flatten(params), {}
@@ -82,18 +95,16 @@ def quantize_params(params: dict, quantization: str | QuantRules, clips: dict | 
         scheme = rules.scheme_for(path)
         if scheme is None:
             continue
-        if is_quantized(value):
-            raise ValueError(f"parameter {path!r} is quantized already ({type(value).__name__})")
-        clip = None if clips is None else clips.get(path)
-        flat[path] = _quantize(scheme, jnp.asarray(value), None if clip is None else jnp.asarray(clip, jnp.float32))
+        flat[path] = _quantized(path, scheme, value, calibrated)
         manifest[path] = scheme.name
     if not manifest:
         raise ValueError(f"quantization rules {rules.rules} match no parameter (have {sorted(flat)})")
     return unflatten(flat), manifest
 
 
-def quantize_model(model: nnx.Module, quantization: str | QuantRules, clips: dict | None = None) -> dict:
-    """Replaces the ruled float Params of ``model`` by quantized ones in place; returns the manifest.
+def quantize_model(model: nnx.Module, quantization: str | QuantRules, calibrated: dict | None = None) -> dict:
+    """Replaces the ruled float Params of ``model`` by quantized ones in place (``calibrated``: as in
+    ``quantize_params``); returns the manifest.
     The model drops each float weight as soon as its quantized form exists, so when it held the only
     reference the peak is one weight extra (arrays shared with another holder are never deleted)."""
     rules = as_rules(quantization)
@@ -104,11 +115,7 @@ def quantize_model(model: nnx.Module, quantization: str | QuantRules, clips: dic
             continue
         *parents, name = path.split("/")
         owner = functools.reduce(getattr, parents, model)
-        value = getattr(owner, name)[...]
-        if is_quantized(value):
-            raise ValueError(f"parameter {path!r} is quantized already ({type(value).__name__})")
-        clip = None if clips is None else clips.get(path)
-        setattr(owner, name, nnx.Param(_quantize(scheme, value, None if clip is None else jnp.asarray(clip, jnp.float32))))
+        setattr(owner, name, nnx.Param(_quantized(path, scheme, getattr(owner, name)[...], calibrated)))
         manifest[path] = scheme.name
     if not manifest:
         raise ValueError(f"quantization rules {rules.rules} match no parameter of the model")

@@ -13,8 +13,10 @@ unchanged. File layout (JSON or YAML)::
     objective: {metric: output_tokens_per_s, direction: maximize,
                 constraints: [{metric: ttft_p90_ms, max: 500}]}
     benchmark: {num_requests: 200, input_len: 256, output_len: 128, request_rate: 8}
+    baseline: defaults      # or {max_batch_size: 32, prefill_ratio: 0.8, ...}: run first, as trial 0
 
-``objective`` and ``benchmark`` are read by ``tools.objective`` and ``tools.serving_benchmark``.
+``objective`` and ``benchmark`` are read by ``tools.objective`` and ``tools.serving_benchmark``,
+``baseline`` by ``autoglm autotune`` (``tools.tuner`` runs it).
 """
 
 from __future__ import annotations
@@ -89,6 +91,10 @@ class SearchSpace:
     def grid(self) -> list[dict[str, Any]]:
         """The Cartesian product of every parameter's grid, first parameter slowest."""
         return [dict(zip(self.names, combo)) for combo in itertools.product(*(p.grid() for p in self.parameters))]
+
+    def contains(self, params: dict[str, Any]) -> bool:
+        """Whether ``params`` names exactly this space's parameters, each with a value inside its range."""
+        return set(params) == set(self.names) and all(p.contains(params[p.name]) for p in self.parameters)
 
     def check_names(self, allowed: set[str]) -> None:
         unknown = sorted((set(self.names) | set(self.fixed)) - allowed)

@@ -5,7 +5,8 @@ of (search space, seed, past trials), so a resumed run continues exactly where i
   - grid: the next combination (first parameter slowest) not yet tried;
   - random: uniform (log-uniform for ``log`` ranges) draws from a generator seeded by (seed, trial index);
   - bayesian: Optuna's TPE sampler, given every past trial's value (``Objective.search_value``),
-    seeded by (seed, trial index). Failed trials are told to Optuna as failed.
+    seeded by (seed, trial index). Failed trials are told to Optuna as failed; trials outside the space
+    (a baseline such as the engine defaults may be) are not told.
 ``suggest`` returns None when the strategy has nothing left (a finished grid).
 """
 
@@ -74,6 +75,8 @@ class BayesianStrategy:
                                              n_startup_trials=self.n_startup_trials)
         study = optuna.create_study(direction="maximize", sampler=sampler)
         for trial in history:
+            if not self.space.contains(trial.params):
+                continue
             ok = trial.status == "ok" and math.isfinite(trial.value)
             study.add_trial(optuna.trial.create_trial(
                 params=trial.params, distributions=self.distributions, value=trial.value if ok else None,

@@ -433,3 +433,14 @@ def test_property_driver_exercises_preemption():
     stats = {"preemptions": 0}
     run_operations(ops, seed=1, max_batch_size=4, stats=stats)
     assert stats["preemptions"] > 0
+
+
+def test_token_ids_between_is_a_slice_of_the_whole_history():
+    from autoglm_jax.engine.request import Request
+
+    request = Request("r", tuple(range(100, 107)), None, 0.0)
+    request.output_token_ids.extend([7, 8, 9])
+    history = request.all_token_ids
+    for start in range(len(history) + 1):
+        for end in range(start, len(history) + 1):
+            assert request.token_ids_between(start, end) == history[start:end]

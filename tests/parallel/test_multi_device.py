@@ -1,4 +1,5 @@
-"""Tensor parallelism (TP=2/4/8), data-parallel replicas (DP=2, TP=2 x DP=2) and a two-process
+"""Tensor parallelism (TP=2/4/8, with stacked or unrolled layer weights), data-parallel replicas (DP=2,
+TP=2 x DP=2) and a two-process
 multi-host run give the same greedy tokens as one device, for tiny GLM-4 and Llama checkpoints
 with 8 query heads / 2 KV heads (so TP=4 and TP=8 replicate KV heads) and vocab split over TP.
 
@@ -20,8 +21,9 @@ from tests.hf_tiny import save_tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADS = dict(num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
-LOCAL_RUNS = {"glm4": ("Glm4ForCausalLM", ["1x1", "2x1", "4x1", "8x1", "1x2", "2x2"]),
-              "llama": ("LlamaForCausalLM", ["1x1", "2x1", "8x1"])}
+# "u": layers unrolled over per-layer weight buffers (scan_layers=False, the GPU default)
+LOCAL_RUNS = {"glm4": ("Glm4ForCausalLM", ["1x1", "2x1", "4x1", "8x1", "1x2", "2x2", "1x1u", "4x1u"]),
+              "llama": ("LlamaForCausalLM", ["1x1", "2x1", "8x1", "2x1u"])}
 TIMEOUT_S = 900
 
 

@@ -2,7 +2,8 @@
 XLA_FLAGS sets only before JAX starts — so the tests run this file with ``python -m`` and read the
 JSON it writes: ``{"TPxDP" or "multihost": [[token ids of prompt 0], ...]}``.
 
-    python -m tests.parallel.worker local MODEL OUT.json 1x1 2x1 4x1 8x1 1x2 2x2
+    python -m tests.parallel.worker local MODEL OUT.json 1x1 2x1 4x1 8x1 1x2 2x2 2x1u
+    (a trailing "u": layers unrolled over per-layer weight buffers, engine arg scan_layers=False)
     python -m tests.parallel.worker multihost MODEL OUT.json PORT PROCESS_ID NUM_PROCESSES
 """
 
@@ -35,8 +36,9 @@ def run_local(model: str, specs: list[str]) -> dict:
 
     results = {}
     for spec in specs:
-        tp, dp = map(int, spec.split("x"))
-        llm = LLM(model, max_model_len=MAX_LEN, tensor_parallel_size=tp, data_parallel_size=dp, **ENGINE_ARGS)
+        tp, dp = map(int, spec.rstrip("u").split("x"))
+        llm = LLM(model, max_model_len=MAX_LEN, tensor_parallel_size=tp, data_parallel_size=dp,
+                  scan_layers=not spec.endswith("u"), **ENGINE_ARGS)
         prompts, params = prompts_and_params(llm.engine.model_config.vocab_size)
         results[spec] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     return results

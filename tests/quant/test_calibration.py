@@ -1,12 +1,15 @@
-"""Calibrated clipping factors (optax) beat round-to-nearest on each layer's output error."""
+"""Calibration (optax-learned clipping, then GPTQ) beats round-to-nearest on each layer's output error."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from autoglm_jax.checkpoint.loader import load_model
-from autoglm_jax.quant import get_scheme, model_manifest, quantize_model
-from autoglm_jax.quant.calibration import CalibrationConfig, calibrate_model, calibrate_weight, collect_input_stats
+from autoglm_jax.quant import model_manifest, quantize_model
+from autoglm_jax.quant.calibration import (CalibrationConfig, calibrate_model, calibrate_params, calibrate_weight,
+                                           collect_input_stats)
+from autoglm_jax.tree_paths import flatten
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +24,11 @@ def glm(tmp_path_factory):
     return config, model, seqs
 
 
+def _clone(model):
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, state)
+
+
 def test_input_stats_are_the_gram_of_the_layer_inputs(glm):
     config, model, seqs = glm
     grams, tokens = collect_input_stats(model, seqs, "int8")
@@ -33,29 +41,79 @@ def test_input_stats_are_the_gram_of_the_layer_inputs(glm):
         assert np.all(np.trace(gram, axis1=1, axis2=2) > 0)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4-g64", "q4_0"])
-def test_calibrated_scales_beat_round_to_nearest(glm, scheme):
+def test_a_shared_prefix_is_counted_once(glm):
     config, model, seqs = glm
-    clips, report = calibrate_model(model, seqs, scheme, CalibrationConfig(steps=60))
+    prefix = seqs[0][:6]
+    prefixed = [prefix + s for s in seqs[:3]]
+    grams, tokens = collect_input_stats(model, prefixed, "int8")
+    assert tokens == len(prefixed[0]) + sum(len(s) for s in seqs[1:3])
+    once, _ = collect_input_stats(model, prefixed[:1], "int8")
+    rest = [collect_input_stats(model, [s], "int8")[0] for s in prefixed[1:]]
+    head = collect_input_stats(model, [prefix], "int8")[0]
+    for path, gram in grams.items():  # first sequence whole + the others without the prefix rows
+        expected = once[path] + sum(r[path] - head[path] for r in rest)
+        np.testing.assert_allclose(gram, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def glm_grams(glm):
+    _, model, seqs = glm
+    return collect_input_stats(model, seqs, "int8")[0]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "int4-g64", "q4_0"])
+@pytest.mark.parametrize("gptq", [False, True])
+def test_calibrated_weights_beat_round_to_nearest(glm, glm_grams, scheme, gptq):
+    config, model, seqs = glm
+    cfg = CalibrationConfig(steps=40) if gptq else CalibrationConfig(steps=40, gptq=None)
+    weights = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    calibrated, report = calibrate_params(weights, glm_grams, scheme, cfg)
+    assert set(calibrated) == {"layers/qkv", "layers/o", "layers/gate_up", "layers/down"}
     for path, (rtn, cal) in report.items():
-        print(f"{scheme} {path}: RTN {rtn.mean():.3e} -> calibrated {cal.mean():.3e}")
+        print(f"{scheme} gptq={gptq} {path}: RTN {rtn.mean():.3e} -> calibrated {cal.mean():.3e}")
         assert np.all(cal <= rtn)
-        assert clips[path].shape == get_scheme(scheme).clip_shape(model.layers.__getattribute__(path.split('/')[1])[...].shape)
     total_rtn = sum(r.sum() for r, _ in report.values())
     total_cal = sum(c.sum() for _, c in report.values())
-    assert total_cal < (0.97 if scheme != "int8" else 0.999) * total_rtn
-    quantize_model(model := _clone(model), scheme, clips)  # the clips plug into the transform
-    assert set(model_manifest(model).values()) == {get_scheme(scheme).name}
+    assert total_cal < (0.5 if gptq else 0.999 if scheme in ("int8", "fp8") else 0.97) * total_rtn
+    quantized = _clone(model)
+    quantize_model(quantized, scheme, calibrated)  # the calibrated weights plug into the transform
+    assert set(model_manifest(quantized).values()) == {scheme}
 
 
-def _clone(model):
-    from flax import nnx
+def test_calibrate_model_is_stats_then_params(glm, glm_grams):
+    _, model, seqs = glm
+    cfg = CalibrationConfig(steps=5)
+    calibrated, report = calibrate_model(model, seqs, "int4-g64", cfg)
+    weights = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    again, _ = calibrate_params(weights, glm_grams, "int4-g64", cfg)
+    for path, weight in calibrated.items():
+        np.testing.assert_allclose(weight.dequantize(), again[path].dequantize(), rtol=1e-6, atol=1e-6)
+    assert all(np.all(cal <= rtn) for rtn, cal in report.values())
 
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, state)
+
+def test_reported_errors_are_the_layer_output_errors(glm):
+    """The report's errors are ||X (W - Q)||^2 / ||X W||^2 of the weights handed back, on fresh inputs X."""
+    rng = np.random.default_rng()
+    x = rng.normal(size=(300, 64)) * np.exp(rng.normal(size=64))
+    w = jnp.asarray(rng.normal(size=(2, 64, 48)) * 0.05, jnp.float32)
+    gram = np.stack([x.T @ x] * 2)
+    weight, rtn, cal = calibrate_weight(w, gram, "int4-g64", CalibrationConfig(steps=20))
+    ref = np.asarray(w, np.float64)
+    for got, q in ((rtn, "int4-g64"), (cal, weight)):
+        from autoglm_jax.quant import get_scheme
+
+        deq = np.asarray(get_scheme(q).quantize(w).dequantize() if isinstance(q, str) else q.dequantize(), np.float64)
+        expected = [np.sum((x @ (ref[l] - deq[l])) ** 2) / np.sum((x @ ref[l]) ** 2) for l in range(2)]
+        np.testing.assert_allclose(got, expected, rtol=1e-3)
+    assert np.all(cal < rtn)
 
 
-def test_calibrate_weight_checks_shapes():
+def test_calibration_rejects_bad_input():
     w = jnp.ones((2, 64, 32))
     with pytest.raises(ValueError, match="gram shape"):
         calibrate_weight(w, np.ones((2, 32, 32)), "int8")
+    with pytest.raises(ValueError, match="calibrated weight"):
+        _, model, _ = load_model("tiny-llama", jnp.float32)
+        quantize_model(model, "int8", {"layers/o": jnp.ones((2, 2))})
+    with pytest.raises(ValueError, match="steps"):
+        CalibrationConfig(steps=-1)

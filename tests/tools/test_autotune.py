@@ -136,3 +136,124 @@ def test_objective_ranks_infeasible_below_feasible():
     assert badly < slightly < 0.0
     assert Objective("lat", "minimize").search_value({"lat": 3.0}) == -3.0
     assert objective.search_value({"ttft": 1.0}) == -math.inf  # metric missing
+
+
+def test_baseline_runs_first_and_bounds_the_others(tmp_path):
+    space = SearchSpace.from_dict({"parameters": {"max_batch_size": {"values": [16, 32, 64]},
+                                                  "prefill_ratio": {"values": [0.5, 1.0]}}})
+    objective = Objective.from_dict({"metric": "output_tokens_per_s",
+                                     "constraints": [{"metric": "ttft_p90_ms", "max_vs_baseline": 1.0}]})
+    assert "ttft_p90_ms <= 1 x the baseline's" in objective.describe()
+    defaults = {"max_batch_size": 32, "prefill_ratio": 0.8}  # outside the space
+    calls = []
+    evaluate = lambda s: calls.append(s) or serving_like(s)  # noqa: E731
+    result = autotune(space, objective, evaluate, strategy="grid", max_trials=5, baseline=defaults,
+                      log_path=str(tmp_path / "log.jsonl"))
+    assert calls[0] == defaults and result.baseline.index == 0 and result.baseline.params == defaults
+    bound = serving_like(defaults)["ttft_p90_ms"]  # 400 ms
+    assert result.objective.constraints[0].max == bound and result.objective.describe().endswith(f"<= {bound:g}")
+    for trial in result.trials:
+        assert trial.feasible == (trial.result["ttft_p90_ms"] <= bound)
+    calls.clear()
+    resumed = autotune(space, objective, evaluate, strategy="grid", max_trials=10, baseline=defaults,
+                       log_path=str(tmp_path / "log.jsonl"))
+    assert len(calls) == 2 and defaults not in calls  # the baseline is not run again; the grid is finished
+    assert resumed.objective == result.objective and resumed.baseline == result.baseline
+    assert resumed.best.params == {"max_batch_size": 32, "prefill_ratio": 1.0}  # 4800 tok/s at 320 ms vs 4160 at 400
+
+
+def test_bayesian_is_not_told_about_a_baseline_outside_the_space(tmp_path):
+    space = SearchSpace.from_dict({"parameters": {"max_batch_size": {"values": [16, 32]},
+                                                  "prefill_ratio": {"values": [0.5, 1.0]}}})
+    baseline = {"max_batch_size": 32, "prefill_ratio": 0.8}
+    assert not space.contains(baseline) and space.contains({"max_batch_size": 32, "prefill_ratio": 1.0})
+    result = autotune(space, Objective("output_tokens_per_s"), serving_like, strategy="bayesian", max_trials=3,
+                      baseline=baseline, log_path=str(tmp_path / "log.jsonl"))
+    assert [t.status for t in result.trials] == ["ok"] * 3 and all(space.contains(t.params) for t in result.trials[1:])
+
+
+def test_relative_bounds_need_a_baseline_that_ran(tmp_path):
+    space = SearchSpace.from_dict({"parameters": {"max_batch_size": {"values": [16, 64]}}})
+    objective = Objective("tps", constraints=(Constraint("ttft", max_vs_baseline=1.5),))
+    with pytest.raises(ValueError, match="need a baseline"):
+        autotune(space, objective, bowl, strategy="grid", max_trials=2, log_path=str(tmp_path / "a"))
+
+    def broken(settings):
+        raise MemoryError("out of memory")
+
+    log_path = tmp_path / "b"
+    with pytest.raises(RuntimeError, match="baseline trial .* failed.*out of memory"):
+        autotune(space, objective, broken, strategy="grid", max_trials=2, baseline={"max_batch_size": 16},
+                 log_path=str(log_path))
+    assert len(log_path.read_text().splitlines()) == 1  # header only: a re-run tries the baseline again
+    with pytest.raises(ValueError, match="exactly the parameters"):
+        autotune(space, Objective("tps"), bowl, strategy="grid", max_trials=2, baseline={"page_size": 16},
+                 log_path=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="instead of 'max'"):
+        Constraint("ttft", max=1.0, max_vs_baseline=1.0)
+    with pytest.raises(ValueError, match="a constraint is"):
+        Objective.from_dict({"metric": "tps", "constraints": [{"metric": "ttft", "maximum": 3}]})
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+    perf_counter = monotonic
+
+
+def test_time_budget_starts_no_trial_that_would_overrun(tmp_path, monkeypatch):
+    from autoglm_jax.tools import tuner
+
+    clock = FakeClock()
+    monkeypatch.setattr(tuner, "time", clock)
+
+    def ten_seconds(settings):
+        clock.now += 10.0
+        return bowl(settings)
+
+    result = autotune(SPACE_2D, Objective("score"), ten_seconds, strategy="random", max_trials=20,
+                      baseline={"x": 0, "y": 0}, time_budget_s=35.0, log_path=str(tmp_path / "log"))
+    assert len(result.trials) == 3 and result.stop_reason == "time_budget"  # a 4th would end at 40 s
+    assert [t.seconds for t in result.trials] == [10.0, 10.0, 10.0]
+    result = autotune(SPACE_2D, Objective("score"), ten_seconds, strategy="random", max_trials=4,
+                      log_path=str(tmp_path / "log2"))
+    assert len(result.trials) == 4 and result.stop_reason == "max_trials"
+
+
+def test_report_table_and_comparison(tmp_path):
+    from autoglm_jax.tools.autotune_report import comparison, summary_markdown, trials_table
+
+    space = SearchSpace.from_dict({"parameters": {"max_batch_size": {"values": [8, 16, 64]},
+                                                  "prefill_ratio": {"values": [0.5, 1.0]}}})
+    objective = Objective("output_tokens_per_s", constraints=(Constraint("ttft_p90_ms", max_vs_baseline=1.0),))
+
+    def evaluate(settings):
+        if settings["max_batch_size"] == 8:
+            raise MemoryError("out of memory | at 8")
+        return serving_like(settings)
+
+    seen = []
+    result = autotune(space, objective, evaluate, strategy="grid", max_trials=10, log_path=str(tmp_path / "log"),
+                      baseline={"max_batch_size": 16, "prefill_ratio": 0.5}, on_trial=seen.append)
+    # the baseline is a grid point too, so the grid skips it: 1 + 5 trials
+    assert [r.stop_reason for r in seen] == ["running"] * 6 and [len(r.trials) for r in seen] == list(range(1, 7))
+    assert result.stop_reason == "exhausted" and result.best.params == {"max_batch_size": 16, "prefill_ratio": 1.0}
+    table = trials_table(result).splitlines()
+    assert table[0] == ("| trial | max_batch_size | prefill_ratio | output_tokens_per_s | ttft_p90_ms | ttft_p50_ms | "
+                        "tpot_p50_ms | e2e_p90_ms | feasible | seconds |")
+    assert len(table) == 2 + 6 and table[2].startswith("| 0 (default) | 16 | 0.5 | 1600.0 | 320.0 | – |")
+    assert table[3].startswith("| 1 | 8 | 0.5 | – |") and "failed: MemoryError: out of memory / at 8 |" in table[3]
+    assert [row for row in table if row.startswith("| **")] == [
+        "| **3** | **16** | **1.0** | **2400.0** | **160.0** | **–** | **–** | **–** | **yes** | **0** |"]
+    assert comparison(result) == ("Best (trial 3) beats the default (trial 0): output_tokens_per_s 2400.0 vs 1600.0 "
+                                  "(+50.0%) at ttft_p90_ms <= 320 (ttft_p90_ms 160.0 vs 320.0).")
+    summary = summary_markdown(result, context=["Device: test."])
+    assert summary.startswith("Autotune: maximize output_tokens_per_s subject to ttft_p90_ms <= 320; 6 trials "
+                              "(the strategy ran out of points).\nDevice: test.\n\n| trial |")
+    worse = autotune(space, Objective("output_tokens_per_s"), evaluate, strategy="grid", max_trials=2,
+                     log_path=str(tmp_path / "log2"), baseline={"max_batch_size": 64, "prefill_ratio": 1.0})
+    assert comparison(worse) == "No trial beat the default (trial 0) at no bound."

@@ -1,0 +1,108 @@
+"""Device-time accounting from a JAX profiler trace: busy time, idle gaps and the top kernels.
+
+Owns: running a callable under ``jax.profiler.trace`` and reading the resulting XSpace back with
+``jax.profiler.ProfileData`` (no TensorBoard needed). On GPU the device planes are ``/device:GPU:N``
+and each kernel is an event on a stream line; the busy time is the union of the kernel intervals, so
+overlapping streams are not double counted. On CPU there is no device plane and the summary says so.
+
+    summary = profile_device(lambda: step(...), warmup=1)
+    summary.busy_fraction   # busy / span: 1 - the device's idle share while the callable ran
+    summary.top(10)         # [(kernel or HLO op name, total ms, calls)]
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import os
+import tempfile
+from typing import Callable
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProfile:
+    span_ms: float                 # first kernel start -> last kernel end, over all profiled devices
+    busy_ms: float                 # union of kernel intervals (per device, summed over devices)
+    num_kernels: int
+    num_devices: int
+    per_op: dict[str, tuple[float, int]]  # name -> (total ms, calls)
+
+    @property
+    def busy_fraction(self) -> float:
+        return self.busy_ms / (self.span_ms * self.num_devices) if self.span_ms > 0 else 0.0
+
+    def top(self, n: int = 10) -> list[tuple[str, float, int]]:
+        ranked = sorted(self.per_op.items(), key=lambda kv: -kv[1][0])[:n]
+        return [(name, ms, calls) for name, (ms, calls) in ranked]
+
+    def format(self, n: int = 10) -> str:
+        if not self.num_devices:
+            return "no device plane in the trace (CPU run): device time not measured"
+        lines = [f"device span {self.span_ms:.2f} ms, busy {self.busy_ms:.2f} ms over {self.num_devices} device(s) "
+                 f"({self.busy_fraction:.1%} busy), {self.num_kernels} kernels"]
+        lines += [f"  {ms:9.3f} ms {calls:6d}x  {name[:110]}" for name, ms, calls in self.top(n)]
+        return "\n".join(lines)
+
+
+def _union_ms(intervals: list[tuple[int, int]]) -> float:
+    total, end = 0, None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            total += stop - start
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total / 1e6
+
+
+def summarize_xspace(path: str, device_prefix: str = "/device:GPU:", line_contains: str = "stream") -> DeviceProfile:
+    """A DeviceProfile of the events of every ``device_prefix*`` plane in an .xplane.pb file, on the
+    lines whose name contains ``line_contains`` (GPU: the stream lines, where the kernels are)."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(path)
+    per_op: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    first, last, busy, count, devices = None, None, 0.0, 0, 0
+    for plane in data.planes:
+        if not plane.name.startswith(device_prefix):
+            continue
+        intervals = []
+        for line in plane.lines:
+            if line_contains.lower() not in line.name.lower():
+                continue
+            for event in line.events:
+                start, duration = int(event.start_ns), int(event.duration_ns)
+                intervals.append((start, start + duration))
+                stats = dict(event.stats)
+                name = str(stats.get("hlo_op") or event.name)
+                per_op[name][0] += duration / 1e6
+                per_op[name][1] += 1
+        if not intervals:
+            continue
+        devices += 1
+        count += len(intervals)
+        busy += _union_ms(intervals)
+        lo, hi = min(s for s, _ in intervals), max(e for _, e in intervals)
+        first = lo if first is None else min(first, lo)
+        last = hi if last is None else max(last, hi)
+    span = (last - first) / 1e6 if devices else 0.0
+    return DeviceProfile(span, busy, count, devices, {k: (v[0], v[1]) for k, v in per_op.items()})
+
+
+def profile_device(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 1, **summary_args) -> DeviceProfile:
+    """Runs ``fn`` ``warmup`` times untraced (compilation), then ``repeats`` times under the profiler,
+    blocking on each result, and summarizes the device planes of the trace (``summarize_xspace`` args)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(repeats):
+                jax.block_until_ready(fn())
+        files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            raise RuntimeError(f"the profiler wrote no .xplane.pb under {tmp}")
+        return summarize_xspace(max(files, key=os.path.getmtime), **summary_args)

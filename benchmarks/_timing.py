@@ -1,0 +1,34 @@
+"""Timing helpers shared by the GPU benchmarks: queued-call wall time and the HBM copy ceiling.
+
+Owns: how a benchmark turns calls into milliseconds. Calls are dispatched asynchronously and blocked on
+once per batch, so for work longer than JAX's dispatch (~20-70 µs) the median is device time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def time_ms(fn, *args, iterations: int = 20) -> float:
+    """Median wall time per call (ms) over 5 batches of ``iterations`` queued calls, after a warm-up.
+    (CUPTI via ``mosaic.gpu.profiler.measure`` returned no timings on these machines.)"""
+    jax.block_until_ready(fn(*args))
+    batches = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(iterations):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        batches.append((time.perf_counter() - start) / iterations * 1e3)
+    return statistics.median(batches)
+
+
+def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
+    """HBM bandwidth in bytes/s of an elementwise bf16 copy of ``num_bytes``, counting read + write."""
+    x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda v: v * jnp.bfloat16(1.0009765625))
+    return 2 * x.nbytes / (time_ms(copy, x, iterations=10) / 1e3)

@@ -1,0 +1,25 @@
+"""The profiler-trace reader: interval union, and a real trace read back (CPU planes stand in for GPU)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from autoglm_jax.tools.device_profile import _union_ms, profile_device
+
+
+def test_union_counts_overlapping_intervals_once():
+    assert _union_ms([(0, 1_000_000), (500_000, 2_000_000), (3_000_000, 4_000_000)]) == 3.0
+    assert _union_ms([(5, 10), (0, 20)]) == 20 / 1e6
+    assert _union_ms([]) == 0
+
+
+def test_profile_reads_back_the_ops_of_a_traced_call():
+    f = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jax.random.normal(jax.random.key(0), (256, 256))
+    summary = profile_device(lambda: f(x), repeats=3, device_prefix="/host:CPU", line_contains="PjRtCpuClient")
+    assert summary.num_devices == 1 and summary.num_kernels >= 3
+    assert 0 < summary.busy_ms <= summary.span_ms
+    assert any("sin" in name for name, _, calls in summary.top(20))
+    gpu = profile_device(lambda: f(x))  # no GPU plane on a CPU run: says so instead of inventing numbers
+    assert gpu.num_devices == 0 and "not measured" in gpu.format()
