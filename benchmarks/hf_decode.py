@@ -24,6 +24,15 @@ flags.DEFINE_integer("tokens", 64, "Decode tokens in the long run (the short run
 
 
 def hf_config(c: ModelConfig):
+    """The transformers config of a preset's shape (random weights); a default pad id outside the preset's
+    vocabulary (Glm4Config's 151329 vs tiny-glm4's 512) is dropped."""
+    hf = _hf_config(c)
+    if hf.pad_token_id is not None and hf.pad_token_id >= c.vocab_size:
+        hf.pad_token_id = None
+    return hf
+
+
+def _hf_config(c: ModelConfig):
     kw = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
               num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
               num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,

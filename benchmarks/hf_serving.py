@@ -25,13 +25,14 @@ import time
 import torch
 import transformers
 from _serving_gpu import UtilizationSampler
-from _serving_metrics import summarize, timing_from_token_times
+from _serving_metrics import timing_from_token_times
 from _serving_report import markdown_table, write_results
 from _serving_workload import ServingWorkload, named_workloads
 from absl import app, flags
 from hf_decode import hf_config  # also defines --model (a preset)
 
 from autoglm_jax.config import ModelConfig
+from autoglm_jax.tools.serving_benchmark import summarize
 
 FLAGS = flags.FLAGS
 flags.declare_key_flag("model")
@@ -54,8 +55,6 @@ def build_model(preset: str, device: str):
     """The preset's transformers model with random weights, made directly in the run dtype on ``device``."""
     config = ModelConfig.from_preset(preset)
     hf = hf_config(config)
-    if hf.pad_token_id is not None and hf.pad_token_id >= config.vocab_size:  # e.g. Glm4Config's 151329, tiny-glm4
-        hf.pad_token_id = None
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # no float32 copy of 9 B parameters on the way

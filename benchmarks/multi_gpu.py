@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import time_ms
 from absl import app, flags
 from jax.sharding import PartitionSpec as P
 
@@ -106,13 +107,7 @@ def allreduce_ms_per_step(mesh, config: ModelConfig, batch: int) -> float:
         return x
 
     run = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
-    x = jnp.ones((batch, config.hidden_size), dtype)
-    run(x).block_until_ready()
-    start, reps = time.perf_counter(), 20
-    for _ in range(reps):
-        x = run(x)
-    x.block_until_ready()
-    return 1e3 * (time.perf_counter() - start) / reps
+    return time_ms(run, jnp.ones((batch, config.hidden_size), dtype))
 
 
 def bench_tp(batches: list[int]) -> None:

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import tuning
+from pallas_kernels._smem import smem_transforms
 
 SMALL_M_MAX = 128
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))  # float32: small-M kernel only
@@ -70,11 +71,6 @@ def default_config(m: int, k: int, n: int, dtype) -> MatmulConfig:
     return MatmulConfig(tile_m=128, tile_n=tile_n, tile_k=64, num_stages=4)
 
 
-def _transforms(minor_dim: int, dtype):
-    swizzle = plgpu.find_swizzle(minor_dim * jnp.dtype(dtype).itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def _small_m_kernel(a_ref, w_ref, out_ref, out_smem, *, config: MatmulConfig):
     # a_ref [Mp, K], w_ref [K, N], out_ref [S, N, Mp] f32 partial sums of out^T, out_smem [tile_n, Mp] f32
     tile_n, tile_k, splits = config.tile_n, config.tile_k, config.num_k_splits
@@ -92,8 +88,8 @@ def _small_m_kernel(a_ref, w_ref, out_ref, out_smem, *, config: MatmulConfig):
             step,
             grid=(k_per_split // tile_k,),
             in_specs=[
-                plgpu.BlockSpec((m_pad, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k, a_ref.dtype)),
-                plgpu.BlockSpec((tile_k, tile_n), lambda kk: (kk, 0), transforms=_transforms(tile_n, w_ref.dtype)),
+                plgpu.BlockSpec((m_pad, tile_k), lambda kk: (0, kk), transforms=smem_transforms(tile_k, a_ref.dtype)),
+                plgpu.BlockSpec((tile_k, tile_n), lambda kk: (kk, 0), transforms=smem_transforms(tile_n, w_ref.dtype)),
             ],
             max_concurrent_steps=config.num_stages,
         )(a_ref.at[:, k_slice], w_ref.at[k_slice, pl.ds(n_idx * tile_n, tile_n)])
@@ -114,7 +110,7 @@ def _matmul_small_m(a, w, config: MatmulConfig, out_dtype):
     kernel = plgpu.kernel(
         functools.partial(_small_m_kernel, config=config),
         out_type=jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32),
-        scratch_types=(plgpu.SMEM((config.tile_n, m_pad), jnp.float32, transforms=_transforms(m_pad, jnp.float32)),),
+        scratch_types=(plgpu.SMEM((config.tile_n, m_pad), jnp.float32, transforms=smem_transforms(m_pad, jnp.float32)),),
         grid=(n // config.tile_n, splits),
         grid_names=("n", "split"),
     )
@@ -137,9 +133,9 @@ def _large_m_kernel(a_ref, w_ref, out_ref, *, config: MatmulConfig, num_ctas: in
             grid=(k // tile_k,),
             memory_registers=40,
             in_specs=[
-                plgpu.BlockSpec((tile_m, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k, a_ref.dtype),
+                plgpu.BlockSpec((tile_m, tile_k), lambda kk: (0, kk), transforms=smem_transforms(tile_k, a_ref.dtype),
                                 memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((tile_k, cta_n), lambda kk: (kk, 0), transforms=_transforms(cta_n, w_ref.dtype),
+                plgpu.BlockSpec((tile_k, cta_n), lambda kk: (kk, 0), transforms=smem_transforms(cta_n, w_ref.dtype),
                                 memory_space=plgpu.SMEM),
             ],
             wg_axis="wg",
@@ -153,7 +149,7 @@ def _large_m_kernel(a_ref, w_ref, out_ref, *, config: MatmulConfig, num_ctas: in
     @functools.partial(
         pl.run_scoped,
         allocations=pipeline(ignore, ignore).get_allocations(a_ref, w_ref),
-        out_smem=plgpu.SMEM((2, 2, epi, epi), out_ref.dtype, transforms=_transforms(epi, out_ref.dtype)),
+        out_smem=plgpu.SMEM((2, 2, epi, epi), out_ref.dtype, transforms=smem_transforms(epi, out_ref.dtype)),
         collective_axes="wg",
     )
     def scope(allocations, out_smem):  # out_smem [compute wg, slot, 64, 64]

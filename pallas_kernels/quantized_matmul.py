@@ -30,6 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import matmul as bf16_matmul
 from pallas_kernels import tuning
+from pallas_kernels._smem import smem_transforms
 
 WEIGHT_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 _M_ALIGN = 32
@@ -78,11 +79,6 @@ def smem_bytes(config: QuantizedMatmulConfig, m: int) -> int:
     return stages + config.tile_n * config.tile_k * 2 + config.tile_n * m_pad * 4
 
 
-def _transforms(minor_dim: int, dtype):
-    swizzle = plgpu.find_swizzle(minor_dim * jnp.dtype(dtype).itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def _kernel(a_ref, w_ref, out_ref, w_bf16_smem, out_smem, *, config: QuantizedMatmulConfig):
     # a_ref [Mp, K] bf16, w_ref [N, K] int8|fp8, out_ref [S, N, Mp] f32 unscaled partial sums of out^T
     # w_bf16_smem [tile_n, tile_k] bf16 (dequantized A operand), out_smem [tile_n, Mp] f32
@@ -106,8 +102,8 @@ def _kernel(a_ref, w_ref, out_ref, w_bf16_smem, out_smem, *, config: QuantizedMa
             step,
             grid=(k_per_split // tile_k,),
             in_specs=[
-                plgpu.BlockSpec((m_pad, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k, a_ref.dtype)),
-                plgpu.BlockSpec((tile_n, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k, w_ref.dtype)),
+                plgpu.BlockSpec((m_pad, tile_k), lambda kk: (0, kk), transforms=smem_transforms(tile_k, a_ref.dtype)),
+                plgpu.BlockSpec((tile_n, tile_k), lambda kk: (0, kk), transforms=smem_transforms(tile_k, w_ref.dtype)),
             ],
             max_concurrent_steps=config.num_stages,
         )(a_ref.at[:, k_slice], w_ref.at[pl.ds(n_idx * tile_n, tile_n), k_slice])
@@ -187,8 +183,8 @@ def quantized_matmul(a, w_q, scale, config: QuantizedMatmulConfig | None = None,
         functools.partial(_kernel, config=config),
         out_type=jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32),
         scratch_types=(
-            plgpu.SMEM((config.tile_n, config.tile_k), jnp.bfloat16, transforms=_transforms(config.tile_k, jnp.bfloat16)),
-            plgpu.SMEM((config.tile_n, m_pad), jnp.float32, transforms=_transforms(m_pad, jnp.float32)),
+            plgpu.SMEM((config.tile_n, config.tile_k), jnp.bfloat16, transforms=smem_transforms(config.tile_k, jnp.bfloat16)),
+            plgpu.SMEM((config.tile_n, m_pad), jnp.float32, transforms=smem_transforms(m_pad, jnp.float32)),
         ),
         grid=(n // config.tile_n, splits),
         grid_names=("n", "split"),

@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import tuning
+from pallas_kernels._smem import smem_transforms
 
 ROWS = 64  # query rows per CTA: block_q tokens x G_pad heads = one wgmma M
 _MASK_VALUE = -1e30  # finite, so a row that sees only masked keys never produces NaN
@@ -253,11 +254,6 @@ def _attention_kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
-def _smem_transforms(minor_dim: int, dtype):
-    swizzle = plgpu.find_swizzle(minor_dim * jnp.dtype(dtype).itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def _pack_queries(q, num_kv_heads: int, group_pad: int, padded_tokens: int):
     """[T, Nq, D] -> [Nkv, Tp * G_pad, D]: rows (token, head in group), zero padding."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -322,11 +318,11 @@ def ragged_paged_attention(
                     jax.ShapeDtypeStruct((splits, num_kv_heads, total_rows), jnp.float32))
     stages = config.num_stages
     scratch = (
-        plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=_smem_transforms(head_dim, q.dtype)),
-        plgpu.SMEM((stages, config.block_kv, head_dim), q.dtype, transforms=_smem_transforms(head_dim, q.dtype)),
-        plgpu.SMEM((stages, config.block_kv, head_dim), q.dtype, transforms=_smem_transforms(head_dim, q.dtype)),
-        plgpu.SMEM((ROWS, config.block_kv), q.dtype, transforms=_smem_transforms(config.block_kv, q.dtype)),
-        plgpu.SMEM((ROWS, head_dim), jnp.float32, transforms=_smem_transforms(head_dim, jnp.float32)) if splits > 1 else None,
+        plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=smem_transforms(head_dim, q.dtype)),
+        plgpu.SMEM((stages, config.block_kv, head_dim), q.dtype, transforms=smem_transforms(head_dim, q.dtype)),
+        plgpu.SMEM((stages, config.block_kv, head_dim), q.dtype, transforms=smem_transforms(head_dim, q.dtype)),
+        plgpu.SMEM((ROWS, config.block_kv), q.dtype, transforms=smem_transforms(config.block_kv, q.dtype)),
+        plgpu.SMEM((ROWS, head_dim), jnp.float32, transforms=smem_transforms(head_dim, jnp.float32)) if splits > 1 else None,
         plgpu.SMEM((ROWS,), jnp.float32) if splits > 1 else None,
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_arrivals=config.block_kv // page_size, num_barriers=stages),

@@ -83,9 +83,8 @@ class DecoderLayers(nnx.Module):
         for name in self.names:
             param = getattr(self, name)
             leaves, treedef = jax.tree.flatten(param.get_value())
-            per_leaf = []
-            while leaves:
-                per_leaf.append(_split_layers(leaves.pop(0), L))
+            per_leaf = [_split_layers(leaf, L) for leaf in leaves]
+            del leaves
             param.set_value(tuple(jax.tree.unflatten(treedef, [parts[i] for parts in per_leaf]) for i in range(L)))
         self.scan = False
 

@@ -16,7 +16,7 @@ import dataclasses
 import multiprocessing
 import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -58,13 +58,14 @@ def _percentiles(prefix: str, values_s: list[float]) -> dict[str, float]:
             f"{prefix}_p99_ms": float(p99)}
 
 
-class _Timing:
-    """Client-side timestamps of one request's stream."""
+class Timing:
+    """Client-side timestamps of one request's stream (``submitted``, ``first``, ``last``: seconds on
+    ``time.perf_counter``; ``tokens``; ``gaps``: per-token inter-token latencies)."""
 
     def __init__(self):
         self.submitted = self.first = self.last = None
         self.tokens = 0
-        self.gaps: list[float] = []  # per-token inter-token latencies
+        self.gaps: list[float] = []
 
     def consume(self, handle) -> None:
         for output in handle:
@@ -78,17 +79,33 @@ class _Timing:
                 self.last, self.tokens = now, count
 
 
-def run_benchmark(engine, workload: Workload) -> dict[str, Any]:
-    """Runs the workload against a started ``AutoGLMEngine``; returns the metrics dict."""
-    from autoglm_jax.sampling_params import SamplingParams
+def summarize(timings: Sequence, start: float | None = None) -> dict[str, Any]:
+    """The metrics dict of a finished run. ``timings``: anything with Timing's fields; ``start``: when
+    the run began (default: the first submission)."""
+    if not timings:
+        raise ValueError("no requests to summarize")
+    start = min(t.submitted for t in timings) if start is None else start
+    duration = max(t.last for t in timings) - start
+    if duration <= 0:
+        raise ValueError(f"run duration {duration} s must be > 0")
+    output_tokens = sum(t.tokens for t in timings)
+    return {
+        "num_requests": len(timings), "duration_s": duration, "output_tokens": output_tokens,
+        "output_tokens_per_s": output_tokens / duration, "requests_per_s": len(timings) / duration,
+        **_percentiles("ttft", [t.first - t.submitted for t in timings]),
+        **_percentiles("tpot", [(t.last - t.first) / (t.tokens - 1) for t in timings if t.tokens > 1]),
+        **_percentiles("itl", [g for t in timings for g in t.gaps]),
+        **_percentiles("e2e", [t.last - t.submitted for t in timings]),
+    }
 
-    params = SamplingParams(max_tokens=workload.output_len, min_tokens=workload.output_len, ignore_eos=True,
-                            temperature=0.0)
-    prompts = workload.prompts(engine.core.model_config.vocab_size)
-    timings = [_Timing() for _ in prompts]
+
+def time_requests(engine, requests: Sequence[tuple[dict, Any]], arrival_times) -> tuple[list[Timing], float]:
+    """Submits each (prompt, SamplingParams) to a started ``AutoGLMEngine`` at its arrival time (seconds
+    after the start), one consumer thread per stream; returns (timings, start) once every stream ended."""
+    timings = [Timing() for _ in requests]
     threads = []
     start = time.perf_counter()
-    for prompt, at, timing in zip(prompts, workload.arrival_times(), timings):
+    for (prompt, params), at, timing in zip(requests, arrival_times, timings):
         delay = start + at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
@@ -98,16 +115,18 @@ def run_benchmark(engine, workload: Workload) -> dict[str, Any]:
         threads.append(thread)
     for thread in threads:
         thread.join()
-    duration = max(t.last for t in timings) - start
-    output_tokens = sum(t.tokens for t in timings)
-    return {
-        "num_requests": workload.num_requests, "duration_s": duration, "output_tokens": output_tokens,
-        "output_tokens_per_s": output_tokens / duration, "requests_per_s": workload.num_requests / duration,
-        **_percentiles("ttft", [t.first - t.submitted for t in timings]),
-        **_percentiles("tpot", [(t.last - t.first) / (t.tokens - 1) for t in timings if t.tokens > 1]),
-        **_percentiles("itl", [g for t in timings for g in t.gaps]),
-        **_percentiles("e2e", [t.last - t.submitted for t in timings]),
-    }
+    return timings, start
+
+
+def run_benchmark(engine, workload: Workload) -> dict[str, Any]:
+    """Runs the workload against a started ``AutoGLMEngine``; returns the metrics dict."""
+    from autoglm_jax.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=workload.output_len, min_tokens=workload.output_len, ignore_eos=True,
+                            temperature=0.0)
+    prompts = workload.prompts(engine.core.model_config.vocab_size)
+    timings, start = time_requests(engine, [(prompt, params) for prompt in prompts], workload.arrival_times())
+    return summarize(timings, start)
 
 
 def benchmark_settings(settings: dict[str, Any], workload: Workload) -> dict[str, Any]:

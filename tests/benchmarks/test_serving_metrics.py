@@ -11,11 +11,11 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
 from _serving_gpu import UtilizationSampler, parse_utilization  # noqa: E402
-from _serving_metrics import RequestTiming, summarize, timing_from_token_times  # noqa: E402
+from _serving_metrics import RequestTiming, timing_from_token_times  # noqa: E402
 from _serving_report import markdown_table, parse_rates, plot, speedups  # noqa: E402
 from _serving_workload import ServingWorkload, named_workloads  # noqa: E402
 
-from autoglm_jax.tools.serving_benchmark import Workload, _Timing  # noqa: E402
+from autoglm_jax.tools.serving_benchmark import Timing, Workload, summarize  # noqa: E402
 
 
 def test_summary_of_known_timings():
@@ -51,7 +51,7 @@ def test_streamed_updates_spread_their_gap_over_their_tokens(monkeypatch):
 
     clock = iter([10.0, 10.4, 11.2])
     monkeypatch.setattr(serving_benchmark, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    timing = _Timing()
+    timing = Timing()
     timing.submitted = 9.5
     timing.consume([Output(1), Output(3), Output(7)])  # +1 token, +2 in 0.4 s, +4 in 0.8 s
     assert timing.gaps == pytest.approx([0.2, 0.2, 0.2, 0.2, 0.2, 0.2])
