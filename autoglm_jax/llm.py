@@ -27,9 +27,9 @@ class LLM:
                                         skip_tokenizer_init=skip_tokenizer_init, max_sequence_length=max_model_len,
                                         seed=seed)
         if config.data_parallel_size > 1:  # replicas behind a load balancer (autoglm_jax.parallel.replicas)
-            from autoglm_jax.parallel.replicas import ReplicatedEngineCore
+            from autoglm_jax.parallel.replicas import replicated_engine_core
 
-            self.engine = ReplicatedEngineCore(config)
+            self.engine = replicated_engine_core(config)  # per config.data_parallel_backend
         else:
             self.engine = EngineCore(config)
 

@@ -9,6 +9,15 @@ the GPU memory while it runs):
 
     PYTHONPATH=. python3 benchmarks/decode.py --batch=1,8,64 --context=1024,4096 && \
       PYTHONPATH=. python3 benchmarks/hf_decode.py --batch=1 --context=1024
+
+``--engine`` decodes through ``EngineCore`` instead (scheduler, host input assembly and output
+processing included) with async scheduling off, then on, in the same engine: tokens/s, ms per decode
+step and the device busy share of a profiler trace of back-to-back engine steps (1 - busy = the time
+the device waits for the host). On CPU the PjRt CPU client's executions stand in for the device:
+
+    PYTHONPATH=. python3 benchmarks/decode.py --engine --batch=64 --context=1024 --steps=8
+    PYTHONPATH=. .venv/bin/python benchmarks/decode.py --engine --model=tiny-glm4 --dtype=float32 \
+      --batch=4 --context=64 --engine_tokens=32      # CPU smoke run
 """
 
 from __future__ import annotations
@@ -25,10 +34,13 @@ from _timing import copy_bandwidth
 
 from autoglm_jax.checkpoint.loader import build_model
 from autoglm_jax.config import ModelConfig
+from autoglm_jax.engine.core import EngineCore
 from autoglm_jax.engine.runner import STOP_IDS_WIDTH, ModelRunner
 from autoglm_jax.engine.step_functions import DecodeInput
 from autoglm_jax.model.kv_cache import KVCache
 from autoglm_jax.sampler import SamplingTensors
+from autoglm_jax.sampling_params import SamplingParams
+from autoglm_jax.tools.device_profile import backend_planes, profile_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "glm-4-9b-0414", "Preset (random weights).")
@@ -39,6 +51,11 @@ flags.DEFINE_integer("steps", 16, "Decode steps per jitted call.")
 flags.DEFINE_integer("page_size", 16, "KV page size.")
 flags.DEFINE_list("scan_layers", ["false"], "Layer loops to measure: false = unrolled over per-layer weight buffers "
                   "(the engine's GPU default), true = lax.scan over the stacked weights.")
+flags.DEFINE_bool("engine", False, "Decode through EngineCore with async scheduling off and on (see the docstring); "
+                  "--steps is its decode_steps_per_call.")
+flags.DEFINE_integer("engine_tokens", 64, "--engine: timed decode tokens per sequence and mode.")
+flags.DEFINE_integer("profile_steps", 6, "--engine: engine steps traced for the device busy share.")
+flags.DEFINE_string("dtype", "bfloat16", "--engine: weights/activations/KV dtype (float32 for a CPU smoke run).")
 
 
 def decode_input(batch: int, context: int, runner: ModelRunner, steps: int) -> DecodeInput:
@@ -54,7 +71,7 @@ def decode_input(batch: int, context: int, runner: ModelRunner, steps: int) -> D
         positions=jnp.full((batch,), context, jnp.int32), page_table=jnp.asarray(table),
         row_slots=jnp.arange(batch, dtype=jnp.int32), sampling=sampling,
         max_new=jnp.full((batch,), steps, jnp.int32), stop_ids=jnp.full((batch, STOP_IDS_WIDTH), -1, jnp.int32),
-        num_steps=jnp.asarray(steps, jnp.int32))
+        num_steps=jnp.asarray(steps, jnp.int32), slot_tokens=runner.slot_tokens)
 
 
 def run_backend(config: ModelConfig, backend: str, scan_layers: bool, batches, contexts, bandwidth: float,
@@ -98,11 +115,71 @@ def run_backend(config: ModelConfig, backend: str, scan_layers: bool, batches, c
     return rows
 
 
+def engine_core(batch: int, context: int) -> EngineCore:
+    """An engine for ``batch`` sequences of ``context`` prompt tokens with room for both modes' tokens;
+    the KV pool is sized for exactly that (not from free memory). Steps compile on first use."""
+    tokens = context + FLAGS.engine_tokens + (FLAGS.profile_steps + 4) * FLAGS.steps + 16
+    pages = -(-tokens // FLAGS.page_size)
+    return EngineCore(model=FLAGS.model, dtype=FLAGS.dtype, skip_tokenizer_init=True, warmup=False,
+                      show_progress=False, max_batch_size=batch, max_sequence_length=pages * FLAGS.page_size,
+                      max_num_batched_tokens=max(512, batch), page_size=FLAGS.page_size,
+                      num_pages=batch * pages + 1, decode_steps_per_call=FLAGS.steps)
+
+
+def engine_decode(core: EngineCore, batch: int, context: int, async_scheduling: bool):
+    """(tok/s, ms per decode step, DeviceProfile) of ``batch`` sequences decoding after ``context``
+    prompt tokens through ``core.step()``; the requests are aborted afterwards."""
+    core.async_scheduling = async_scheduling
+    rng = np.random.default_rng(context)
+    vocab = core.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=core.max_sequence_length - context, ignore_eos=True)
+    ids = [core.add_request({"prompt_token_ids": rng.integers(10, vocab - 10, context).tolist()}, params).request_id
+           for _ in range(batch)]
+    while core.scheduler.num_waiting or any(r.num_uncomputed_tokens != 1 for r in core.scheduler.running):
+        core.step()  # prefill
+    for _ in range(2):  # compiles and warms this batch's decode bucket
+        core.step()
+    generated = lambda: sum(r.num_output_tokens for r in core.scheduler.running)  # noqa: E731
+    before, start = generated(), time.perf_counter()
+    while generated() - before < batch * FLAGS.engine_tokens:
+        core.step()
+    elapsed, tokens = time.perf_counter() - start, generated() - before
+    profile = profile_device(lambda: [core.step() for _ in range(FLAGS.profile_steps)] and None, warmup=0,
+                             **backend_planes())
+    for request_id in ids:
+        core.abort(request_id)
+    return tokens / elapsed, 1e3 * elapsed / (tokens / batch), profile
+
+
+def run_engine(batches, contexts) -> None:
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            core = engine_core(batch, context)
+            for mode in (False, True):
+                rate, ms_step, profile = engine_decode(core, batch, context, mode)
+                busy = f"{profile.busy_fraction:.1%}" if profile.num_devices else "n/a"
+                rows.append((batch, context, "on" if mode else "off", rate, ms_step, busy, profile.span_ms))
+                print(f"engine batch {batch:4d} ctx {context:5d} async {rows[-1][2]:3s}: {rate:9.1f} tok/s "
+                      f"{ms_step:7.2f} ms/step  device busy {busy} of {profile.span_ms:.1f} ms traced", flush=True)
+                print("    " + profile.format(5).replace("\n", "\n    "), flush=True)
+            del core
+    print("\n| batch | context | async scheduling | tok/s | ms/step | device busy (trace) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.2f} | {r[5]} |")
+
+
 def main(argv):
     del argv
-    config = ModelConfig.from_preset(FLAGS.model)
     batches = [int(b) for b in FLAGS.batch]
     contexts = [int(c) for c in FLAGS.context]
+    if FLAGS.engine:
+        print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}; {FLAGS.model} ({FLAGS.dtype}, random weights) "
+              f"through EngineCore, {FLAGS.steps} decode steps per call", flush=True)
+        run_engine(batches, contexts)
+        return
+    config = ModelConfig.from_preset(FLAGS.model)
     device = jax.devices()[0]
     bandwidth = copy_bandwidth()
     weight_bytes = config.num_parameters() * 2

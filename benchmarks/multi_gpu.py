@@ -4,17 +4,22 @@ Random bf16 weights are made on the devices, already in their TP shards (no host
 and decoding runs through the engine itself (scheduler + the jitted multi-step decode loop), so the
 figures are what serving gets. Per TP size and batch: ms per decode step, tokens/s, speed-up vs the
 smallest TP size, and the all-reduce time per step (the same number of psums of the same activation
-size over the "tp" axis, timed alone). Per DP size: offline throughput (prefill + decode, dp x batch
-requests) and speed-up vs one replica. Not a test; record results in benchmarks/RESULTS.md.
+size over the "tp" axis, timed alone). Per DP backend and size: offline throughput (prefill + decode,
+dp x batch requests) and speed-up vs one engine in this process (``--dp_backend``: "process" = one OS
+process per replica, "thread" = replicas stepped from threads here; process dp=1 shows the front's cost).
+Not a test; record results in benchmarks/RESULTS.md. The process replicas need the GPUs' memory, so this
+process runs with XLA_PYTHON_CLIENT_PREALLOCATE=false when they are measured (set here unless given).
 
     .venv/bin/python benchmarks/multi_gpu.py --model=glm-4-9b-0414 --tp=1,2 --dp=1,2 --batch=1,64
     .venv/bin/python benchmarks/multi_gpu.py --tp=1,2,4 --dp=1,4 --batch=1,64      # issue 10, 4 GPUs
+    .venv/bin/python benchmarks/multi_gpu.py --tp= --dp=1,2 --dp_backend=process,thread --batch=64   # DP only
     # CPU smoke run: XLA_FLAGS=--xla_force_host_platform_device_count=8 ... --model=tiny-glm4 --dtype=float32
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import jax
@@ -25,9 +30,10 @@ from absl import app, flags
 from jax.sharding import PartitionSpec as P
 
 from autoglm_jax.config import ModelConfig
+from autoglm_jax.engine.config import EngineConfig
 from autoglm_jax.engine.core import EngineCore
 from autoglm_jax.parallel.mesh import TP_AXIS, engine_mesh
-from autoglm_jax.parallel.replicas import ReplicatedEngineCore
+from autoglm_jax.parallel.replicas import replicated_engine_core
 from autoglm_jax.sampling_params import SamplingParams
 from autoglm_jax.tools.device_profile import profile_device
 
@@ -35,6 +41,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "glm-4-9b-0414", "Model preset (random weights).")
 flags.DEFINE_list("tp", ["1", "2"], "Tensor-parallel sizes to measure decode at.")
 flags.DEFINE_list("dp", ["1", "2"], "Data-parallel replica counts for offline throughput (tp=1 each).")
+flags.DEFINE_list("dp_backend", ["process", "thread"], "Data-parallel backends to measure (EngineConfig."
+                  "data_parallel_backend): process, thread.")
 flags.DEFINE_list("batch", ["1", "64"], "Decode batch sizes.")
 flags.DEFINE_integer("context", 512, "Prompt tokens of each sequence (decode reads this much KV).")
 flags.DEFINE_integer("decode_tokens", 64, "Timed decode tokens per sequence.")
@@ -126,6 +134,7 @@ def bench_tp(batches: list[int]) -> None:
 
 
 def offline_throughput(core, num_requests: int) -> float:
+    """Generated tokens/s of ``num_requests`` requests added at once and run to completion (any front)."""
     params = SamplingParams(temperature=0, max_tokens=FLAGS.offline_tokens, ignore_eos=True)
     vocab = core.model_config.vocab_size
     for p in prompts(num_requests, vocab, seed=1):
@@ -136,28 +145,41 @@ def offline_throughput(core, num_requests: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def dp_rate(build, num_requests: int) -> float:
+    """Offline throughput of the engine or front ``build()`` makes; it is closed and freed afterwards."""
+    core = build()
+    offline_throughput(core, num_requests)  # the same run once untimed: compiles every bucket it uses
+    rate = offline_throughput(core, num_requests)
+    if hasattr(core, "close"):
+        core.close()  # a DP front: stops its replica processes / threads
+    del core
+    gc.collect()  # as release(): the engine's device buffers go before the next one allocates
+    return rate
+
+
 def bench_dp(batch: int) -> None:
     print(f"\n== offline throughput, {FLAGS.model}, {batch} requests per replica, "
           f"{FLAGS.context} prompt + {FLAGS.offline_tokens} output tokens each")
-    print(f"{'dp':>3} {'requests':>8} {'tok/s':>10} {'speed-up':>9}")
-    base = None
-    for dp in map(int, FLAGS.dp):
-        args = engine_args(batch)
-        core = EngineCore(args) if dp == 1 else ReplicatedEngineCore(args, data_parallel_size=dp)
-        offline_throughput(core, dp * batch)  # the same run once untimed: compiles every bucket it uses
-        rate = offline_throughput(core, dp * batch)
-        base = base or rate
-        print(f"{dp:>3} {dp * batch:>8} {rate:>10.1f} {rate / base:>8.2f}x", flush=True)
-        if dp > 1:
-            core.close()
-        release(core)
+    print(f"{'backend':>8} {'dp':>3} {'requests':>8} {'tok/s':>10} {'speed-up':>9}")
+    base = dp_rate(lambda: EngineCore(engine_args(batch)), batch)  # one engine in this process
+    print(f"{'engine':>8} {1:>3} {batch:>8} {base:>10.1f} {1:>8.2f}x", flush=True)
+    for backend in FLAGS.dp_backend:
+        for dp in map(int, FLAGS.dp):
+            if dp == 1 and backend == "thread":  # the same as the engine above
+                continue
+            config = EngineConfig.from_dict(engine_args(batch), data_parallel_size=dp, data_parallel_backend=backend)
+            rate = dp_rate(lambda: replicated_engine_core(config), dp * batch)
+            print(f"{backend:>8} {dp:>3} {dp * batch:>8} {rate:>10.1f} {rate / base:>8.2f}x", flush=True)
 
 
 def main(argv):
     del argv
     batches = sorted(map(int, FLAGS.batch))
+    if FLAGS.dp and "process" in FLAGS.dp_backend:  # before JAX starts here: the replica processes need the memory
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
-    engine_mesh(max(map(int, FLAGS.tp)), 1)  # fails early when there are too few devices
+    if FLAGS.tp:
+        engine_mesh(max(map(int, FLAGS.tp)), 1)  # fails early when there are too few devices
     if FLAGS.allreduce_only:
         config = ModelConfig.from_preset(FLAGS.model)
         for tp in (t for t in map(int, FLAGS.tp) if t > 1):
@@ -165,7 +187,8 @@ def main(argv):
                 ms = allreduce_ms_per_step(engine_mesh(tp, 1), config, batch)
                 print(f"ALLREDUCE tp={tp} batch={batch} ms_per_step={ms:.3f}", flush=True)
         return
-    bench_tp(batches)
+    if FLAGS.tp:
+        bench_tp(batches)
     if FLAGS.dp:
         bench_dp(max(batches))
 

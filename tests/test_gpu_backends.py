@@ -63,3 +63,29 @@ def test_tiny_glm4_pallas_matmul_equals_xla(tmp_path, monkeypatch):
         assert_greedy_close(_greedy(str(tmp_path), prompts, "pallas", matmul_backend="pallas", quantization=quantization),
                             _greedy(str(tmp_path), prompts, "pallas", quantization=quantization))
     assert {name for name, _, _ in kernel_calls} == {"matmul", "quantized_matmul"}
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_one_shot_all_reduce_sums_over_gpus(rows):
+    """The one-shot all-reduce kernel over every local GPU (needs >= 2): the float32 sum to bf16
+    rounding, bit-identical on every shard (TP shards must agree)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from pallas_kernels.all_reduce import one_shot_all_reduce, supports
+
+    n = jax.device_count()
+    if n < 2:
+        pytest.skip("needs two or more GPUs")
+    mesh = jax.make_mesh((n,), ("tp",))
+    x = jax.random.normal(jax.random.key(rows), (n * rows, 4096), jnp.float32).astype(jnp.bfloat16)
+    assert supports(x[:rows]) is None
+    run = jax.jit(jax.shard_map(lambda v: one_shot_all_reduce(v, "tp"), mesh=mesh, in_specs=P("tp"),
+                                out_specs=P("tp"), check_vma=False))
+    out = np.asarray(run(jax.device_put(x, NamedSharding(mesh, P("tp")))).astype(jnp.float32)).reshape(n, rows, -1)
+    ref = np.asarray(x.astype(jnp.float32)).reshape(n, rows, -1).sum(0)
+    for shard in range(1, n):
+        assert np.array_equal(out[shard], out[0])
+    assert np.linalg.norm(out[0] - ref) / np.linalg.norm(ref) < 4e-3

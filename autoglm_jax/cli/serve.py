@@ -42,6 +42,8 @@ flags.DEFINE_integer("max_sequence_length", None, "Prompt + output tokens of one
 flags.DEFINE_integer("max_num_batched_tokens", 512, "Token budget of one engine step.")
 flags.DEFINE_float("prefill_ratio", 0.8, "Share of a step's token budget prefill may take while decoding.")
 flags.DEFINE_integer("decode_steps_per_call", 8, "Decode steps per jitted call when no prefill is waiting.")
+flags.DEFINE_bool("async_scheduling", None, "Dispatch the next decode step before reading the current one's "
+                  "tokens (host work overlaps the device; same outputs). Default: on.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("num_pages", None, "KV pool size in pages (default: sized from memory).")
 flags.DEFINE_float("memory_fraction", 0.85, "Share of free device memory the KV pool may take.")
@@ -50,13 +52,17 @@ flags.DEFINE_integer("max_logprobs", 20, "Most top logprobs a request may ask fo
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "xla", "pallas"], "Attention implementation.")
 flags.DEFINE_enum("matmul_backend", "xla", ["xla", "pallas"], "Decoder projections: XLA dots or the Pallas "
                   "matmul kernels (bf16 / int8 / fp8 weights on GPU; XLA where a shape does not fit).")
+flags.DEFINE_integer("tensor_parallel_size", 1, "Devices one model replica is split over.")
+flags.DEFINE_integer("data_parallel_size", 1, "Engine replicas behind one load-balancing front.")
+flags.DEFINE_enum("data_parallel_backend", "auto", ["auto", "process", "thread"], "Data-parallel replicas as one "
+                  "OS process each, or threads in this process (auto: process on GPU, thread on CPU).")
 flags.DEFINE_string("compilation_cache_dir", EngineConfig.compilation_cache_dir,
                     "Persistent XLA compilation cache ('' = none).")
 
 _ENGINE_FLAGS = ("model", "tokenizer", "dtype", "seed", "max_batch_size", "max_sequence_length",
                  "max_num_batched_tokens", "prefill_ratio", "decode_steps_per_call", "page_size", "num_pages",
-                 "memory_fraction", "max_waiting_requests", "max_logprobs", "attention_backend",
-                 "matmul_backend")
+                 "async_scheduling", "memory_fraction", "max_waiting_requests", "max_logprobs", "attention_backend",
+                 "matmul_backend", "tensor_parallel_size", "data_parallel_size", "data_parallel_backend")
 
 
 def engine_settings() -> dict:

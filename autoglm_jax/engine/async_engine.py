@@ -125,9 +125,9 @@ class AutoGLMEngine:
         if self._running:
             return self
         if self.core is None and self.config.data_parallel_size > 1:  # replicas behind a load balancer
-            from autoglm_jax.parallel.replicas import ReplicatedEngineCore
+            from autoglm_jax.parallel.replicas import replicated_engine_core
 
-            self.core = ReplicatedEngineCore(self.config)
+            self.core = replicated_engine_core(self.config)  # per config.data_parallel_backend
         if self.core is None:
             self.core = EngineCore(self.config)
         self._running = True

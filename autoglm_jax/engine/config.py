@@ -29,6 +29,9 @@ class EngineConfig:
         times memory_fraction; on CPU, enough for every slot at max_sequence_length).
     decode_steps_per_call: decode steps run inside one jitted call (lax.while_loop) when no prefill
         work is waiting.
+    async_scheduling: dispatch the next decode step before reading the current one's tokens back, so
+        the host's scheduling and output processing overlap the device (same outputs; arrivals and
+        aborts take effect one step later). None = on (see ``engine.core.resolve_async_scheduling``).
     use_dynamic_batching: False = static batching (the seed's baseline).
     adaptive_batching: wait up to batching_window_max_ms for more requests under light load.
     max_logprobs: most top-logprobs a request may ask for (compiled into the step's output shape).
@@ -36,6 +39,9 @@ class EngineConfig:
     tensor_parallel_size: devices one model replica is split over (heads / MLP columns / vocab, with
         shard_map). data_parallel_size: engine replicas behind one load-balancing front; together they
         need tensor_parallel_size x data_parallel_size devices (``autoglm_jax.parallel``).
+    data_parallel_backend: how the replicas run. "process": one OS process per replica, each stepping its
+        own devices without waiting for the others (no GIL or lockstep); "thread": all replicas in this
+        process, stepped together from threads; "auto" = process on GPU, thread on CPU.
     """
 
     model: str | None = None
@@ -51,6 +57,7 @@ class EngineConfig:
     num_pages: int | None = None
     memory_fraction: float = 0.85
     decode_steps_per_call: int = 8
+    async_scheduling: bool | None = None
     use_dynamic_batching: bool = True
     adaptive_batching: bool = True
     batching_window_min_ms: float = 0.0
@@ -68,6 +75,7 @@ class EngineConfig:
     show_progress: bool = True  # tqdm bar while weights load
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    data_parallel_backend: str = "auto"  # "auto", "process" or "thread" (see above)
     quantization: str | None = None  # a scheme of autoglm_jax.quant.SCHEMES for every decoder linear
 
     def __post_init__(self):
@@ -92,8 +100,12 @@ class EngineConfig:
             raise ValueError(f"memory_fraction={self.memory_fraction!r} must be in (0, 1]")
         if self.attention_backend not in ("auto", "xla", "pallas"):
             raise ValueError(f"attention_backend={self.attention_backend!r}; choose auto, xla or pallas")
+        if self.data_parallel_backend not in ("auto", "process", "thread"):
+            raise ValueError(f"data_parallel_backend={self.data_parallel_backend!r}; choose auto, process or thread")
         if self.matmul_backend not in ("xla", "pallas"):
             raise ValueError(f"matmul_backend={self.matmul_backend!r}; choose xla or pallas")
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling={self.async_scheduling!r}; choose True, False or None (auto)")
         if self.scan_layers not in (None, True, False):
             raise ValueError(f"scan_layers={self.scan_layers!r}; choose True, False or None (auto)")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:

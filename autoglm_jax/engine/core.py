@@ -7,6 +7,7 @@ It is not thread-safe: one caller at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import numbers
@@ -45,6 +46,106 @@ def resolve_dtype(name: str):
 def resolve_scan_layers(setting: bool | None) -> bool:
     """The engine arg ``scan_layers``: None = unrolled layers on GPU (weight-bound steps), scan elsewhere."""
     return jax.default_backend() != "gpu" if setting is None else setting
+
+
+def resolve_async_scheduling(setting: bool | None) -> bool:
+    """The engine arg ``async_scheduling``: None = on, on every backend. Its outputs equal one step at a
+    time (tests/engine/test_async_scheduling.py), so CPU runs, CI included, take the GPU's code path."""
+    return True if setting is None else setting
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepInFlight:
+    """A step handed to the runner: its plan, and the requests and sequences it was planned for (a
+    request finished or aborted meanwhile keeps its objects here, finished, and its tokens are dropped)."""
+
+    output: object  # SchedulerOutput
+    sequences: dict[str, tuple[RequestState, SequenceState]]
+    requests: dict[str, Request]
+    handle: object = None   # runner.StepHandle (async scheduling), or
+    results: tuple = ()     # runner.execute's (sampled, prompt_logprobs) (one step at a time)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestBuilder:
+    """Tokenizes and validates a prompt and its SamplingParams against one model's vocabulary and an
+    engine's limits, and builds the request's RequestState (n sequences, seeded). Needs no device:
+    ``EngineCore`` prepares requests with it, and the data-parallel process front
+    (``parallel.replica_processes``) validates in the caller while its replica processes build the states."""
+
+    tokenizer: object | None  # None: prompts must be token ids, and stop strings are refused
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_sequence_length: int
+    max_logprobs: int
+
+    def prepare(self, prompt, params: SamplingParams | None, request_id: str, seed_rng: random.Random) -> RequestState:
+        """prompt: str, list of token ids or {"prompt_token_ids": [...]}. Raises ValueError / TypeError for
+        an empty or too long prompt or bad parameters. Without ``params.seed`` the seed comes from seed_rng."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        text, token_ids = self.prompt_tokens(prompt)
+        self.validate(token_ids, params)
+        base_seed = params.seed if params.seed is not None else seed_rng.getrandbits(32)
+        return self.build(request_id, text, token_ids, params, base_seed)
+
+    def build(self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams,
+              base_seed: int) -> RequestState:
+        """The RequestState of an already validated request; sequence i samples with seed base_seed + i."""
+        state = RequestState(request_id, text, token_ids, params, [], tokenizer=self.tokenizer)
+        for index in range(params.n):
+            sequence_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            seq = SequenceState(sequence_id, index, params, token_ids, self.tokenizer, self.eos_token_ids,
+                                self.max_sequence_length)
+            seq.seed = base_seed + index
+            state.sequences.append(seq)
+        return state
+
+    def prompt_tokens(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError(f"a dict prompt needs 'prompt_token_ids', got keys {sorted(prompt)}")
+            prompt = prompt["prompt_token_ids"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise TypeError(f"a prompt must be a str, a list of token ids or {{'prompt_token_ids': [...]}}, "
+                            f"got {type(prompt).__name__}")
+        not_ints = [t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if not_ints:
+            raise TypeError(f"prompt token ids must be ints, got {not_ints[:5]}")
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return None, ids
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty (no tokens)")
+        if len(token_ids) >= self.max_sequence_length:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens; max_sequence_length={self.max_sequence_length} "
+                             f"leaves room for at most {self.max_sequence_length - 1}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            wanted = self.vocab_size if value == -1 else value  # -1 = the whole vocabulary
+            if wanted is not None and wanted > self.max_logprobs:
+                raise ValueError(f"{name}={value} asks for {wanted} logprobs per token; the engine's "
+                                 f"max_logprobs={self.max_logprobs}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        num_stop_ids = len(dict.fromkeys([*self.eos_token_ids, *params.stop_token_ids]))
+        if num_stop_ids > STOP_IDS_WIDTH:
+            raise ValueError(f"{len(params.stop_token_ids)} stop_token_ids (with the model's EOS ids: {num_stop_ids}) "
+                             f"exceed the engine's limit of {STOP_IDS_WIDTH} stop ids per request")
 
 
 class EngineCore:
@@ -93,6 +194,8 @@ class EngineCore:
         self._seed_rng = random.Random(cfg.seed)
         self._ids = itertools.count()
         self.metrics = EngineMetrics(time.monotonic())
+        self.async_scheduling = resolve_async_scheduling(cfg.async_scheduling)
+        self._in_flight: _StepInFlight | None = None  # async scheduling: dispatched, tokens not read yet
         self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0
         if cfg.warmup:
             message = f"warmup compiled {self.runner.num_traces} step variants in {self.warmup_seconds:.1f} s"
@@ -114,23 +217,16 @@ class EngineCore:
 
     def prepare_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> RequestState:
         """Tokenizes and validates without touching the scheduler (safe from another thread)."""
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         request_id = request_id or self.new_request_id()
         if request_id in self.requests or request_id in self.sequences:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, token_ids = self._prompt_tokens(prompt)
-        self._validate(token_ids, params)
-        state = RequestState(request_id, text, token_ids, params, [], tokenizer=self.tokenizer)
-        base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
-        for index in range(params.n):
-            sequence_id = request_id if params.n == 1 else f"{request_id}#{index}"
-            seq = SequenceState(sequence_id, index, params, token_ids, self.tokenizer, self.eos_token_ids,
-                                self.max_sequence_length)
-            seq.seed = base_seed + index
-            state.sequences.append(seq)
-        return state
+        return self.request_builder.prepare(prompt, params, request_id, self._seed_rng)
+
+    @property
+    def request_builder(self) -> RequestBuilder:
+        """Tokenization, validation and RequestState building against this engine's model and limits."""
+        return RequestBuilder(self.tokenizer, self.model_config.vocab_size, tuple(self.eos_token_ids),
+                              self.max_sequence_length, self.config.max_logprobs)
 
     def enqueue_request(self, state: RequestState) -> None:
         """Hands a prepared request to the scheduler (engine thread only)."""
@@ -140,51 +236,6 @@ class EngineCore:
             self.sequences[seq.sequence_id] = (state, seq)
         self.requests[state.request_id] = state
         self.metrics.record_arrival()
-
-    def _prompt_tokens(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise ValueError(f"a dict prompt needs 'prompt_token_ids', got keys {sorted(prompt)}")
-            prompt = prompt["prompt_token_ids"]
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
-            if not prompt:
-                raise ValueError("the prompt is empty")
-            return prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple, np.ndarray)):
-            raise TypeError(f"a prompt must be a str, a list of token ids or {{'prompt_token_ids': [...]}}, "
-                            f"got {type(prompt).__name__}")
-        not_ints = [t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
-        if not_ints:
-            raise TypeError(f"prompt token ids must be ints, got {not_ints[:5]}")
-        ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})")
-        return None, ids
-
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError("the prompt is empty (no tokens)")
-        if len(token_ids) >= self.max_sequence_length:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens; max_sequence_length={self.max_sequence_length} "
-                             f"leaves room for at most {self.max_sequence_length - 1}")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            wanted = self.model_config.vocab_size if value == -1 else value  # -1 = the whole vocabulary
-            if wanted is not None and wanted > self.config.max_logprobs:
-                raise ValueError(f"{name}={value} asks for {wanted} logprobs per token; the engine's "
-                                 f"max_logprobs={self.config.max_logprobs}")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model has none")
-        bad = [t for t in params.stop_token_ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})")
-        num_stop_ids = len(dict.fromkeys([*self.eos_token_ids, *params.stop_token_ids]))
-        if num_stop_ids > STOP_IDS_WIDTH:
-            raise ValueError(f"{len(params.stop_token_ids)} stop_token_ids (with the model's EOS ids: {num_stop_ids}) "
-                             f"exceed the engine's limit of {STOP_IDS_WIDTH} stop ids per request")
 
     def abort(self, request_id: str) -> bool:
         """Aborts a request (all its sequences); its pages are freed at once. False if unknown/finished."""
@@ -204,24 +255,62 @@ class EngineCore:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
-        """Schedules and runs one step; returns the outputs of requests that changed (cumulative)."""
-        output = self.scheduler.schedule(self._lookahead())
+        """Runs one step; returns the outputs of requests that changed (cumulative).
+
+        With async scheduling the step after this one is dispatched before this one's tokens are read
+        back, when the scheduler can plan it without them (``Scheduler.schedule_ahead``): the device
+        runs it while the host post-processes this one, and the next call starts by reading it. Each
+        call still returns the outputs of exactly one step, the same as one step at a time; requests
+        that finish here drop the tokens the step ahead computed for them."""
         changed: dict[str, RequestState] = {}
-        for sequence_id in output.finished:  # could never fit the KV pool
-            self._finish_sequence(sequence_id, "error", changed)
-        if not output.scheduled:
-            self._record_step(output, 0)
-            return self._collect(changed)
-        requests = {s.request_id: self.scheduler.get_request(s.request_id) for s in output.scheduled}
-        states = {s.request_id: self.sequences[s.request_id][0] for s in output.scheduled}
+        current, self._in_flight = self._in_flight, None
+        if current is None:
+            output = self.scheduler.schedule(self._lookahead())
+            for sequence_id in output.finished:  # could never fit the KV pool
+                self._finish_sequence(sequence_id, "error", changed)
+            if not output.scheduled:
+                self._record_step(output, 0)
+                return self._collect(changed)
+            current = self._dispatch(output)
+        if current.handle is not None:
+            self._in_flight = self._dispatch_ahead(current)
+        self._process(current, changed)
+        return self._collect(changed)
+
+    def _pipelined(self) -> bool:
+        """Async scheduling through the runner's dispatch/collect. A wrapped runner (``parallel.multihost``
+        mirrors each ``execute`` call to the other processes) runs one step at a time."""
+        return self.async_scheduling and isinstance(self.runner, ModelRunner)
+
+    def _dispatch(self, output) -> _StepInFlight:
+        """Hands a scheduled step to the runner: dispatched only (async scheduling), or run to the end."""
+        ids = [s.request_id for s in output.scheduled]
         rows = {s.request_id: self._row(s) for s in output.scheduled}
-        sampled, prompt_logprobs = self.runner.execute(output, rows)
+        step = _StepInFlight(output, {i: self.sequences[i] for i in ids},
+                             {i: self.scheduler.get_request(i) for i in ids})
+        if self._pipelined():
+            return dataclasses.replace(step, handle=self.runner.dispatch(output, rows))
+        return dataclasses.replace(step, results=self.runner.execute(output, rows))
+
+    def _dispatch_ahead(self, current: _StepInFlight) -> _StepInFlight | None:
+        """Plans and dispatches the step after ``current`` before its tokens are read (None when the plan
+        needs them). Its sequences take their first token from the device (``scheduler.PENDING_TOKEN``)."""
+        lookahead = self._lookahead(all_decoding=True)  # after ``current`` every running request decodes
+        output = self.scheduler.schedule_ahead(lookahead, current.handle.num_sampled)
+        return None if output is None else self._dispatch(output)
+
+    def _process(self, current: _StepInFlight, changed: dict) -> None:
+        """Reads a step's tokens and applies them: outputs, stops, scheduler update, finished requests."""
+        sampled, prompt_logprobs = current.results or self.runner.collect(current.handle)
+        live = {i for i, (_, seq) in current.sequences.items() if not seq.finished}  # else finished/aborted since
         for sequence_id, entries in prompt_logprobs.items():
-            state, _ = self.sequences[sequence_id]
-            state.add_prompt_logprobs(entries)
+            if sequence_id in live:
+                current.sequences[sequence_id][0].add_prompt_logprobs(entries)
         kept, finished = {}, []
         for sequence_id, results in sampled.items():
-            state, seq = self.sequences[sequence_id]
+            if sequence_id not in live:
+                continue  # tokens computed ahead for a sequence that finished: dropped
+            state, seq = current.sequences[sequence_id]
             kept[sequence_id] = []
             for result in results:
                 kept[sequence_id].append(result.token_id)
@@ -232,17 +321,17 @@ class EngineCore:
             changed[state.request_id] = state
         self.scheduler.update(kept)
         for sequence_id in finished:
-            _, seq = self.sequences[sequence_id]
-            if not requests[sequence_id].is_finished:
+            seq = current.sequences[sequence_id][1]
+            if not current.requests[sequence_id].is_finished:
                 self.scheduler.finish(sequence_id, _FINISH_REASONS[seq.finish_reason])
             self._finish_sequence(sequence_id, seq.finish_reason, changed)
-        for sequence_id, request in requests.items():
+        for sequence_id in live:
+            request, (state, seq) = current.requests[sequence_id], current.sequences[sequence_id]
             if request.is_finished:
-                self._record_finished(states[sequence_id], request)
-                if sequence_id in self.sequences:  # finished by the scheduler (length limit)
+                self._record_finished(state, request)
+                if not seq.finished:  # finished by the scheduler (length limit)
                     self._finish_sequence(sequence_id, "length", changed)
-        self._record_step(output, sum(len(tokens) for tokens in kept.values()))
-        return self._collect(changed)
+        self._record_step(current.output, sum(len(tokens) for tokens in kept.values()))
 
     def _record_finished(self, state: RequestState, request: Request) -> None:
         state.sequence_metrics[request.request_id] = self.metrics.record_finished(request)
@@ -253,8 +342,12 @@ class EngineCore:
             num_preemptions=len(output.preempted), num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting, kv_cache_utilization=self.allocator.utilization)
 
-    def _lookahead(self) -> int:
-        if self.scheduler.num_waiting or any(r.num_uncomputed_tokens != 1 for r in self.scheduler.running):
+    def _lookahead(self, all_decoding: bool | None = None) -> int:
+        """Extra decode steps of the next call: none while prefill work is waiting or running.
+        ``all_decoding``: whether every running request has one token to feed (None = look)."""
+        if all_decoding is None:
+            all_decoding = all(r.num_uncomputed_tokens == 1 for r in self.scheduler.running)
+        if self.scheduler.num_waiting or not all_decoding:
             return 0
         return self.config.decode_steps_per_call - 1
 
@@ -262,15 +355,18 @@ class EngineCore:
         state, seq = self.sequences[scheduled.request_id]
         request = self.scheduler.get_request(scheduled.request_id)
         params = state.params
-        remaining = self.max_sequence_length - request.num_tokens
+        # A step planned ahead starts after the tokens the in-flight step samples: count them as generated.
+        ahead = max(0, scheduled.end_position - request.num_tokens)
+        num_generated = request.num_output_tokens + ahead
+        remaining = self.max_sequence_length - request.num_tokens - ahead
         if params.max_tokens is not None:
-            remaining = min(remaining, params.max_tokens - request.num_output_tokens)
+            remaining = min(remaining, params.max_tokens - num_generated)
         stop_ids = ()  # on-device early stop; before min_tokens no stop may fire (the host decides then)
-        if request.num_output_tokens >= params.min_tokens:
+        if num_generated >= params.min_tokens:
             stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(self.eos_token_ids))
-        # The token history is only read for prompt logprobs: not copied per step otherwise.
+        # The token history is only read for prompt logprobs (of prefill rows): not copied per step otherwise.
         history = request.all_token_ids if params.prompt_logprobs is not None else ()
-        return RowRequest(sampling_params=params, seed=seq.seed, num_generated=request.num_output_tokens,
+        return RowRequest(sampling_params=params, seed=seq.seed, num_generated=num_generated,
                           num_prompt_tokens=len(state.prompt_token_ids), all_token_ids=history,
                           max_new_tokens=max(remaining, 1), stop_ids=stop_ids)
 

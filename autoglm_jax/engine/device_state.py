@@ -6,6 +6,11 @@ persistent batch rows; a slot index equal to ``num_slots`` means "no slot" and i
     kv.k, kv.v      [L, num_pages, page_size, Nkv, D]
     output_counts   [num_slots, V] int32: how often each token was generated (frequency/presence)
     prompt_mask     [num_slots, V] bool:  tokens of the prompt (repetition penalty)
+
+Also the helpers of ``slot_tokens`` [num_slots] int32, the last token each slot sampled: every step
+returns it and the next takes it as an input (async scheduling feeds a token still on the device
+from it). It is an input/output of the steps rather than a DeviceState field, so the donated state
+and its tensor-parallel partition specs keep their layout.
 """
 
 from __future__ import annotations
@@ -72,3 +77,16 @@ def slot_rows(state: DeviceState, slots):
     counts = jnp.where(valid[:, None], state.output_counts[clamped], 0)
     mask = jnp.where(valid[:, None], state.prompt_mask[clamped], False)
     return counts, mask
+
+
+def feed_tokens(token_ids, slot_tokens, slots):
+    """token_ids [B] with each negative entry replaced by ``slot_tokens[slots[b]]`` (the token the
+    previous step sampled for that slot, never read back to the host)."""
+    num_slots = slot_tokens.shape[0]
+    return jnp.where(token_ids >= 0, token_ids, slot_tokens[jnp.clip(slots, 0, num_slots - 1)])
+
+
+def record_slot_tokens(slot_tokens, slots, token_ids, valid):
+    """slot_tokens [num_slots] with slot_tokens[slots[b]] = token_ids[b] where valid[b]."""
+    num_slots = slot_tokens.shape[0]
+    return slot_tokens.at[jnp.where(valid, slots, num_slots)].set(token_ids, mode="drop")

@@ -3,6 +3,11 @@ returns each sequence's sampled tokens (and logprobs) as host data.
 
 Owns: the device state (params split once, KV pools + sampler slots, donated each call), the
 compiled functions of the bucket ladder and ``warmup()``. It makes no scheduling decisions.
+
+``execute`` is ``collect(dispatch(...))``: ``dispatch`` only enqueues the step (JAX async dispatch)
+and returns a ``StepHandle``; ``collect`` blocks until its tokens are on the host. Async scheduling
+dispatches the next step in between; steps always run in dispatch order (each takes the donated
+state the previous one returns), and each passes ``slot_tokens`` on to the next.
 """
 
 from __future__ import annotations
@@ -67,6 +72,22 @@ class RowRequest:
     stop_ids: tuple[int, ...]      # eos (unless ignore_eos) + stop_token_ids, for on-device stops
 
 
+@dataclasses.dataclass(frozen=True)
+class StepHandle:
+    """A dispatched step: its device outputs (maybe still being computed) and what ``collect`` needs."""
+
+    scheduled: tuple[ScheduledSequence, ...]
+    rows: dict[str, RowRequest]
+    out: object                  # DecodeOutput or StepOutput of device arrays
+    num_sampled: dict[str, int]  # tokens each sampling row yields unless it stops (schedule_ahead's input)
+    query_start_loc: np.ndarray | None = None  # [rows + 1] flat token offsets of a mixed step
+    want_prompt_logprobs: bool = False
+
+    @property
+    def is_decode(self) -> bool:
+        return self.query_start_loc is None
+
+
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config: ModelConfig, *, max_batch_size: int,
                  max_num_batched_tokens: int, max_sequence_length: int, page_size: int, num_pages: int,
@@ -97,10 +118,22 @@ class ModelRunner:
             self.state, mixed_fn, decode_fn = tensor_parallel_parts(
                 self.graphdef, self.params, model_config, mesh, num_pages=num_pages, page_size=page_size,
                 num_slots=max_batch_size, cache_dtype=cache_dtype)
+        self.slot_tokens = self._zero_slot_tokens()  # [max_batch_size] int32: the last step's output
         self.num_traces = 0
         self._mixed = jax.jit(self._counted(mixed_fn), static_argnames=("num_logprobs",), donate_argnums=(1,))
         self._decode = jax.jit(self._counted(decode_fn), static_argnames=("max_steps", "num_logprobs"),
                                donate_argnums=(1,))
+
+    def _zero_slot_tokens(self) -> jax.Array:
+        """Placed like the state and the step outputs that replace it, so every call of a bucket has one
+        jit signature: uncommitted on one device (as the state), replicated over a mesh."""
+        zeros = np.zeros(self.max_batch_size, np.int32)
+        if self.mesh is None:
+            return jnp.asarray(zeros)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(lambda: jnp.asarray(zeros), out_shardings=replicated)()
 
     def _counted(self, fn):
         @functools.wraps(fn)
@@ -146,23 +179,44 @@ class ModelRunner:
         """Runs one scheduled step. Returns (sampled, prompt_logprobs): sampled[request_id] is the list
         of TokenResult for sequences with ``sample=True``; prompt_logprobs[request_id] the list of
         PromptLogprob for this step's prompt tokens of requests that asked for them."""
+        if not output.scheduled:
+            return {}, {}
+        return self.collect(self.dispatch(output, rows))
+
+    def dispatch(self, output: SchedulerOutput, rows: dict[str, RowRequest]) -> StepHandle:
+        """Enqueues one non-empty scheduled step on the device without waiting for it."""
         scheduled = output.scheduled
         if not scheduled:
-            return {}, {}
+            raise ValueError("dispatch() needs a scheduled sequence; an empty step runs nothing")
         if all(seq.is_decode for seq in scheduled):
-            return self._execute_decode(scheduled, rows), {}
-        return self._execute_mixed(scheduled, rows)
+            return self._dispatch_decode(scheduled, rows)
+        return self._dispatch_mixed(scheduled, rows)
 
-    def _execute_mixed(self, scheduled, rows):
+    def collect(self, handle: StepHandle):
+        """Waits for a dispatched step; returns what ``execute`` returns."""
+        out = self._fetch(handle.out)
+        if handle.is_decode:
+            return self._decode_results(handle.scheduled, out), {}
+        return self._mixed_results(handle, out)
+
+    def _fetch(self, out):
+        """Device -> host: the one place the host waits for a step."""
+        return jax.device_get(out)
+
+    def _dispatch_mixed(self, scheduled, rows) -> StepHandle:
         num_tokens = sum(seq.num_tokens for seq in scheduled)
         token_bucket = self.ladder.token_bucket(num_tokens)
         row_bucket = self.ladder.rows_for_tokens(token_bucket)
         want = any(_wants_prompt_logprobs(rows[s.request_id]) and not s.is_decode for s in scheduled)
         inp = self._step_input(scheduled, rows, token_bucket, row_bucket, want)
-        out = jax.device_get(self._run_mixed(inp))
+        num_sampled = {seq.request_id: 1 for seq in scheduled if seq.sample}
+        starts = np.cumsum([0] + [seq.num_tokens for seq in scheduled])  # = md.query_start_loc, host side
+        return StepHandle(scheduled, rows, self._run_mixed(inp), num_sampled, starts, want)
+
+    def _mixed_results(self, handle: StepHandle, out):
+        rows, want, starts = handle.rows, handle.want_prompt_logprobs, handle.query_start_loc
         sampled, prompt = {}, {}
-        starts = np.asarray(inp.md.query_start_loc)
-        for b, seq in enumerate(scheduled):
+        for b, seq in enumerate(handle.scheduled):
             if seq.sample:
                 s = out.sampled
                 sampled[seq.request_id] = [TokenResult(int(s.token_ids[b]), float(s.logprob[b]), int(s.rank[b]),
@@ -183,11 +237,15 @@ class ModelRunner:
                                          int(out.prompt_rank[t]), out.prompt_top_ids[t], out.prompt_top[t]))
         return entries
 
-    def _execute_decode(self, scheduled, rows):
+    def _dispatch_decode(self, scheduled, rows) -> StepHandle:
         row_bucket = self.ladder.decode_batch(len(scheduled))
         steps = 1 + max(seq.num_lookahead_tokens for seq in scheduled)
         inp = self._decode_input(scheduled, rows, row_bucket, steps)
-        out = jax.device_get(self._run_decode(inp))
+        num_sampled = {seq.request_id: _max_new(seq, rows[seq.request_id]) for seq in scheduled}
+        return StepHandle(scheduled, rows, self._run_decode(inp), num_sampled)
+
+    @staticmethod
+    def _decode_results(scheduled, out):
         sampled = {}
         for b, seq in enumerate(scheduled):
             n = int(out.num_generated[b])
@@ -199,20 +257,24 @@ class ModelRunner:
     def _run_mixed(self, inp: StepInput):
         inp = self._replicated(inp)
         self.state, out = self._mixed(self.params, self.state, inp, num_logprobs=self.num_logprobs)
+        self.slot_tokens = out.slot_tokens
         return out
 
     def _run_decode(self, inp: DecodeInput):
         inp = self._replicated(inp)
         self.state, out = self._decode(self.params, self.state, inp, max_steps=self.decode_steps_per_call,
                                        num_logprobs=self.num_logprobs)
+        self.slot_tokens = out.slot_tokens
         return out
 
     def _replicated(self, inp):
+        """Host-built inputs replicated over the mesh; ``slot_tokens`` (a step output) already is."""
         if self.mesh is None:
             return inp
         from autoglm_jax.parallel.sharded_steps import replicate_inputs
 
-        return replicate_inputs(inp, self.mesh)
+        host = replicate_inputs(dataclasses.replace(inp, slot_tokens=None), self.mesh)
+        return dataclasses.replace(host, slot_tokens=inp.slot_tokens)
 
     # ------------------------------------------------------------------ host-side assembly
     def _page_table(self, scheduled, num_rows: int) -> np.ndarray:
@@ -263,7 +325,7 @@ class ModelRunner:
             logits_indices=jnp.asarray(logits_indices), row_slots=jnp.asarray(row_slots),
             reset_slots=jnp.asarray(reset_slots), sample_rows=jnp.asarray(sample_rows),
             sampling=self._sampling(scheduled, rows, num_rows), prompt_next_ids=jnp.asarray(next_ids),
-            want_prompt_logprobs=jnp.asarray(want_prompt_logprobs))
+            want_prompt_logprobs=jnp.asarray(want_prompt_logprobs), slot_tokens=self.slot_tokens)
 
     def _decode_input(self, scheduled, rows, num_rows: int, steps: int) -> DecodeInput:
         token_ids = np.zeros(num_rows, np.int32)
@@ -273,17 +335,22 @@ class ModelRunner:
         stop_ids = np.full((num_rows, STOP_IDS_WIDTH), -1, np.int32)
         for b, seq in enumerate(scheduled):
             row = rows[seq.request_id]
-            token_ids[b] = seq.token_ids[0]
+            token_ids[b] = seq.token_ids[0]  # scheduler.PENDING_TOKEN (< 0): fed from slot_tokens on device
             positions[b] = seq.start_position
             row_slots[b] = seq.slot
-            max_new[b] = min(1 + seq.num_lookahead_tokens, row.max_new_tokens)
+            max_new[b] = _max_new(seq, row)
             ids = row.stop_ids[:STOP_IDS_WIDTH]
             stop_ids[b, : len(ids)] = ids
         return DecodeInput(
             token_ids=jnp.asarray(token_ids), positions=jnp.asarray(positions),
             page_table=jnp.asarray(self._page_table(scheduled, num_rows)), row_slots=jnp.asarray(row_slots),
             sampling=self._sampling(scheduled, rows, num_rows), max_new=jnp.asarray(max_new),
-            stop_ids=jnp.asarray(stop_ids), num_steps=jnp.asarray(steps, jnp.int32))
+            stop_ids=jnp.asarray(stop_ids), num_steps=jnp.asarray(steps, jnp.int32), slot_tokens=self.slot_tokens)
+
+
+def _max_new(seq: ScheduledSequence, row: RowRequest) -> int:
+    """Tokens a decode row may sample in one call."""
+    return min(1 + seq.num_lookahead_tokens, row.max_new_tokens)
 
 
 def _wants_prompt_logprobs(row: RowRequest) -> bool:

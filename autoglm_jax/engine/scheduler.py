@@ -17,6 +17,14 @@ One step (``schedule`` then ``update``, strictly alternating):
   if that is the requester itself it simply waits. A request whose tokens need more pages than the
   whole pool is finished with ``FinishReason.ERROR`` (reported in ``SchedulerOutput.finished``).
 
+Async scheduling (``schedule_ahead``): while a step is pending, the next one may be planned before its
+tokens are known, assuming every sequence samples all the tokens it may (a sequence that samples fewer
+finishes with the pending step). That plan feeds ``PENDING_TOKEN`` (the runner takes the token from the
+device) and becomes the pending step when ``update`` consumes the current one; entries of requests
+that finish or are aborted meanwhile are then skipped. It is only made when it is the plan ``schedule``
+would make after the update, up to sequences that stop early: all running requests sample in the
+pending step, the first waiting request could not be admitted, and the pages fit without preemption.
+
 Length rules (``max_sequence_length`` = M): prompts must have 1 .. M - 1 tokens (``add_request``
 raises ``ValueError`` otherwise); generation stops with ``FinishReason.LENGTH`` when the sequence
 reaches ``min(prompt + max_tokens, M)`` tokens.
@@ -35,7 +43,9 @@ from autoglm_jax.engine.scheduler_config import SchedulerConfig
 from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from autoglm_jax.engine.step_plan import StepPlan
 
-__all__ = ["Scheduler", "SchedulerConfig", "SchedulerOutput", "ScheduledSequence"]
+__all__ = ["PENDING_TOKEN", "Scheduler", "SchedulerConfig", "SchedulerOutput", "ScheduledSequence"]
+
+PENDING_TOKEN = -1  # token id of an entry planned ahead: the pending step samples it (it stays on the device)
 
 
 class Scheduler:
@@ -50,6 +60,8 @@ class Scheduler:
         self._running: list[Request] = []  # admission order: oldest first, newest last
         self._free_slots = list(range(config.max_batch_size))  # min-heap: lowest free row first
         self._pending: SchedulerOutput | None = None  # last non-empty output awaiting update()
+        self._pending_requests: dict[str, Request] = {}  # the requests _pending was planned for
+        self._ahead: tuple[SchedulerOutput, dict[str, Request]] | None = None  # schedule_ahead()'s plan
         self.num_preemptions = 0  # total over the scheduler's life
 
     # ----------------------------------------------------------------- public queries
@@ -140,8 +152,81 @@ class Scheduler:
         if admission_open and not plan.preempted:
             self._admit_waiting(plan)
         output = plan.build()
-        self._pending = None if output.is_empty else output
+        self._set_pending(None if output.is_empty else output)
         return output
+
+    def schedule_ahead(self, num_lookahead_tokens: int, num_sampled: Mapping[str, int]) -> SchedulerOutput | None:
+        """Async scheduling: plan the step after the pending one before its tokens are known.
+
+        ``num_sampled[request_id]``: tokens the pending step samples for that sequence unless it stops
+        (1 + its lookahead in a decode call, 1 in a mixed step). Each running request is assumed to get
+        all of them; one that reaches its length limit so is left out. Entries feed ``PENDING_TOKEN``.
+        Returns None, changing nothing, when the plan could differ from what ``schedule`` would do after
+        ``update`` unless sequences stop early: a running request samples nothing in the pending step,
+        the first waiting request would be admitted (counting what sequences reaching their length limit
+        release), or the pages do not fit without preemption. (One that only a stop token or string frees
+        room for is admitted a step later than one step at a time would.) The plan becomes the pending
+        step when ``update`` consumes the current one."""
+        if self._pending is None or self._ahead is not None:
+            raise RuntimeError("schedule_ahead() needs a pending step and no plan ahead of it")
+        growth = self._growth_ahead(num_lookahead_tokens, num_sampled)
+        if growth is None:
+            return None
+        entries = []
+        for request, num_tokens, lookahead, missing in growth:
+            request.pages.extend(self.allocator.allocate(missing))
+            entries.append(ScheduledSequence(
+                request_id=request.request_id, slot=request.slot, token_ids=(PENDING_TOKEN,),
+                start_position=num_tokens - 1, page_ids=tuple(request.pages), sample=True, is_new=False,
+                is_decode=True, num_lookahead_tokens=lookahead))
+        output = SchedulerOutput(scheduled=tuple(entries), num_lookahead_tokens=num_lookahead_tokens)
+        self._ahead = (output, {request.request_id: request for request, *_ in growth})
+        return output
+
+    def _growth_ahead(self, num_lookahead_tokens: int, num_sampled: Mapping[str, int]):
+        """[(request, its tokens after the pending step, lookahead, pages to add)] of the requests that
+        go on decoding, or None when ``schedule_ahead`` must not plan (see there)."""
+        growth, finishing = [], []
+        for request in self._running:
+            count = num_sampled.get(request.request_id, 0)
+            if count < 1:
+                return None
+            num_tokens = request.num_tokens + count
+            if num_tokens >= self._max_total_tokens(request):
+                finishing.append(request)  # reaches its length limit with the pending step
+                continue
+            lookahead = self._lookahead_at(request, num_tokens, num_lookahead_tokens)
+            pages = self.allocator.pages_needed(num_tokens + lookahead)
+            if pages > self.allocator.num_usable_pages:
+                return None
+            growth.append((request, num_tokens, lookahead, max(0, pages - len(request.pages))))
+        missing = sum(g[3] for g in growth)
+        if not growth or not self.allocator.can_allocate(missing) or self._would_admit(growth, finishing):
+            return None
+        return growth
+
+    def _would_admit(self, growth: list, finishing: list[Request]) -> bool:
+        """Whether ``schedule`` would act on the first waiting request in the step after the pending
+        one (``growth`` decoding, the ``finishing`` requests' slots and pages released): admit it, or
+        fail it as never fitting."""
+        free_slots = len(self._free_slots) + len(finishing)
+        if not (self._waiting and free_slots and self.config.use_dynamic_batching):
+            return False
+        request = self._waiting[0]
+        budget = min(self.config.max_num_batched_tokens - len(growth), self.config.prefill_token_cap)
+        num_new = self._prefill_chunk(request, budget)
+        if num_new == 0:
+            return False
+        pages = self.allocator.pages_needed(request.num_computed_tokens + num_new)  # no lookahead while waiting
+        released = sum(self.allocator.refcount(page) == 1 for r in finishing for page in r.pages)
+        free_pages = self.allocator.num_free + released - sum(g[3] for g in growth)
+        return pages > self.allocator.num_usable_pages or pages <= free_pages
+
+    def _set_pending(self, output: SchedulerOutput | None, requests: dict[str, Request] | None = None) -> None:
+        self._pending = output
+        if requests is None and output is not None:
+            requests = {e.request_id: self._requests[e.request_id] for e in output.scheduled}
+        self._pending_requests = requests or {}
 
     def update(self, sampled: Mapping[str, Sequence[int]]) -> tuple[str, ...]:
         """Apply the runner's results for the last scheduled step.
@@ -151,20 +236,23 @@ class Scheduler:
         limit are dropped). To honour a stop token the engine passes tokens up to and including it,
         then calls ``finish(id, FinishReason.STOP)``. Sequences aborted since ``schedule`` are skipped.
         Invalid input raises ``ValueError`` before anything changes (the step stays pending).
-        Returns the ids this call finished with ``FinishReason.LENGTH``.
+        Returns the ids this call finished with ``FinishReason.LENGTH``. A plan made by
+        ``schedule_ahead`` then becomes the pending step.
         """
         output = self._pending
         entries = {} if output is None else {e.request_id: e for e in output.scheduled}
         unknown = set(sampled) - set(entries)
         if unknown:
             raise ValueError(f"sampled tokens for request(s) not scheduled in the last step: {sorted(unknown)}")
-        live = [(e, self._requests[e.request_id]) for e in entries.values() if e.request_id in self._requests]
+        live = [(e, request) for e in entries.values()
+                if self._requests.get(e.request_id) is (request := self._pending_requests[e.request_id])]
         for entry, _ in live:  # validate everything before changing anything
             self._check_sampled(entry, sampled.get(entry.request_id, ()), output.num_lookahead_tokens)
-        self._pending = None
+        self._set_pending(*(self._ahead or (None,)))
+        self._ahead = None
         now = self._clock()
         finished = []
-        for entry, request in live:  # requests aborted since schedule() are not in `live`
+        for entry, request in live:  # requests finished or aborted since schedule() are not in `live`
             if self._apply_step(request, entry, list(sampled.get(entry.request_id, ())), now):
                 finished.append(entry.request_id)
         return tuple(finished)
@@ -206,6 +294,10 @@ class Scheduler:
         end = request.num_computed_tokens + num_new
         if end < request.num_tokens:
             return 0
+        return self._lookahead_at(request, end, requested)
+
+    def _lookahead_at(self, request: Request, end: int, requested: int) -> int:
+        """Lookahead of a sampling step whose fed tokens end at ``end`` (cache length after them)."""
         pool_tokens = self.allocator.num_usable_pages * self.config.page_size
         last_fed_count = min(self._max_total_tokens(request) - 1, pool_tokens)
         return max(0, min(requested, last_fed_count - end))

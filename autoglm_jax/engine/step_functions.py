@@ -4,6 +4,8 @@ Owns: what happens on the device between host decisions — model forward, sampl
 updates and, in the decode loop, on-device stop checks. Inputs are pytrees of arrays with bucketed
 static shapes (see ``engine.buckets``); the only static arguments are the model graph, the number
 of top logprobs and the loop's maximum length. Host-side assembly is in ``engine.runner``.
+Both return ``slot_tokens``, each slot's last sampled token, which the next step takes as an input:
+a decode row whose token id is negative feeds it (async scheduling: the token never visits the host).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from autoglm_jax.engine.device_state import DeviceState, count_sampled, record_step_tokens, slot_rows
+from autoglm_jax.engine.device_state import (DeviceState, count_sampled, feed_tokens, record_slot_tokens,
+                                             record_step_tokens, slot_rows)
 from autoglm_jax.model.attention_metadata import AttentionMetadata
 from autoglm_jax.sampler import SamplerOutput, SamplingTensors, gather_logprobs, sample
 
@@ -34,6 +37,7 @@ class StepInput:
     sampling: SamplingTensors   # [B] rows
     prompt_next_ids: jax.Array  # [T] int32: the prompt token after each token (-1: none/not wanted)
     want_prompt_logprobs: jax.Array  # [] bool
+    slot_tokens: jax.Array      # [S] int32: last sampled token per slot (the previous step's output)
 
 
 @jax.tree_util.register_dataclass
@@ -44,6 +48,7 @@ class StepOutput:
     prompt_rank: jax.Array        # [T] int32
     prompt_top: jax.Array         # [T, N] f32
     prompt_top_ids: jax.Array     # [T, N] int32
+    slot_tokens: jax.Array        # [S] int32: the input's, with each sampling row's token at its slot
 
 
 @jax.tree_util.register_dataclass
@@ -51,7 +56,7 @@ class StepOutput:
 class DecodeInput:
     """Up to K decode steps for B rows; row b feeds token_ids[b] at positions[b], then its samples."""
 
-    token_ids: jax.Array   # [B] int32: the last sampled token of each row
+    token_ids: jax.Array   # [B] int32: the last sampled token of each row; < 0 = slot_tokens[row_slots[b]]
     positions: jax.Array   # [B] int32: its position
     page_table: jax.Array  # [B, MP] int32 with pages for positions + max_new - 1
     row_slots: jax.Array   # [B] int32
@@ -59,6 +64,7 @@ class DecodeInput:
     max_new: jax.Array     # [B] int32: most tokens the row may generate in this call (0 = padding)
     stop_ids: jax.Array    # [B, S] int32: tokens that end the row on device (-1 padding)
     num_steps: jax.Array   # [] int32: loop bound <= the static maximum
+    slot_tokens: jax.Array  # [S] int32: last sampled token per slot (the previous step's output)
 
 
 @jax.tree_util.register_dataclass
@@ -70,6 +76,7 @@ class DecodeOutput:
     top_logprobs: jax.Array   # [K, B, N] f32
     top_token_ids: jax.Array  # [K, B, N] int32
     num_generated: jax.Array  # [B] int32: valid entries of each row
+    slot_tokens: jax.Array    # [S] int32: the input's, with each row's last sampled token at its slot
 
 
 def mixed_step(graphdef, params, state: DeviceState, inp: StepInput, *, num_logprobs: int):
@@ -84,7 +91,8 @@ def mixed_step(graphdef, params, state: DeviceState, inp: StepInput, *, num_logp
     sampled = sample(logits, inp.sampling, counts, mask, num_logprobs)
     state = count_sampled(state, inp.row_slots, sampled.token_ids, inp.sample_rows)
     prompt = _prompt_logprobs(model, hidden, inp, num_logprobs)
-    return state, StepOutput(sampled, *prompt)
+    slot_tokens = record_slot_tokens(inp.slot_tokens, inp.row_slots, sampled.token_ids, inp.sample_rows)
+    return state, StepOutput(sampled, *prompt, slot_tokens=slot_tokens)
 
 
 def _prompt_logprobs(model, hidden, inp: StepInput, num_logprobs: int):
@@ -114,7 +122,7 @@ def decode_loop(graphdef, params, state: DeviceState, inp: DecodeInput, *, max_s
         rank=jnp.zeros((max_steps, B), jnp.int32),
         top_logprobs=jnp.zeros((max_steps, B, num_logprobs), jnp.float32),
         top_token_ids=jnp.zeros((max_steps, B, num_logprobs), jnp.int32),
-        num_generated=jnp.zeros((B,), jnp.int32))
+        num_generated=jnp.zeros((B,), jnp.int32), slot_tokens=inp.slot_tokens)
 
     def active_rows(carry):
         _, _, generated, stopped, _, _ = carry
@@ -143,13 +151,16 @@ def decode_loop(graphdef, params, state: DeviceState, inp: DecodeInput, *, max_s
         out = DecodeOutput(
             token_ids=out.token_ids.at[i].set(sampled.token_ids), logprob=out.logprob.at[i].set(sampled.logprob),
             rank=out.rank.at[i].set(sampled.rank), top_logprobs=out.top_logprobs.at[i].set(sampled.top_logprobs),
-            top_token_ids=out.top_token_ids.at[i].set(sampled.top_token_ids), num_generated=out.num_generated)
+            top_token_ids=out.top_token_ids.at[i].set(sampled.top_token_ids), num_generated=out.num_generated,
+            slot_tokens=out.slot_tokens)
         hit_stop = jnp.any(sampled.token_ids[:, None] == inp.stop_ids, axis=1)
         stopped = stopped | (active & hit_stop)
         generated = generated + active.astype(jnp.int32)
         tokens = jnp.where(active, sampled.token_ids, tokens)
         return i + 1, state, generated, stopped, tokens, out
 
-    init = (jnp.asarray(0, jnp.int32), state, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), inp.token_ids, empty)
-    _, state, generated, _, _, out = jax.lax.while_loop(cond, body, init)
-    return state, dataclasses.replace(out, num_generated=generated)
+    first = feed_tokens(inp.token_ids, inp.slot_tokens, inp.row_slots)
+    init = (jnp.asarray(0, jnp.int32), state, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), first, empty)
+    _, state, generated, _, tokens, out = jax.lax.while_loop(cond, body, init)
+    slot_tokens = record_slot_tokens(inp.slot_tokens, inp.row_slots, tokens, generated > 0)
+    return state, dataclasses.replace(out, num_generated=generated, slot_tokens=slot_tokens)

@@ -1,9 +1,12 @@
 """Data-parallel serving: several ``EngineCore`` replicas on disjoint device groups behind one front.
 
-Owns: building one replica per row of the ("dp", "tp") mesh, routing each new request with
-``balancer.pick_replica`` from the replicas' live KV/queue state, request ids unique across replicas,
-and stepping all replicas concurrently (one thread each: a replica's jitted step runs while the
-others are dispatched, so DP throughput scales with the replicas). ``ReplicatedEngineCore`` offers the
+Owns: choosing the front for ``EngineConfig.data_parallel_backend`` (``replicated_engine_core``: one OS
+process per replica in ``replica_processes``, or the threads here), a replica's load as the balancer
+sees it (``replica_load``), and the "thread" front: one replica per row of the ("dp", "tp") mesh in
+this process, each new request routed with ``balancer.pick_replica`` from the replicas' live KV/queue
+state, request ids unique across replicas, and all replicas stepped together from a thread pool (a
+replica's jitted step runs while the others are dispatched; the host part of their steps shares the
+GIL and each ``step()`` waits for the slowest replica). ``ReplicatedEngineCore`` offers the
 ``EngineCore`` methods ``LLM`` and ``AutoGLMEngine`` drive (add/prepare/enqueue_request, step, abort,
 has_unfinished_requests, requests, scheduler counts). Each replica keeps its own scheduler, KV pool and
 compiled steps; nothing is shared between them. ``metrics`` are replica 0's only (not aggregated).
@@ -24,22 +27,47 @@ from autoglm_jax.parallel.mesh import make_mesh, replica_meshes
 from autoglm_jax.sampling_params import SamplingParams
 
 
+def data_parallel_backend(config: EngineConfig) -> str:
+    """``config.data_parallel_backend`` with "auto" resolved: "process" on GPU, "thread" elsewhere."""
+    if config.data_parallel_backend != "auto":
+        return config.data_parallel_backend
+    from autoglm_jax.parallel.replica_processes import local_platform
+
+    return "process" if local_platform() == "gpu" else "thread"
+
+
+def replicated_engine_core(config: EngineConfig):
+    """The data-parallel front of ``data_parallel_backend(config)``: ``ProcessReplicatedEngineCore``
+    (one OS process per replica) or ``ReplicatedEngineCore`` (threads in this process)."""
+    if data_parallel_backend(config) == "process":
+        from autoglm_jax.parallel.replica_processes import ProcessReplicatedEngineCore
+
+        return ProcessReplicatedEngineCore(config)
+    return ReplicatedEngineCore(config)
+
+
+def sequence_pages(num_prompt_tokens: int, max_tokens: int | None, max_sequence_length: int, page_size: int) -> int:
+    """KV pages one sequence occupies once it reaches its length limit."""
+    total = max_sequence_length if max_tokens is None else min(max_sequence_length, num_prompt_tokens + max_tokens)
+    return pages_for(total, page_size)
+
+
 def replica_load(core: EngineCore) -> ReplicaLoad:
     """A replica's free KV pages, pages its unfinished requests may still claim, and queue length."""
     scheduler, allocator = core.scheduler, core.allocator
     limit, page = core.max_sequence_length, allocator.page_size
     committed, running = 0, {request.request_id for request in scheduler.running}
     for request in (*scheduler.running, *scheduler.waiting):
-        max_tokens = request.sampling_params.max_tokens
-        total = limit if max_tokens is None else min(limit, request.num_prompt_tokens + max_tokens)
+        claim = sequence_pages(request.num_prompt_tokens, request.sampling_params.max_tokens, limit, page)
         held = pages_for(request.num_tokens, page) if request.request_id in running else 0
-        committed += max(pages_for(total, page) - held, 0)
+        committed += max(claim - held, 0)
     return ReplicaLoad(free_pages=allocator.num_free, committed_pages=committed,
                        num_requests=scheduler.num_running + scheduler.num_waiting)
 
 
 class ReplicatedEngineCore:
-    """``data_parallel_size`` engine replicas of ``tensor_parallel_size`` devices each, one front."""
+    """``data_parallel_size`` engine replicas of ``tensor_parallel_size`` devices each in this process,
+    one front (the "thread" data_parallel_backend)."""
 
     def __init__(self, config: EngineConfig | dict | None = None, **overrides):
         self.config = cfg = EngineConfig.from_dict(config, **overrides)
@@ -76,8 +104,8 @@ class ReplicatedEngineCore:
         return collections.ChainMap(*(core.requests for core in self.replicas))
 
     @property
-    def scheduler(self) -> "_SchedulerTotals":
-        return _SchedulerTotals(sum(c.scheduler.num_running for c in self.replicas),
+    def scheduler(self) -> "SchedulerTotals":
+        return SchedulerTotals(sum(c.scheduler.num_running for c in self.replicas),
                                 sum(c.scheduler.num_waiting for c in self.replicas))
 
     def loads(self) -> list[ReplicaLoad]:
@@ -128,7 +156,7 @@ class ReplicatedEngineCore:
 
 
 @dataclasses.dataclass(frozen=True)
-class _SchedulerTotals:
+class SchedulerTotals:
     """Running / waiting sequences summed over the replicas (what the batching window reads)."""
 
     num_running: int

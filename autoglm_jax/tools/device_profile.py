@@ -3,7 +3,8 @@
 Owns: running a callable under ``jax.profiler.trace`` and reading the resulting XSpace back with
 ``jax.profiler.ProfileData`` (no TensorBoard needed). On GPU the device planes are ``/device:GPU:N``
 and each kernel is an event on a stream line; the busy time is the union of the kernel intervals, so
-overlapping streams are not double counted. On CPU there is no device plane and the summary says so.
+overlapping streams are not double counted. On CPU there is no device plane and the summary says so;
+``backend_planes()`` names the planes that stand in for one there (the PjRt CPU client's executions).
 
     summary = profile_device(lambda: step(...), warmup=1)
     summary.busy_fraction   # busy / span: 1 - the device's idle share while the callable ran
@@ -91,6 +92,14 @@ def summarize_xspace(path: str, device_prefix: str = "/device:GPU:", line_contai
         last = hi if last is None else max(last, hi)
     span = (last - first) / 1e6 if devices else 0.0
     return DeviceProfile(span, busy, count, devices, {k: (v[0], v[1]) for k, v in per_op.items()})
+
+
+def backend_planes(backend: str | None = None) -> dict:
+    """``summarize_xspace`` arguments that find the kernels of ``backend`` (default: JAX's): the GPU
+    stream lines, or on CPU the PjRt CPU client's execution lines (a smoke-run stand-in for a device)."""
+    if (backend or jax.default_backend()) == "cpu":
+        return dict(device_prefix="/host:CPU", line_contains="PjRtCpuClient")
+    return {}
 
 
 def profile_device(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 1, **summary_args) -> DeviceProfile:
