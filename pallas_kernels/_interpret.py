@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import jax
+from jax._src import config
 from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
 
@@ -38,3 +39,9 @@ def gpu_interpret(detect_races: bool = False):
             reset_gpu_interpret_mode_state()  # the interpreter needs this after a failed kernel
             raise
 
+
+
+def interpreting() -> bool:
+    """Whether kernels traced now run in the GPU interpreter (inside ``gpu_interpret()``), for the few
+    kernel features it cannot run (e.g. a wgmma operand in registers) that a kernel must route around."""
+    return isinstance(config.pallas_tpu_interpret_mode_context_manager.value, InterpretGPUParams)

@@ -6,10 +6,15 @@ kernels, a float32 reference and the tuning config. It does not own quantized we
 
 Two kernels, picked by M:
   * small M (decode, M <= ``SMALL_M_MAX``): memory-bound on the weights. Computed as
-    ``out^T [N, M] = w^T [N, K] @ a^T [K, M]`` so the large N fills the wgmma M side (64 rows
-    per warpgroup) and the few tokens are the wgmma N side (padded to a multiple of 32).
-    Grid (N / tile_n, num_k_splits): split-K gives enough CTAs to stream the weights from every
-    SM; partial sums (f32) are added and transposed in XLA (a few hundred KB).
+    ``out^T [N, M] = w^T [N, K] @ a^T [K, M]`` so the large N fills the wgmma M side and the few
+    tokens are the wgmma N side (padded to a multiple of 8). Warp-specialized: one memory
+    warpgroup TMA-streams the weight tiles ``num_stages`` deep, two compute warpgroups each own
+    tile_n / 2 output channels. Grid (N / tile_n, num_k_splits): split-K (uneven splits allowed:
+    the last split skips the steps past K) spreads the weights over every SM, two CTAs per SM
+    where SMEM allows; partial sums (f32) are added and transposed in XLA. The same kernel takes
+    int8 / fp8 weights [N, K] for ``quantized_matmul``, dequantized in registers, and group-scaled int4
+    codes [G, N, g] for ``int4_matmul``: each group's dot goes to a fresh wgmma accumulator that is
+    added to a register accumulator scaled per output channel.
   * large M (prefill): compute-bound. A persistent, warp-specialized kernel: one memory
     warpgroup streams (tile_m x tile_k, tile_k x 2*tile_n) tiles ``num_stages`` deep, two compute
     warpgroups each own a tile_m x tile_n accumulator; bf16 epilogue through SMEM and TMA.
@@ -27,16 +32,24 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import tuning
+from pallas_kernels._interpret import interpreting
 from pallas_kernels._smem import smem_transforms
 
 SMALL_M_MAX = 128
+# Compute warpgroups of the small-M kernel. Four (with 256-channel tiles) ran in the GPU interpreter but
+# hung on an H100 (2026-11-26: a 60 s probe never returned), so the kernel has no such option.
+SMALL_M_COMPUTE_WGS = 2
+SMEM_BUDGET = 220 * 1024  # bytes; Hopper allows 227 KiB of dynamic SMEM per CTA
+TWO_CTA_SMEM_BUDGET = 228 * 1024 // 2 - 1024 - 256  # half an SM's 228 KiB, less the per-CTA reserve and barriers
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))  # float32: small-M kernel only
-_SMALL_M_ALIGN = 32  # wgmma N for the token side; 32 f32 = one 128-byte swizzle row
+_SMALL_M_ALIGN = 8  # wgmma N (the token side) comes in multiples of 8
+_GROUP_DOT_REGS = 96  # group-scaled weights: registers per thread for the group wgmmas in flight (a guess, untuned)
 
 
 @dataclasses.dataclass(frozen=True)
 class MatmulConfig:
-    """Tile sizes. Small-M kernel: tile_n (wgmma M, 64/128), tile_k, num_stages, num_k_splits.
+    """Tile sizes. Small-M kernel: tile_n (split over two compute warpgroups of >= 64 rows each),
+    tile_k, num_stages, num_k_splits.
     Large-M kernel: tile_m x tile_n per compute warpgroup (CTA tile tile_m x 2*tile_n), tile_k,
     num_stages; epilogue in 64 x 64 pieces."""
 
@@ -57,65 +70,222 @@ class MatmulConfig:
             raise ValueError(f"{self.num_k_splits=} must be >= 1")
 
 
+def shape_key(m: int, k: int, n: int) -> str:
+    """Tuning-table key of an (M, K, N) matmul: small M by the padded token count the kernel computes
+    (M = 1..8 share one entry), large M exactly."""
+    return f"M{small_m_m_pad(m) if m <= SMALL_M_MAX else m}_K{k}_N{n}"
+
+
 def default_config(m: int, k: int, n: int, dtype) -> MatmulConfig:
     """Tuned config for (M, K, N) on the current card, else a heuristic (never fails)."""
-    tuned = tuning.lookup("matmul", dtype, f"M{m}_K{k}_N{n}")
+    tuned = tuning.lookup("matmul", dtype, shape_key(m, k, n))
     if tuned is not None:
         return MatmulConfig(**tuned)
     if m <= SMALL_M_MAX:
-        tile_n = 128 if m <= 64 else 64
-        tile_k = 128 if k % 128 == 0 else 64
-        splits = tuning.split_k(pl.cdiv(n, tile_n), k // tile_k)
-        return MatmulConfig(tile_n=tile_n, tile_k=tile_k, num_stages=4, num_k_splits=splits)
+        return MatmulConfig(**small_m_heuristic(m, k, n, weight_itemsize=2))
     tile_n = 128 if n % 256 == 0 else 64
     return MatmulConfig(tile_m=128, tile_n=tile_n, tile_k=64, num_stages=4)
 
 
-def _small_m_kernel(a_ref, w_ref, out_ref, out_smem, *, config: MatmulConfig):
-    # a_ref [Mp, K], w_ref [K, N], out_ref [S, N, Mp] f32 partial sums of out^T, out_smem [tile_n, Mp] f32
+def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_smem: bool, group_size: int = 0):
+    # a_ref [Mp, K] bf16; w_ref [K, N] bf16, or [N, K] (weights_nk) bf16 | int8 | fp8, or with group_size
+    # g > 0 (group-scaled) [G, N, g] int4 codes followed by scale_ref [G, N] f32 (G = K / g);
+    # out_ref [S, N, Mp] f32 partial sums of out^T. scratch: out_smem [W, tile_n/W, Mp] f32 (W compute
+    # warpgroups), and with dequant_via_smem a [W, tile_n/W, tile_k or g] bf16 tile for the dequantized weights.
+    scale_ref, (out_ref, out_smem, *deq_smem) = (refs[0], refs[1:]) if group_size else (None, refs)
     tile_n, tile_k, splits = config.tile_n, config.tile_k, config.num_k_splits
+    wgs = SMALL_M_COMPUTE_WGS
+    rows = tile_n // wgs  # output channels per compute warpgroup
     m_pad, k = a_ref.shape
     n_idx, split = lax.axis_index("n"), lax.axis_index("split")
-    k_per_split = k // splits
-    k_slice = pl.ds(split * k_per_split, k_per_split)
+    total_steps = k // tile_k
+    steps = pl.cdiv(total_steps, splits)  # per split; the last split may have fewer real steps
+    first = split * steps
+    last_block = total_steps - 1
 
-    def acc_scope(acc_ref):  # acc_ref [tile_n, Mp] f32
-        def step(_, a_smem, w_smem):  # a_smem [Mp, tile_k], w_smem [tile_k, tile_n]
-            plgpu.wgmma(acc_ref, w_smem.T, a_smem.T)
-            plgpu.wgmma_wait(0)  # the pipeline refills these SMEM slots next
+    def weight_operand(w_smem, wg):
+        """This warpgroup's [rows, tile_k] (group-scaled: [rows, g]) bf16 wgmma A operand."""
+        if not weights_nk:  # [tile_k, tile_n] bf16: a transposed SMEM view
+            return w_smem.at[:, pl.ds(wg * rows, rows)].T
+        if w_smem.dtype == jnp.bfloat16:
+            return w_smem.at[pl.ds(wg * rows, rows)]
+        w = w_smem[pl.ds(wg * rows, rows)]  # narrow, SMEM -> registers, dequantized there
+        if w.dtype not in (jnp.int8, jnp.int4):  # Hopper converts fp8 only to f16/f32 (with this ptxas): go via f32
+            w = w.astype(jnp.float32)
+        w = w.astype(jnp.bfloat16)
+        if dequant_via_smem:  # the GPU interpreter runs wgmma only on SMEM operands
+            deq_smem[0][wg] = w
+            plgpu.commit_smem()
+            return deq_smem[0].at[wg]
+        return w
 
-        plgpu.emit_pipeline(
-            step,
-            grid=(k_per_split // tile_k,),
-            in_specs=[
-                plgpu.BlockSpec((m_pad, tile_k), lambda kk: (0, kk), transforms=smem_transforms(tile_k, a_ref.dtype)),
-                plgpu.BlockSpec((tile_k, tile_n), lambda kk: (kk, 0), transforms=smem_transforms(tile_n, w_ref.dtype)),
-            ],
-            max_concurrent_steps=config.num_stages,
-        )(a_ref.at[:, k_slice], w_ref.at[k_slice, pl.ds(n_idx * tile_n, tile_n)])
-        return acc_ref[...]
+    def step(indices, a_smem, w_smem, acc_ref):  # a_smem [Mp, tile_k] bf16
+        @pl.when(first + indices[0] <= last_block)  # past K (uneven split): the clamped block is skipped
+        def _():
+            plgpu.wgmma(acc_ref, weight_operand(w_smem, lax.axis_index("wg")), a_smem.T)
+            plgpu.wgmma_wait(0)  # the memory warpgroup refills this stage's slots next
 
-    out_smem[...] = pl.run_scoped(acc_scope, plgpu.ACC((tile_n, m_pad), jnp.float32))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[split, pl.ds(n_idx * tile_n, tile_n)])
-    plgpu.wait_smem_to_gmem(0)
+        return acc_ref
+
+    def group_step(indices, a_smem, w_smem, s_smem, acc):  # w_smem [tile_k/g, tile_n, g], s_smem [tile_k/g, tile_n]
+        wg = lax.axis_index("wg")
+
+        def group_dots(first_group, *dot_refs):  # each group's dot in a fresh accumulator: issued back to back
+            for j, dot_ref in enumerate(dot_refs, first_group):
+                plgpu.wgmma(dot_ref, weight_operand(w_smem.at[j], wg), a_smem.at[:, pl.ds(j * group_size, group_size)].T)
+            return [dot_ref[...] for dot_ref in dot_refs]  # awaited together
+
+        def accumulate(acc):  # acc [rows, Mp] f32 in registers
+            groups = tile_k // group_size
+            # bf16 operand + f32 accumulator registers per thread of one group's wgmma; a few in flight at once
+            per_group = rows * (2 * group_size + 4 * m_pad) // (4 * 128)
+            in_flight = max(1, min(groups, _GROUP_DOT_REGS // per_group))
+            for start in range(0, groups, in_flight):
+                count = min(in_flight, groups - start)
+                dots = pl.run_scoped(functools.partial(group_dots, start), *[plgpu.ACC((rows, m_pad), jnp.float32)] * count)
+                for j, dot in enumerate(dots, start):  # scaled per output channel (row)
+                    scale = s_smem[j, pl.ds(wg * rows, rows)]  # [rows]
+                    acc = acc + dot * lax.broadcast_in_dim(scale, (rows, m_pad), (0,))
+            return acc
+
+        return lax.cond(first + indices[0] <= last_block, accumulate, lambda acc: acc, acc)
+
+    def store(acc):  # acc [rows, Mp] f32 -> this warpgroup's rows of out_ref[split]
+        wg = lax.axis_index("wg")
+        out_smem[wg] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[split, pl.ds(n_idx * tile_n + wg * rows, rows)])
+        plgpu.wait_smem_to_gmem(0)
+
+    def compute_context(run_pipeline):
+        if group_size:  # the accumulator stays in registers: each group's dot is rescaled before it is added
+            store(run_pipeline(jnp.zeros((rows, m_pad), jnp.float32)))
+            return
+
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((rows, m_pad), jnp.float32))
+        def acc_scope(acc_ref):
+            run_pipeline(acc_ref)
+            store(acc_ref[...])
+
+    k_block = lambda kk: jnp.minimum(first + kk, last_block)
+    w_block, w_index, w_minor = ((tile_n, tile_k), lambda kk: (n_idx, k_block(kk)), tile_k) if weights_nk else \
+        ((tile_k, tile_n), lambda kk: (k_block(kk), n_idx), tile_n)
+    extra_specs, inputs = [], (a_ref, w_ref)
+    if group_size:  # a step reads tile_k / g whole groups of codes and their scales
+        groups = tile_k // group_size
+        w_block, w_index, w_minor = (groups, tile_n, group_size), lambda kk: (k_block(kk), n_idx, 0), group_size
+        extra_specs = [plgpu.BlockSpec((groups, tile_n), lambda kk: (k_block(kk), n_idx), memory_space=plgpu.SMEM)]
+        inputs = (a_ref, w_ref, scale_ref)
+    plgpu.emit_pipeline_warp_specialized(
+        group_step if group_size else step,
+        grid=(steps,),
+        memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((m_pad, tile_k), lambda kk: (0, k_block(kk)),
+                            transforms=smem_transforms(tile_k, a_ref.dtype), memory_space=plgpu.SMEM),
+            plgpu.BlockSpec(w_block, w_index, transforms=_code_transforms(w_minor, w_ref.dtype), memory_space=plgpu.SMEM),
+            *extra_specs,
+        ],
+        wg_axis="wg",
+        num_compute_wgs=wgs,
+        max_concurrent_steps=config.num_stages,
+        compute_context=compute_context,
+    )(*inputs)
+
+
+def _code_transforms(minor_dim: int, dtype):
+    """``smem_transforms`` for weight tiles, which may also be 4-bit (int4: two codes per byte)."""
+    if jnp.dtype(dtype) != jnp.dtype(jnp.int4):
+        return smem_transforms(minor_dim, dtype)
+    swizzle = plgpu.find_swizzle(minor_dim * 4)
+    return plgpu.TilingTransform((8, swizzle * 2)), plgpu.SwizzleTransform(swizzle)
+
+
+def small_m_heuristic(m: int, k: int, n: int, weight_itemsize: float, tile_ks: tuple[int, ...] | None = None) -> dict:
+    """Untuned small-M tiles: 128 output channels per CTA (64 per compute warpgroup), 32 KiB weight
+    steps (tile_k 128 for bf16, 256 for one-byte weights, where K allows), and the deepest pipeline
+    (2-4 stages) that leaves room for two CTAs per SM - measured faster on an H100 than one CTA with a
+    deeper pipeline (benchmarks/tune_matmul.py); split-K by ``tuning.split_k`` over those CTA slots.
+    ``weight_itemsize``: bytes per weight, fractional for 4-bit codes (with their group scales);
+    ``tile_ks``: the tile_k candidates, widest first (default: the 32 KiB step, 128, 64)."""
+    tile_n = 128
+    tile_ks = tile_ks or (int(32 * 1024 // (tile_n * weight_itemsize)), 128, 64)
+    tile_k = next((t for t in tile_ks if k % t == 0), tile_ks[-1])
+    m_pad = small_m_m_pad(m)
+    fields = {}
+    for stages in (4, 3, 2):
+        fields = dict(tile_n=tile_n, tile_k=tile_k, num_stages=stages, num_k_splits=1)
+        if small_m_smem_bytes(MatmulConfig(**fields), m, weight_itemsize) <= TWO_CTA_SMEM_BUDGET:
+            break
+    ctas_per_sm = 2 if small_m_smem_bytes(MatmulConfig(**fields), m, weight_itemsize) <= TWO_CTA_SMEM_BUDGET else 1
+    fields["num_k_splits"] = tuning.split_k(pl.cdiv(n, tile_n), k // tile_k, step_bytes=tile_n * tile_k * weight_itemsize,
+                                            partial_bytes_per_split=n * m_pad * 4, ctas_per_sm=ctas_per_sm)
+    return fields
+
+
+def small_m_m_pad(m: int) -> int:
+    """Token rows the small-M kernel computes for M tokens (the wgmma N side, a multiple of 8)."""
+    return pl.cdiv(m, _SMALL_M_ALIGN) * _SMALL_M_ALIGN
+
+
+def small_m_smem_bytes(config, m: int, weight_itemsize: int) -> int:
+    """SMEM one CTA of the small-M kernel needs on the GPU: the pipelined token and weight tiles and the
+    f32 output tile (narrow weights are dequantized in registers; only the interpreter adds a bf16 tile)."""
+    m_pad = small_m_m_pad(m)
+    stages = config.num_stages * (m_pad * config.tile_k * 2 + config.tile_n * config.tile_k * weight_itemsize)
+    return stages + config.tile_n * m_pad * 4
+
+
+def small_m_shape_error(m: int, k: int, n: int, config, weight_itemsize: int) -> str | None:
+    """Why the small-M kernel cannot run (M, K, N) with ``config`` (tiles, SMEM), or None when it can."""
+    if config.tile_n % (64 * SMALL_M_COMPUTE_WGS):
+        return f"{config.tile_n=} must be a multiple of 128 (two compute warpgroups of >= 64-row wgmmas)"
+    smem = small_m_smem_bytes(config, m, weight_itemsize)
+    if smem > SMEM_BUDGET:
+        return f"{config=} needs {smem} bytes of SMEM > {SMEM_BUDGET} at {m=}"
+    if n % config.tile_n:
+        return f"{config.tile_n=} must divide {n=}"
+    if k % config.tile_k:
+        return f"{config.tile_k=} must divide {k=}"
+    if config.num_k_splits > k // config.tile_k:
+        return f"{config.num_k_splits=} exceeds the {k // config.tile_k} K steps of {config.tile_k=}"
+    return None
+
+
+def small_m_partial_sums(a, w, config, weights_nk: bool = False, group_scales=None):
+    """a [M, K] bf16 with w [K, N] bf16 (or [N, K] bf16 | int8 | fp8 when ``weights_nk``) -> [S, N, Mp]
+    float32 partial sums of (a @ w)^T over the config's S = num_k_splits K ranges (Mp = small_m_m_pad(M)).
+    Group-scaled weights: w [G, N, g] int4 codes with ``group_scales`` [G, N] f32 (G = K / g groups
+    of g consecutive K; tile_k a multiple of g) -> the partial sums of sum_g scale_g * (a_g @ w_g^T)^T.
+    The kernel behind ``matmul`` (M <= SMALL_M_MAX), ``quantized_matmul`` and ``int4_matmul``; shapes
+    checked by them."""
+    m, k = a.shape
+    group_size = w.shape[2] if group_scales is not None else 0
+    n = w.shape[1] if group_size else w.shape[0] if weights_nk else w.shape[1]
+    m_pad, wgs = small_m_m_pad(m), SMALL_M_COMPUTE_WGS
+    rows = config.tile_n // wgs
+    via_smem = (weights_nk or group_size) and w.dtype != jnp.bfloat16 and interpreting()
+    scratch = [plgpu.SMEM((wgs, rows, m_pad), jnp.float32, transforms=smem_transforms(m_pad, jnp.float32))]
+    if via_smem:
+        deq_k = group_size or config.tile_k
+        scratch.append(plgpu.SMEM((wgs, rows, deq_k), jnp.bfloat16, transforms=smem_transforms(deq_k, jnp.bfloat16)))
+    kernel = plgpu.kernel(
+        functools.partial(_small_m_kernel, config=config, weights_nk=weights_nk or bool(group_size),
+                          dequant_via_smem=via_smem, group_size=group_size),
+        out_type=jax.ShapeDtypeStruct((config.num_k_splits, n, m_pad), jnp.float32),
+        scratch_types=tuple(scratch),
+        grid=(n // config.tile_n, config.num_k_splits),
+        grid_names=("n", "split"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    return kernel(jnp.pad(a, ((0, m_pad - m), (0, 0))), w, *(() if group_scales is None else (group_scales,)))
 
 
 def _matmul_small_m(a, w, config: MatmulConfig, out_dtype):
-    m, k = a.shape
-    n = w.shape[1]
-    m_pad = pl.cdiv(m, _SMALL_M_ALIGN) * _SMALL_M_ALIGN
-    a_pad = jnp.pad(a, ((0, m_pad - m), (0, 0)))
-    splits = config.num_k_splits
-    kernel = plgpu.kernel(
-        functools.partial(_small_m_kernel, config=config),
-        out_type=jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32),
-        scratch_types=(plgpu.SMEM((config.tile_n, m_pad), jnp.float32, transforms=smem_transforms(m_pad, jnp.float32)),),
-        grid=(n // config.tile_n, splits),
-        grid_names=("n", "split"),
-    )
-    partial_sums = kernel(a_pad, w)  # [S, N, Mp]
-    return partial_sums.sum(axis=0)[:, :m].T.astype(out_dtype)
+    partial_sums = small_m_partial_sums(a, w, config)  # [S, N, Mp]
+    return partial_sums.sum(axis=0)[:, :a.shape[0]].T.astype(out_dtype)
 
 
 def _large_m_kernel(a_ref, w_ref, out_ref, *, config: MatmulConfig, num_ctas: int):
@@ -208,18 +378,23 @@ def _matmul_large_m(a, w, config: MatmulConfig):
     return kernel(a_pad, w)[:m]
 
 
-def _shape_error(m: int, k: int, n: int, config: MatmulConfig, out_dtype) -> str | None:
-    """Why (M, K, N) with output ``out_dtype`` does not fit ``config``'s tiles, or None when it does."""
+def out_dtype_error(m: int, out_dtype) -> str | None:
+    """Why the kernels cannot write ``out_dtype`` for M rows (float32 from the small-M kernel only), or None."""
     if jnp.dtype(out_dtype) not in OUT_DTYPES:
         return f"out_dtype={jnp.dtype(out_dtype).name} must be one of {[d.name for d in OUT_DTYPES]}"
+    if m > SMALL_M_MAX and jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16):
+        return f"the prefill kernel ({m=} > {SMALL_M_MAX}) writes bfloat16 only, not {jnp.dtype(out_dtype).name}"
+    return None
+
+
+def _shape_error(m: int, k: int, n: int, config: MatmulConfig, out_dtype) -> str | None:
+    """Why (M, K, N) with output ``out_dtype`` does not fit ``config``'s tiles, or None when it does."""
+    error = out_dtype_error(m, out_dtype)
+    if error is not None:
+        return error
     if m <= SMALL_M_MAX:
-        if n % config.tile_n:
-            return f"{config.tile_n=} must divide {n=}"
-        if k % (config.tile_k * config.num_k_splits):
-            return f"{config.tile_k=} * {config.num_k_splits=} must divide {k=}"
+        return small_m_shape_error(m, k, n, config, weight_itemsize=2)
     else:
-        if jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16):
-            return f"the prefill kernel ({m=} > {SMALL_M_MAX}) writes bfloat16 only, not {jnp.dtype(out_dtype).name}"
         if n % (2 * config.tile_n):
             return f"2 * {config.tile_n=} must divide {n=}"
         if k % config.tile_k:

@@ -57,11 +57,19 @@ def lookup(kernel: str, dtype, shape_key: str) -> dict | None:
     return _load_table(kernel).get((device_kind(), jnp.dtype(dtype).name, shape_key))
 
 
-def split_k(num_n_tiles: int, num_k_steps: int, min_steps_per_split: int = 4) -> int:
-    """Split-K factor for a weight-streaming (small-M) matmul: double the splits until the CTAs fill
-    every SM, while each split keeps >= ``min_steps_per_split`` K steps and the steps divide evenly."""
-    splits = 1
-    while (num_n_tiles * splits < num_sms() and num_k_steps % (splits * 2) == 0
-           and num_k_steps // (splits * 2) >= min_steps_per_split):
-        splits *= 2
-    return splits
+def split_k(num_n_tiles: int, num_k_steps: int, step_bytes: int, partial_bytes_per_split: int,
+            min_steps_per_split: int = 4, ctas_per_sm: int = 1) -> int:
+    """Split-K factor S for a weight-streaming (small-M) matmul of ``num_n_tiles`` output tiles, each
+    ``num_k_steps`` steps of ``step_bytes``: the S (each split >= ``min_steps_per_split`` steps; the
+    last split may be shorter) with the fewest bytes moved in the slowest SM's time, counting a partly
+    filled last wave of CTAs as full (``waves * SMs * ceil(steps / S) * step_bytes``) plus the float32
+    partial sums written and read back (``2 * S * partial_bytes_per_split``). More splits fill the
+    SMs more evenly; fewer write less. ``ctas_per_sm`` CTAs resident per SM widen a wave."""
+    sms = num_sms() * ctas_per_sm
+
+    def cost(splits: int) -> float:
+        waves = -(-num_n_tiles * splits // sms)
+        return waves * sms * -(-num_k_steps // splits) * step_bytes + 2 * splits * partial_bytes_per_split
+
+    candidates = [s for s in range(1, 33) if s == 1 or -(-num_k_steps // s) >= min_steps_per_split]
+    return min(candidates, key=lambda s: (cost(s), s))

@@ -1,11 +1,12 @@
-"""matmul_backend='pallas': the wrapped projections run the Pallas matmul kernels (bf16 weights, and int8 / fp8
-weight-only ones) where the kernels take the shape, fall back to the XLA rule where they do not, and give the
+"""matmul_backend='pallas': the wrapped projections run the Pallas matmul kernels (bf16 weights, and int8 / fp8 /
+int4 weight-only ones) where the kernels take the shape, fall back to the XLA rule where they do not, and give the
 XLA path's logits and greedy tokens (tiny GLM-4 and Llama checkpoints in bfloat16). On a machine without a
 GPU the kernels run in the Mosaic GPU interpreter; a kernel-call recorder checks that they really ran."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -18,8 +19,11 @@ from autoglm_jax.checkpoint.loader import load_model
 from autoglm_jax.engine.config import EngineConfig
 from autoglm_jax.model.decoder import DecoderLayers
 from autoglm_jax.model.layers import linear
-from autoglm_jax.model.matmul_backend import PallasChannelWeight, PallasWeight, apply_matmul_backend, wrap_weight
+from autoglm_jax.model.matmul_backend import (PallasChannelWeight, PallasInt4Weight, PallasWeight, apply_matmul_backend,
+                                              wrap_weight)
 from autoglm_jax.quant.channel import quantize_channel
+from autoglm_jax.quant.int4 import Int4Weight, quantize_int4
+from pallas_kernels import int4_matmul as i4mm
 from pallas_kernels import matmul as bf16_matmul
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels._interpret import gpu_interpret
@@ -37,7 +41,7 @@ PROMPT = [5, 17, 42, 7, 99, 3, 11, 60, 200, 31, 8, 150]
 def record_kernel_calls(monkeypatch) -> list:
     """[(kernel name, a.shape, w.shape)] of every Pallas matmul traced from now to the test's end."""
     calls = []
-    for module, name in ((bf16_matmul, "matmul"), (qmm, "quantized_matmul")):
+    for module, name in ((bf16_matmul, "matmul"), (qmm, "quantized_matmul"), (i4mm, "int4_matmul")):
         def record(a, w, *args, _kernel=getattr(module, name), _name=name, **kwargs):
             calls.append((_name, tuple(a.shape), tuple(w.shape)))
             return _kernel(a, w, *args, **kwargs)
@@ -129,6 +133,29 @@ def test_unsupported_shapes_and_dtypes_fall_back_to_the_xla_rule(kernel_calls):
     assert kernel_calls == []
 
 
+def test_int4_kernel_with_in_scales_and_bias_and_its_fallbacks(kernel_calls):
+    x, bias = _bf16(0, (5, 256)), _bf16(2, (128,))
+    w = jax.random.normal(jax.random.key(1), (256, 128), jnp.float32) * 0.05
+    in_scales = jax.random.uniform(jax.random.key(3), (256,), jnp.float32, 0.5, 2.0)
+    for group_size in (64, 128):
+        q = dataclasses.replace(quantize_int4(w, group_size), in_scales=in_scales)
+        wrapped = wrap_weight(q)
+        assert isinstance(wrapped, PallasInt4Weight) and wrapped.codes.shape == (256 // group_size, 128, group_size)
+        with kernel_context():
+            out = linear(wrapped, x, bias)
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(linear(q, x, bias), np.float32),
+                                   rtol=1e-2, atol=2e-2)
+    assert kernel_calls == [("int4_matmul", (5, 256), (4, 128, 64)), ("int4_matmul", (5, 256), (2, 128, 128))]
+    # No kernel: 200 rows with a bias (the prefill kernel writes bf16 only), and N = 64 < tile_n: the Int4Weight rule.
+    cases = [(q, _bf16(4, (200, 256)), bias), (quantize_int4(w[:, :64], 64), x, None)]
+    with kernel_context():
+        for plain, xs, b in cases:
+            np.testing.assert_array_equal(np.asarray(linear(wrap_weight(plain), xs, b)), np.asarray(linear(plain, xs, b)))
+    assert len(kernel_calls) == 2
+    for unwrapped in (quantize_int4(w, 32), quantize_int4(w[:96], 64)):  # groups the kernel does not take
+        assert wrap_weight(unwrapped) is unwrapped
+
+
 @pytest.mark.skipif(ON_GPU, reason="checks the choice off GPU")
 def test_off_gpu_without_the_interpreter_the_xla_rule_runs(kernel_calls):
     x, w = _bf16(0, (4, 128)), _bf16(1, (128, 128))
@@ -145,6 +172,15 @@ def test_wrappers_slice_like_their_weights():
     layer = jax.tree.map(lambda a: a[2], q)
     assert layer.shape == (64, 128) and layer.scales.shape == (128,)
     assert wrap_weight(quantize_channel(w.astype(jnp.float32), "int8", activations="int8")).activations == "int8"
+    q4 = quantize_int4(w.astype(jnp.float32), 64)
+    p4 = wrap_weight(q4)
+    assert isinstance(p4, PallasInt4Weight) and p4.shape == (3, 64, 128) and p4.codes.shape == (3, 1, 128, 64)
+    layer = jax.tree.map(lambda a: a[2], p4)
+    assert layer.shape == (64, 128) and layer.scales.shape == (1, 128)
+    back = layer.as_int4_weight()  # exactly the Int4Weight it came from
+    assert isinstance(back, Int4Weight) and back.group_size == 64
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(jax.tree.map(lambda a: a[2], q4))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 # ---- the model and the engine -----------------------------------------------------------------------
@@ -170,7 +206,8 @@ def _greedy_logits(model, config, steps: int = 2):
     return np.stack(rows), tokens
 
 
-@pytest.mark.parametrize("architecture,quantization", [("Glm4ForCausalLM", None), ("LlamaForCausalLM", "fp8")])
+@pytest.mark.parametrize("architecture,quantization", [("Glm4ForCausalLM", None), ("LlamaForCausalLM", "fp8"),
+                                                       ("Glm4ForCausalLM", "int4-g64"), ("LlamaForCausalLM", "int4")])
 def test_model_pallas_equals_xla(tmp_path, kernel_calls, architecture, quantization):
     save_tiny(architecture, tmp_path, **TINY)
     config, xla_model, _ = load_model(str(tmp_path), jnp.bfloat16, quantization=quantization)
@@ -181,7 +218,8 @@ def test_model_pallas_equals_xla(tmp_path, kernel_calls, architecture, quantizat
     assert tokens == ref_tokens
     np.testing.assert_allclose(out, ref, atol=2e-2 * float(np.abs(ref).max()))
     kernels = {name for name, _, _ in kernel_calls}
-    assert kernels == ({"matmul"} if quantization is None else {"matmul", "quantized_matmul"})  # lm_head: bf16
+    quantized_kernel = "int4_matmul" if quantization and quantization.startswith("int4") else "quantized_matmul"
+    assert kernels == ({"matmul"} if quantization is None else {"matmul", quantized_kernel})  # lm_head: bf16
     weights = {w for _, _, w in kernel_calls}
     assert len(weights) == 5, weights  # qkv, o, gate_up, down, lm_head
 
@@ -227,8 +265,8 @@ def test_engine_greedy_pallas_equals_xla(tmp_path, kernel_calls):
 
 def test_matmul_backend_setting_is_validated():
     assert EngineConfig(matmul_backend="pallas").matmul_backend == "pallas"
-    assert EngineConfig().matmul_backend == "xla"
-    with pytest.raises(ValueError, match="matmul_backend='cublas'; choose xla or pallas"):
+    assert EngineConfig().matmul_backend == "auto"
+    with pytest.raises(ValueError, match="matmul_backend='cublas'; choose auto, xla or pallas"):
         EngineConfig(matmul_backend="cublas")
     with pytest.raises(ValueError, match="matmul_backend='triton'"):
         load_model("tiny-llama", jnp.float32, matmul_backend="triton")
@@ -239,8 +277,28 @@ def test_matmul_backend_setting_is_validated():
     assert isinstance(model.layers.down.get_value(), PallasWeight)
 
 
+def test_auto_wraps_only_weight_only_int8_fp8_int4_weights_and_only_on_gpu():
+    _, float_model, _ = load_model("tiny-llama", jnp.float32)
+    _, int8_model, _ = load_model("tiny-llama", jnp.float32, quantization="int8")  # the default: "auto", on CPU
+    assert not isinstance(int8_model.layers.down.get_value(), PallasChannelWeight)
+    with gpu_interpret():  # a GPU target
+        assert apply_matmul_backend(float_model, "auto") == 0  # bf16 / f32 weights: XLA's GEMV is as fast
+        assert apply_matmul_backend(int8_model, "auto") == 4
+    assert isinstance(float_model.layers.down.get_value(), jax.Array)
+    assert isinstance(int8_model.layers.down.get_value(), PallasChannelWeight)
+    _, int4_model, _ = load_model("tiny-llama", jnp.float32, quantization="int4-g64")
+    with gpu_interpret():
+        assert apply_matmul_backend(int4_model, "auto") == 4
+    assert isinstance(int4_model.layers.down.get_value(), PallasInt4Weight)
+    _, w8a8_model, _ = load_model("tiny-llama", jnp.float32, quantization="w8a8-int8")
+    with gpu_interpret():
+        assert apply_matmul_backend(w8a8_model, "auto") == 0  # no kernel for W8A8: XLA rule
+    _, mesh_model, _ = load_model("tiny-llama", jnp.float32, quantization=None, matmul_backend="auto", mesh=None)
+    assert isinstance(mesh_model.layers.down.get_value(), jax.Array)
+
+
 def test_serve_flag_reaches_the_engine():
     from tests.server.test_serve_config import _settings
 
     assert _settings("--matmul_backend=pallas")["matmul_backend"] == "pallas"
-    assert _settings()["matmul_backend"] == "xla"
+    assert _settings()["matmul_backend"] == "auto"

@@ -141,17 +141,20 @@ def _to_device(tree: dict, dtype) -> dict:
 
 
 def load_model(model: str | None, dtype=jnp.bfloat16, attention_backend: str = "xla", seed: int = 0,
-               progress: bool = False, mesh=None, quantization: str | None = None, matmul_backend: str = "xla"):
+               progress: bool = False, mesh=None, quantization: str | None = None, matmul_backend: str = "auto"):
     """(config, CausalLM, source) for a preset name, HF directory, GGUF file, Orbax checkpoint or None;
     ``mesh``: see ``build_model``. ``quantization``: a scheme of ``autoglm_jax.quant.SCHEMES`` applied to
     every decoder linear projection after loading (a quantized Orbax checkpoint is already quantized:
     None or its own scheme). ``matmul_backend``: "pallas" then wraps those projections for the Pallas
-    matmul kernels (``autoglm_jax.model.matmul_backend``); "xla" leaves them as they are."""
+    matmul kernels (``autoglm_jax.model.matmul_backend``); "auto" only the weight-only int8 / fp8 ones,
+    on a GPU and without a mesh; "xla" leaves them as they are."""
     from autoglm_jax.model.matmul_backend import apply_matmul_backend, check_matmul_backend
 
     check_matmul_backend(matmul_backend)
     if quantization is not None and mesh is not None:
         raise ValueError(f"quantization={quantization!r} with tensor parallelism (a mesh) is not supported yet")
+    if matmul_backend == "auto" and mesh is not None:
+        matmul_backend = "xla"
     if matmul_backend != "xla" and mesh is not None:
         raise ValueError(f"matmul_backend={matmul_backend!r} with tensor parallelism (a mesh) is not supported yet")
     source = resolve_model_source(model)

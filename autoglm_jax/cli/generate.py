@@ -25,7 +25,8 @@ flags.DEFINE_string("system", None, "Optional system message with --chat.")
 flags.DEFINE_integer("max_model_len", 2048, "max_sequence_length of the engine.")
 flags.DEFINE_string("quantization", None, "Quantize the decoder's linear projections after loading (int8, fp8, "
                     "w8a8-int8, w8a8-fp8, int4, int4-g64, int4-g128, q8_0, q4_0, q4_1).")
-flags.DEFINE_enum("matmul_backend", "xla", ["xla", "pallas"], "Decoder projections: XLA dots or the Pallas "
+flags.DEFINE_enum("matmul_backend", "auto", ["auto", "xla", "pallas"], "Decoder projections: auto (the Pallas "
+                  "kernels for weight-only int8 / fp8 weights on GPU, else XLA), XLA dots, or the Pallas "
                   "matmul kernels (bf16 / int8 / fp8 weights on GPU; XLA where a shape does not fit).")
 
 

@@ -50,7 +50,8 @@ flags.DEFINE_float("memory_fraction", 0.85, "Share of free device memory the KV 
 flags.DEFINE_integer("max_waiting_requests", 4096, "Requests in flight before the server answers 429.")
 flags.DEFINE_integer("max_logprobs", 20, "Most top logprobs a request may ask for.")
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "xla", "pallas"], "Attention implementation.")
-flags.DEFINE_enum("matmul_backend", "xla", ["xla", "pallas"], "Decoder projections: XLA dots or the Pallas "
+flags.DEFINE_enum("matmul_backend", "auto", ["auto", "xla", "pallas"], "Decoder projections: auto (the Pallas "
+                  "kernels for weight-only int8 / fp8 weights on GPU, else XLA), XLA dots, or the Pallas "
                   "matmul kernels (bf16 / int8 / fp8 weights on GPU; XLA where a shape does not fit).")
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices one model replica is split over.")
 flags.DEFINE_integer("data_parallel_size", 1, "Engine replicas behind one load-balancing front.")

@@ -63,7 +63,7 @@ class EngineConfig:
     batching_window_min_ms: float = 0.0
     batching_window_max_ms: float = 5.0
     attention_backend: str = "auto"
-    matmul_backend: str = "xla"
+    matmul_backend: str = "auto"
     # Run the decoder layers under lax.scan over stacked weights (True), or unrolled over per-layer weight
     # buffers (False: on GPU 2.2x faster batch-1 decode, since a scan slices each layer's weights out of the
     # stack with a copy before its GEMMs; slower to compile). None = False on GPU, True elsewhere.
@@ -102,8 +102,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend={self.attention_backend!r}; choose auto, xla or pallas")
         if self.data_parallel_backend not in ("auto", "process", "thread"):
             raise ValueError(f"data_parallel_backend={self.data_parallel_backend!r}; choose auto, process or thread")
-        if self.matmul_backend not in ("xla", "pallas"):
-            raise ValueError(f"matmul_backend={self.matmul_backend!r}; choose xla or pallas")
+        if self.matmul_backend not in ("auto", "xla", "pallas"):
+            raise ValueError(f"matmul_backend={self.matmul_backend!r}; choose auto, xla or pallas")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling={self.async_scheduling!r}; choose True, False or None (auto)")
         if self.scan_layers not in (None, True, False):

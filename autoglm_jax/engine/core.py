@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import logging
 import numbers
 import random
@@ -187,7 +188,9 @@ class EngineCore:
             max_num_batched_tokens=sched_config.max_num_batched_tokens, max_sequence_length=self.max_sequence_length,
             page_size=cfg.page_size, num_pages=num_pages, cache_dtype=self.dtype,
             decode_steps_per_call=cfg.decode_steps_per_call, max_logprobs=cfg.max_logprobs,
-            eos_token_ids=self.eos_token_ids, mesh=mesh, scan_layers=resolve_scan_layers(cfg.scan_layers))
+            eos_token_ids=self.eos_token_ids, mesh=mesh, scan_layers=resolve_scan_layers(cfg.scan_layers),
+            executable_cache_dir=(os.path.join(cfg.compilation_cache_dir, "executables")
+                                  if cfg.compilation_cache_dir else None))
         del model
         self.requests: dict[str, RequestState] = {}
         self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}

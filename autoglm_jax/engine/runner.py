@@ -26,6 +26,7 @@ from flax import nnx
 
 from autoglm_jax.config import ModelConfig
 from autoglm_jax.engine.buckets import BucketLadder
+from autoglm_jax.engine.executable_cache import ExecutableCache, fingerprint
 from autoglm_jax.engine.device_state import TOKEN_NOT_COUNTED, TOKEN_OUTPUT, TOKEN_PROMPT, DeviceState
 from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from autoglm_jax.engine.step_functions import DecodeInput, StepInput, decode_loop, mixed_step
@@ -92,10 +93,12 @@ class ModelRunner:
     def __init__(self, model: nnx.Module, model_config: ModelConfig, *, max_batch_size: int,
                  max_num_batched_tokens: int, max_sequence_length: int, page_size: int, num_pages: int,
                  cache_dtype, decode_steps_per_call: int, max_logprobs: int, eos_token_ids=(), mesh=None,
-                 scan_layers: bool = True):
+                 scan_layers: bool = True, executable_cache_dir: str | None = None):
         """``mesh``: a ("tp",) jax Mesh to serve a tensor-parallel model (``autoglm_jax.parallel``) over;
         None = the model's one device. ``scan_layers=False`` unstacks the model's layer weights in place
-        (``DecoderLayers.unstack``) so the steps run the layers unrolled over per-layer buffers."""
+        (``DecoderLayers.unstack``) so the steps run the layers unrolled over per-layer buffers.
+        ``executable_cache_dir``: where ``warmup`` saves the compiled step programs and loads them from
+        on the next start, skipping tracing (``executable_cache``; one device only, not over a mesh)."""
         self.config = model_config
         self.mesh = mesh
         if not scan_layers:
@@ -123,6 +126,12 @@ class ModelRunner:
         self._mixed = jax.jit(self._counted(mixed_fn), static_argnames=("num_logprobs",), donate_argnums=(1,))
         self._decode = jax.jit(self._counted(decode_fn), static_argnames=("max_steps", "num_logprobs"),
                                donate_argnums=(1,))
+        # Warmed-up programs by (kind, argument shapes): called directly, so a program loaded from the
+        # executable cache is never traced; shapes not warmed up go through the jitted functions.
+        self._executables: dict[tuple, object] = {}
+        self.executable_cache = (ExecutableCache(executable_cache_dir) if executable_cache_dir and mesh is None
+                                 else None)
+        self.num_loaded_executables = 0
 
     def _zero_slot_tokens(self) -> jax.Array:
         """Placed like the state and the step outputs that replace it, so every call of a bucket has one
@@ -145,27 +154,51 @@ class ModelRunner:
     # ------------------------------------------------------------------ warmup
     def warmup(self, compile_threads: int | None = None) -> float:
         """Compiles every bucket of the ladder with empty (all-padding) inputs, then runs each once;
-        returns seconds. Tracing and lowering run in this thread, one program after another; the XLA
-        compilations (which release the GIL) run in ``compile_threads`` threads (default: one per CPU,
-        at most one per program). ``jax.jit`` shares the trace and executable caches with these
-        ahead-of-time compilations, so the runs below compile nothing."""
+        returns seconds. A program found in the executable cache is loaded, not traced (the loads run in
+        parallel). The others are traced and lowered in this thread, one after another, each compiled
+        (XLA releases the GIL) in ``compile_threads`` threads (default: one per CPU, at most one per
+        program) while the next is traced, then saved to the cache. Steps then call these programs
+        directly, so the runs below compile nothing."""
         start = time.perf_counter()
         mixed = [self._empty_step_input(tokens) for tokens in self.ladder.token_buckets]
         decode = [self._empty_decode_input(rows) for rows in self.ladder.decode_batches]
-        lowered = [self._mixed.lower(self.params, self.state, self._replicated(inp), num_logprobs=self.num_logprobs)
-                   for inp in mixed]
-        lowered += [self._decode.lower(self.params, self.state, self._replicated(inp), max_steps=self.decode_steps_per_call,
-                                       num_logprobs=self.num_logprobs) for inp in decode]
-        workers = min(len(lowered), compile_threads or os.cpu_count() or 1)
-        if workers > 1:
-            with ThreadPoolExecutor(workers, thread_name_prefix="warmup-compile") as pool:
-                list(pool.map(lambda program: program.compile(), lowered))
+        programs = [("mixed", self._mixed, inp, {"num_logprobs": self.num_logprobs}) for inp in mixed]
+        programs += [("decode", self._decode, inp, {"max_steps": self.decode_steps_per_call,
+                                                     "num_logprobs": self.num_logprobs}) for inp in decode]
+        programs = [(kind, fn, (self.params, self.state, self._replicated(inp)), static, self._program_key(kind, inp))
+                    for kind, fn, inp, static in programs]
+        fingerprints = [None] * len(programs)
+        loaded = [None] * len(programs)
+        workers = max(1, min(len(programs), compile_threads or os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers, thread_name_prefix="warmup") as pool:
+            if self.executable_cache is not None:  # loading releases the GIL: all programs at once
+                fingerprints = [fingerprint(kind, self.graphdef, args, static) for kind, _, args, static, _ in programs]
+                loaded = list(pool.map(self.executable_cache.load, fingerprints))
+            def compile_one(key, fp, lowered):
+                compiled = lowered.compile()
+                self._executables[key] = compiled
+                if fp is not None:
+                    self.executable_cache.save(fp, compiled)
+
+            pending = []  # traced and lowered here, one after another; each compiles in the pool meanwhile
+            for (kind, fn, args, static, key), fp, executable in zip(programs, fingerprints, loaded):
+                if executable is not None:
+                    self._executables[key] = executable
+                    self.num_loaded_executables += 1
+                else:
+                    pending.append(pool.submit(compile_one, key, fp, fn.lower(*args, **static)))
+            for future in pending:
+                future.result()
+        compiled_at = time.perf_counter()
         for inp in mixed:
             self._run_mixed(inp)
         for inp in decode:
             self._run_decode(inp)
         jax.block_until_ready(self.state)
-        return time.perf_counter() - start
+        end = time.perf_counter()
+        log.info("warmup: %d programs loaded from the executable cache, %d traced and compiled, in %.1f s; "
+                 "first runs %.1f s", self.num_loaded_executables, len(pending), compiled_at - start, end - compiled_at)
+        return end - start
 
     def _empty_step_input(self, token_bucket: int) -> StepInput:
         rows = self.ladder.rows_for_tokens(token_bucket)
@@ -254,16 +287,28 @@ class ModelRunner:
                             out.top_token_ids[k, b], out.top_logprobs[k, b]) for k in range(n)]
         return sampled
 
+    @staticmethod
+    def _program_key(kind: str, inp) -> tuple:
+        return (kind, *(np.shape(x) for x in jax.tree.leaves(inp)))
+
     def _run_mixed(self, inp: StepInput):
         inp = self._replicated(inp)
-        self.state, out = self._mixed(self.params, self.state, inp, num_logprobs=self.num_logprobs)
+        program = self._executables.get(self._program_key("mixed", inp))
+        if program is not None:
+            self.state, out = program(self.params, self.state, inp)
+        else:
+            self.state, out = self._mixed(self.params, self.state, inp, num_logprobs=self.num_logprobs)
         self.slot_tokens = out.slot_tokens
         return out
 
     def _run_decode(self, inp: DecodeInput):
         inp = self._replicated(inp)
-        self.state, out = self._decode(self.params, self.state, inp, max_steps=self.decode_steps_per_call,
-                                       num_logprobs=self.num_logprobs)
+        program = self._executables.get(self._program_key("decode", inp))
+        if program is not None:
+            self.state, out = program(self.params, self.state, inp)
+        else:
+            self.state, out = self._decode(self.params, self.state, inp, max_steps=self.decode_steps_per_call,
+                                           num_logprobs=self.num_logprobs)
         self.slot_tokens = out.slot_tokens
         return out
 

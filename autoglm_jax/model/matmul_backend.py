@@ -1,12 +1,15 @@
-"""The engine arg ``matmul_backend`` as a transform over weights: "pallas" wraps the model's projections.
+"""The engine arg ``matmul_backend`` as a transform over weights: "pallas" wraps the model's projections,
+"auto" (the default) only its weight-only int8 / fp8 / int4 ones and only on a GPU, "xla" none.
 
 Owns: ``PallasWeight`` (a float weight whose ``linear`` runs ``pallas_kernels.matmul``),
 ``PallasChannelWeight`` (a weight-only int8 / fp8 ``quant.ChannelWeight`` stored out-feature major for
-``pallas_kernels.quantized_matmul``), their ``linear`` rules, and ``apply_matmul_backend``, which swaps
+``pallas_kernels.quantized_matmul``), ``PallasInt4Weight`` (a group-wise ``quant.int4.Int4Weight`` in
+``pallas_kernels.int4_matmul``'s layout), their ``linear`` rules, and ``apply_matmul_backend``, which swaps
 them in for the decoder layers' qkv / o / gate_up / down weights and an untied lm_head of a built
 model. Layers never branch on the backend: ``model.layers.linear`` dispatches on the weight's type. It
-does not own the kernels or quantizing weights (``autoglm_jax.quant``); W8A8, int4 and GGUF-block
-weights keep their XLA rules.
+does not own the kernels or quantizing weights (``autoglm_jax.quant``); W8A8 and GGUF-block weights, and
+int4 ones whose groups the kernel does not take (group size not 64 / 128, or not dividing K), keep their
+XLA rules.
 
 Every leaf of a wrapper carries the weight's leading axes (e.g. the stacked layer axis L), so slicing
 the leaves - ``lax.scan`` over stacked layers, or ``DecoderLayers.unstack`` splitting each leaf into
@@ -33,8 +36,9 @@ from flax import nnx
 
 from autoglm_jax.model.layers import linear
 from autoglm_jax.quant.channel import ChannelWeight
+from autoglm_jax.quant.int4 import Int4Weight
 
-MATMUL_BACKENDS = ("xla", "pallas")
+MATMUL_BACKENDS = ("auto", "xla", "pallas")
 PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the decoder layers' linear weights [L, K, N]
 LM_HEAD = ("lm_head",)  # [H, V], present when not tied to the embeddings
 
@@ -76,6 +80,50 @@ class PallasChannelWeight(_WholeWeight):
     def as_channel_weight(self) -> ChannelWeight:
         """The same weight in ``quant.channel``'s [..., K, N] layout (a transpose XLA folds into the dot)."""
         return ChannelWeight(jnp.swapaxes(self.values_t, -1, -2), self.scales)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scales", "offsets", "in_scales"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class PallasInt4Weight(_WholeWeight):
+    """An Int4Weight in the kernel's layout (``pallas_kernels.int4_matmul``), made once at wrap time:
+    codes [..., G, N, g] int4 = code - 8 (group-major), scales [..., G, N] float32, offsets [..., G, N]
+    float32 = scale * (8 - zero) (the zero point folded out: w = scale * codes + offset per group),
+    in_scales [..., K] float32 or None (multiplies x first, as in the Int4Weight rule)."""
+
+    codes: jax.Array
+    scales: jax.Array
+    offsets: jax.Array
+    in_scales: jax.Array | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The float weight's shape [..., K, N]."""
+        *lead, groups, n, group_size = self.codes.shape
+        return (*lead, groups * group_size, n)
+
+    def as_int4_weight(self) -> Int4Weight:
+        """The same weight as ``quant.int4``'s Int4Weight (packed along N), for its XLA rule."""
+        return _int4_weight(self)
+
+
+@jax.jit
+def _kernel_int4_layout(weight: Int4Weight) -> PallasInt4Weight:
+    even, odd = weight.codes()  # [..., K, N/2] uint8 in [0, 15]
+    *lead, k, n = weight.shape
+    g = weight.group_size
+    codes = (jnp.stack([even, odd], axis=-1).astype(jnp.int8) - 8).reshape(*lead, k // g, g, n)  # int4 last:
+    offsets = weight.scales * (8.0 - weight.zeros.astype(jnp.float32))  # the shuffles stay on bytes
+    return PallasInt4Weight(jnp.swapaxes(codes, -1, -2).astype(jnp.int4), weight.scales, offsets, weight.in_scales)
+
+
+@jax.jit
+def _int4_weight(weight: PallasInt4Weight) -> Int4Weight:
+    *lead, k, n = weight.shape
+    codes = (jnp.swapaxes(weight.codes.astype(jnp.int8), -1, -2) + 8).astype(jnp.uint8).reshape(*lead, k, n)
+    zeros = jnp.round(8.0 - weight.offsets / weight.scales).astype(jnp.uint8)
+    return Int4Weight(codes[..., 0::2] | (codes[..., 1::2] << 4), weight.scales, zeros, weight.codes.shape[-1],
+                      weight.in_scales)
 
 
 def targets_gpu() -> bool:
@@ -128,18 +176,46 @@ def _linear_pallas_channel(weight: PallasChannelWeight, x: jax.Array, bias: jax.
     return _finish(y.reshape(*x.shape[:-1], n), bias, out_dtype)
 
 
+@linear.register
+def _linear_pallas_int4(weight: PallasInt4Weight, x: jax.Array, bias: jax.Array | None = None,
+                        out_dtype=None) -> jax.Array:
+    """x [..., K] @ dequant(weight) [K, N] (+ bias [N]) -> [..., N]: the int4 kernel, else the Int4Weight rule."""
+    from pallas_kernels import int4_matmul as i4mm
+
+    k, n = weight.shape[-2:]
+    group_size = weight.codes.shape[-1]
+    m = x.size // k if k else 0
+    kernel_dtype, out_dtype = _kernel_dtypes(x, bias, out_dtype)
+    if not (weight.codes.ndim == 3 and targets_gpu() and i4mm.supports(m, k, n, x.dtype, group_size, kernel_dtype)):
+        return linear(weight.as_int4_weight(), x, bias, out_dtype)
+    if weight.in_scales is not None:
+        x = (x.astype(jnp.float32) * weight.in_scales).astype(x.dtype)
+    y = i4mm.int4_matmul(x.reshape(m, k), weight.codes, weight.scales, weight.offsets, out_dtype=kernel_dtype)
+    return _finish(y.reshape(*x.shape[:-1], n), bias, out_dtype)
+
+
+def wrap_quantized_weight(weight):
+    """``wrap_weight`` for weight-only int8 / fp8 / int4 weights only (the "auto" backend on a GPU)."""
+    return wrap_weight(weight) if isinstance(weight, (ChannelWeight, Int4Weight)) else weight
+
+
 def wrap_weight(weight):
     """The Pallas form of one weight: float array -> PallasWeight, weight-only ChannelWeight ->
-    PallasChannelWeight; anything else (W8A8, int4, GGUF blocks, already wrapped) unchanged."""
+    PallasChannelWeight, Int4Weight in groups the kernel takes -> PallasInt4Weight; anything else (W8A8,
+    other int4 groups, GGUF blocks, already wrapped) unchanged."""
+    from pallas_kernels.int4_matmul import GROUP_SIZES
+
     if isinstance(weight, jax.Array) and jnp.issubdtype(weight.dtype, jnp.floating):
         return PallasWeight(weight)
     if isinstance(weight, ChannelWeight) and weight.activations is None:
         return PallasChannelWeight(jnp.swapaxes(weight.values, -1, -2), weight.scales)
+    if isinstance(weight, Int4Weight) and weight.group_size in GROUP_SIZES and weight.shape[-2] % weight.group_size == 0:
+        return _kernel_int4_layout(weight)
     return weight
 
 
 def _is_weight(node) -> bool:
-    return isinstance(node, (jax.Array, ChannelWeight, PallasWeight, PallasChannelWeight))
+    return isinstance(node, (jax.Array, ChannelWeight, Int4Weight, PallasWeight, PallasChannelWeight, PallasInt4Weight))
 
 
 def check_matmul_backend(backend: str) -> None:
@@ -151,17 +227,26 @@ def apply_matmul_backend(model: nnx.Module, backend: str) -> int:
     """Swaps the decoder projections (and an untied lm_head) of ``model`` in place for ``backend``'s
     weight types; returns how many Params changed ("xla": none). A Param may hold one stacked weight or a
     tuple of per-layer ones. Each old weight is dropped as its wrapped form is stored (a weight-only
-    int8 / fp8 weight is transposed to [..., N, K] first: one such weight extra at the peak)."""
+    int8 / fp8 weight is transposed to [..., N, K] first, an int4 one regrouped to [..., G, N, g]: one such
+    weight extra at the peak, in bytes for int4).
+    "auto": on a GPU (``targets_gpu``) only weight-only int8 / fp8 / int4 weights are wrapped - there the
+    int8 / fp8 kernel is 1.3x XLA's dequantize-and-dot at batch-1 decode, while for bf16 weights XLA's GEMV
+    is as fast (benchmarks/RESULTS.md, "Small-M matmul kernels"); off a GPU nothing is."""
     check_matmul_backend(backend)
-    if backend == "xla":
+    if backend == "xla" or (backend == "auto" and not targets_gpu()):
         return 0
+    wrap = wrap_quantized_weight if backend == "auto" else wrap_weight
     changed = 0
     for path, node in list(nnx.iter_graph(model)):
         is_projection = path[:1] == ("layers",) and set(path) & set(PROJECTIONS)
         if not (isinstance(node, nnx.Param) and (is_projection or tuple(path) == LM_HEAD)):
             continue
-        node.set_value(jax.tree.map(wrap_weight, node.get_value(), is_leaf=_is_weight))
+        old = node.get_value()
+        new = jax.tree.map(wrap, old, is_leaf=_is_weight)
+        if backend == "auto" and all(a is b for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))):
+            continue
+        node.set_value(new)
         changed += 1
-    if not changed:
+    if not changed and backend == "pallas":
         raise ValueError(f"matmul_backend={backend!r}: the model has no decoder projections {PROJECTIONS} to wrap")
     return changed

@@ -2,7 +2,8 @@
 
 Owns: the schemes (int8 / fp8 weight-only, W8A8 int8 / fp8, int4 group-wise, GGUF Q8_0 / Q4_0 / Q4_1
 blocks), their weight pytrees with their ``linear`` rules, the path -> scheme rules that apply them to a
-model, their storable (Orbax) form, and calibration of clipping factors with optax. Layers never branch
+model, their storable (Orbax) form, and calibration on the model's own activations (optax-learned and
+searched clipping, GPTQ, refitted scales, AWQ input scales for int4). Layers never branch
 on quantization: ``model.layers.linear`` dispatches on the weight's type, and importing this package
 registers the quantized types' rules.
 """

@@ -1,22 +1,27 @@
 """Calibration: quantized weights that minimise each linear layer's output error on the model's own
-activations: clipping factors learned with optax, then GPTQ (``quant.gptq``) on the clipped grid.
+activations, chosen per output column among several candidates.
 
-Owns: collecting the model's own input activations of every quantized linear (``collect_input_stats``:
-the Gram matrix X^T X per layer, over a few hundred prompts' hidden states; a prefix all prompts share
-counted once), learning one clipping factor per scale and choosing per output column among
-round-to-nearest / clipped / GPTQ (``calibrate_weight``), and doing it for a model (``calibrate_params``,
-``calibrate_model``). Does not own the schemes (``quant.schemes``), GPTQ's rounding (``quant.gptq``) or
+Owns: ``CalibrationConfig``, ``calibrate_weight`` (one stacked weight and its input Grams -> its
+quantized weight), ``calibrate_params`` / ``calibrate_model`` (every ruled weight of a model). Does not
+own the statistics (``quant.activation_stats``), the schemes (``quant.schemes``), GPTQ's rounding
+(``quant.gptq``), the grid fits (``quant.grid_fit``), activation-aware scaling (``quant.awq``) or
 placing the weights (``quant.transform``).
 
 Objective, per layer l with input activations X [T, K] and weight W [K, N]:
-    err(clip) = ||X W - X Q(W; clip)||^2 / ||X W||^2 = tr(dW^T G dW) / tr(W^T G W),   G = X^T X
-Q is the scheme's quantize-dequantize with straight-through rounding (``quant.ste``), so Adam moves
-the clipping factors (initialised at 1 = round-to-nearest). The loss is optimised through a rank-r
-factor A of G (A^T A ~= G, the top-r eigen-directions); the errors that choose between candidates are
-measured with the full G, per output column: never worse than RTN on the calibration inputs.
-
-Activations are captured without touching the layers: the target weights are wrapped in ``_Tap``
-pytrees whose ``linear`` rule sends x to the host (``jax.debug.callback``) and then runs the real rule.
+    err = ||X W - X Q(W)||^2 / ||X W||^2 = tr(dW^T G dW) / tr(W^T G W),   G = X^T X
+Steps for one stacked weight [L, K, N]:
+  1. grids: round-to-nearest's; clipping factors learned with optax (Adam through the straight-through
+     rounding of ``quant.ste``, on a rank-r factor A of G, A^T A ~= G); clipping factors searched per
+     scale (``grid_fit.search_clip``);
+  2. on each grid: its round-to-nearest rows, GPTQ's rows, and GPTQ's codes with least-squares scales
+     (``grid_fit.refit_scales``);
+  3. per output column the candidate with the lowest error on the full G wins (error, grids and GPTQ
+     all split over output columns); round-to-nearest is a candidate, so never worse than RTN on the
+     calibration inputs;
+  4. only with ``awq_alphas`` (int4; off by default: on SmolLM2 it made GPTQ's result worse,
+     benchmarks/RESULTS.md "Quantization quality"): activation-aware input scales a per layer (``quant.awq``), steps
+     1-3 again on the scaled problem (w / a, diag(a) G diag(a)), which has the same errors, and per
+     layer the scaled result only where its error is lower than step 3's (a is shared by all columns).
 """
 
 from __future__ import annotations
@@ -30,142 +35,47 @@ import numpy as np
 import optax
 from flax import nnx
 
-from autoglm_jax.model.attention_metadata import AttentionMetadata
-from autoglm_jax.model.kv_cache import KVCache
-from autoglm_jax.model.layers import linear
+from autoglm_jax.quant.activation_stats import collect_input_stats
+from autoglm_jax.quant.awq import SCALED_FAMILIES, choose_input_scales, scaled_problem
 from autoglm_jax.quant.gptq import GPTQConfig, gptq_weight
+from autoglm_jax.quant.grid_fit import REFIT_FAMILIES, refit_scales, search_clip
 from autoglm_jax.quant.schemes import QuantScheme, get_scheme
-from autoglm_jax.quant.transform import QuantRules, as_rules, is_quantized
+from autoglm_jax.quant.transform import QuantRules, as_rules
 from autoglm_jax.tree_paths import flatten
 
-PAGE_SIZE = 16
-TOKEN_BUCKET = 32  # prompts are padded to a multiple of this (bounded recompiles)
-
-
-# ---- activation statistics -----------------------------------------------------------------------
-
-
-class _GramSink:
-    """Host accumulator: path -> float64 [L, K, K] sum of x^T x over valid tokens, and the token count."""
-
-    def __init__(self):
-        self.grams: dict[str, np.ndarray] = {}
-        self.tokens = 0
-        self.start = 0  # rows [start, valid) of the current sequence are counted
-        self.valid = 0
-
-    def add(self, path: str, layer, x) -> None:
-        x = np.asarray(x, np.float64)[self.start: self.valid]
-        layer = int(layer)
-        gram = self.grams.get(path)
-        if gram is None:
-            raise KeyError(f"no accumulator for {path!r}")
-        gram[layer] += x.T @ x
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["weight", "layer"], meta_fields=["path", "sink"])
-@dataclasses.dataclass(frozen=True)
-class _Tap:
-    """A float weight [.., K, N] plus its layer index [..], reporting its input to ``sink``."""
-
-    weight: jax.Array
-    layer: jax.Array
-    path: str
-    sink: _GramSink
-
-    def __getitem__(self, index):
-        return self
-
-
-@linear.register
-def _linear_tap(weight: _Tap, x, bias=None, out_dtype=None):
-    jax.debug.callback(functools.partial(weight.sink.add, weight.path), weight.layer, x)
-    return linear(weight.weight, x, bias, out_dtype)
-
-
-def shared_prefix_length(token_seqs) -> int:
-    """Length of the prefix all sequences share (e.g. a chat template's system prompt)."""
-    first = token_seqs[0] if token_seqs else []
-    n = 0
-    while n < len(first) and all(len(s) > n and s[n] == first[n] for s in token_seqs):
-        n += 1
-    return n
-
-
-def collect_input_stats(model: nnx.Module, token_seqs, rules: QuantRules | str) -> tuple[dict[str, np.ndarray], int]:
-    """({path: Gram float64 [L, K, K]} of the inputs of every ruled [L, K, N] weight, tokens counted).
-
-    ``token_seqs``: token-id lists, each run as one prefill from position 0. A prefix that all of them
-    share (a chat template's system prompt) is counted once, not once per sequence, so the statistics
-    are not dominated by the same positions repeated.
-    """
-    rules = as_rules(rules)
-    token_seqs = [list(s) for s in token_seqs]
-    shared = shared_prefix_length(token_seqs) if len(token_seqs) > 1 else 0
-    graphdef, state = nnx.split(model)
-    tapped = nnx.merge(graphdef, state)
-    sink = _GramSink()
-    for path, value in flatten(nnx.to_pure_dict(nnx.state(tapped, nnx.Param))).items():
-        if rules.scheme_for(path) is None:
-            continue
-        if is_quantized(value) or value.ndim != 3:
-            raise ValueError(f"calibration needs a float stacked [L, K, N] weight at {path!r}")
-        *parents, name = path.split("/")
-        owner = functools.reduce(getattr, parents, tapped)
-        L, K, _ = value.shape
-        setattr(owner, name, nnx.Param(_Tap(value, jnp.arange(L, dtype=jnp.int32), path, sink)))
-        sink.grams[path] = np.zeros((L, K, K), np.float64)
-    if not sink.grams:
-        raise ValueError(f"quantization rules {rules.rules} match no stacked weight of the model")
-    config = model.config
-    graphdef, state = nnx.split(tapped)
-
-    @jax.jit
-    def run(state, tokens, cache, md):
-        out, _ = nnx.merge(graphdef, state).hidden_states(tokens, cache, md)
-        return out
-
-    for index, seq in enumerate(token_seqs):
-        n = len(seq)
-        if n == 0:
-            continue
-        bucket = -(-n // TOKEN_BUCKET) * TOKEN_BUCKET
-        pages = -(-bucket // PAGE_SIZE)
-        cache = KVCache.create(config, pages + 1, PAGE_SIZE, model.embed_tokens[...].dtype)
-        md = AttentionMetadata.build(np.array([0]), np.array([n]), np.arange(1, pages + 1, dtype=np.int32)[None],
-                                     PAGE_SIZE, bucket)
-        tokens = np.zeros(bucket, np.int32)
-        tokens[:n] = seq
-        sink.start, sink.valid = (0 if index == 0 else shared), n
-        run(state, jnp.asarray(tokens), cache, md).block_until_ready()
-        jax.effects_barrier()
-        sink.tokens += n - sink.start
-    if sink.tokens == 0:
-        raise ValueError("calibration needs at least one non-empty token sequence")
-    return sink.grams, sink.tokens
-
-
-# ---- learning the clipping factors ---------------------------------------------------------------
+AWQ_ALPHAS = tuple(i / 8 for i in range(9))  # 0 (no scaling), 0.125, ..., 1: ``awq_alphas`` to try AWQ
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
-    """steps / learning_rate: Adam on the clipping factors (steps=0: no clipping); clip_range: where
-    factors may go; rank: eigen-directions of G the optimised loss keeps (None = all K); gptq: GPTQ
-    on the (clipped) grid after clipping (None = round-to-nearest)."""
+    """steps / learning_rate: Adam on the clipping factors (0: no learned clipping); clip_range: where
+    factors may go; rank: eigen-directions of G the learned clipping and the AWQ search keep (None =
+    all K); search: clipping factors tried per scale, evenly from clip_range[0] to 1 (0: no search);
+    awq_alphas: exponents tried for activation-aware input scales (empty, the default: none;
+    e.g. AWQ_ALPHAS; int4 only);
+    gptq: GPTQ on every grid (None: no GPTQ); refit: least-squares scales for GPTQ's codes."""
 
     steps: int = 100
     learning_rate: float = 1e-2
     clip_range: tuple[float, float] = (0.3, 1.2)
     rank: int | None = 128
+    search: int = 15
+    awq_alphas: tuple[float, ...] = ()
     gptq: GPTQConfig | None = GPTQConfig()
+    refit: bool = True
 
     def __post_init__(self):
-        if self.steps < 0 or self.learning_rate <= 0:
-            raise ValueError(f"steps={self.steps} must be >= 0 and learning_rate={self.learning_rate} > 0")
+        if self.steps < 0 or self.learning_rate <= 0 or self.search < 0:
+            raise ValueError(f"steps={self.steps} and search={self.search} must be >= 0 and "
+                             f"learning_rate={self.learning_rate} > 0")
         lo, hi = self.clip_range
         if not 0 < lo <= 1 <= hi:
             raise ValueError(f"clip_range={self.clip_range} must satisfy 0 < lo <= 1 <= hi")
+        if any(not 0 <= alpha <= 1 for alpha in self.awq_alphas):
+            raise ValueError(f"awq_alphas={self.awq_alphas} must lie in [0, 1]")
+
+    def search_factors(self) -> tuple[float, ...]:
+        return tuple(float(f) for f in np.linspace(1.0, self.clip_range[0], self.search)) if self.search else ()
 
 
 def _factor(gram: np.ndarray, rank: int | None) -> np.ndarray:
@@ -210,42 +120,79 @@ def _column_errors(w, q, gram):
 def calibrate_weight(w: jax.Array, gram: np.ndarray, scheme: QuantScheme | str,
                      cfg: CalibrationConfig = CalibrationConfig()) -> tuple[object, np.ndarray, np.ndarray]:
     """(quantized weight, RTN relative error [L], calibrated relative error [L]) for a stacked float
-    weight w [L, K, N] whose inputs have Gram matrices gram [L, K, K].
-
-    Relative error of layer l: ||X (W - Q)||^2 / ||X W||^2 with the full G. Candidates: round-to-nearest,
-    learned clipping (optax), GPTQ on either grid; the error splits over output columns (and so do the
-    grids and GPTQ), so each column takes the candidate with its lowest error: never worse than
-    round-to-nearest on the calibration inputs."""
+    weight w [L, K, N] whose inputs have Gram matrices gram [L, K, K] (steps: module docstring).
+    Relative error of layer l: ||X (W - Q)||^2 / ||X W||^2 with the full G."""
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     w = jnp.asarray(w, jnp.float32)
     scheme.check_shape(w.shape)
     if w.ndim != 3 or np.shape(gram) != (w.shape[0], w.shape[1], w.shape[1]):
         raise ValueError(f"gram shape {np.shape(gram)} does not match weight shape {tuple(w.shape)} (want [L, K, K])")
+    gram = np.asarray(gram, np.float64)
     g32 = jnp.asarray(gram, jnp.float32)
     scale = np.maximum(np.asarray(_column_errors(w, jnp.zeros_like(w), g32)).sum(-1), 1e-30)  # ||X W||^2 [L]
-    ones = jnp.ones(scheme.clip_shape(w.shape), jnp.float32)
-    candidates = [(ones, w)]  # (clip, rows to round): round-to-nearest first
+    rtn = np.asarray(_column_errors(w, scheme.fake_quantize(w), g32))                      # [L, N]
+    awq = bool(cfg.awq_alphas) and scheme.family in SCALED_FAMILIES
+    factor = jnp.asarray(np.stack([_factor(g, cfg.rank) for g in gram])) if cfg.steps or awq else None
+    grid, rows, best = _best_per_column(scheme, cfg, w, gram, factor)                    # steps 1-3
+    if not awq:
+        return scheme.quantize(rows, grid=grid), rtn.sum(-1) / scale, best.sum(-1) / scale
+    diag = jnp.asarray(np.diagonal(gram, axis1=-2, axis2=-1), jnp.float32)                # step 4
+    in_scales, _ = choose_input_scales(scheme, w, factor, tuple(cfg.awq_alphas), diag)
+    w_s, gram_s = scaled_problem(w, gram, in_scales)
+    s_grid, s_rows, s_best = _best_per_column(scheme, cfg, w_s, gram_s, factor * in_scales[:, None, :])
+    keep = s_best.sum(-1) < best.sum(-1)  # [L]: the scaled layer only where it is better
+    in_scales = jnp.where(keep[:, None], in_scales, 1.0)
+    grid = tuple(jnp.where(keep.reshape(-1, *[1] * (s.ndim - 1)), s, g) for s, g in zip(s_grid, grid))
+    rows = jnp.where(keep[:, None, None], s_rows, rows)
+    best = np.where(keep[:, None], s_best, best)
+    weight = dataclasses.replace(scheme.quantize(rows, grid=grid), in_scales=in_scales)
+    return weight, rtn.sum(-1) / scale, best.sum(-1) / scale
+
+
+def _best_per_column(scheme: QuantScheme, cfg: CalibrationConfig, w, gram, factor):
+    """(grid, rows, error [L, N]) for w [L, K, N] with Grams gram [L, K, K]: per output column the best
+    candidate (steps 2-4 of the module docstring)."""
+    g32 = jnp.asarray(gram, jnp.float32)
+    grids = [scheme.grid(w)]
     if cfg.steps:
-        candidates.append((_learn(scheme, cfg, w, jnp.asarray(np.stack([_factor(g, cfg.rank) for g in gram]))), w))
-    if cfg.gptq is not None:
-        candidates += [(clip, _gptq_rows(scheme, w, gram, scheme.grid(w, clip), cfg.gptq)) for clip, _ in candidates]
-    clip, rows, best = ones, w, None
-    for cand_clip, cand_rows in candidates:  # per output column, the candidate with the lowest error wins
-        err = np.asarray(_column_errors(w, scheme.fake_quantize(cand_rows, grid=scheme.grid(w, cand_clip)), g32))
+        grids.append(scheme.grid(w, _learn(scheme, cfg, w, factor)))
+    if cfg.search:
+        diag = jnp.asarray(np.diagonal(gram, axis1=-2, axis2=-1), jnp.float32)
+        grids.append(scheme.grid(w, search_clip(scheme, w, diag, cfg.search_factors())))
+    grid, rows, best = None, None, None
+    for cand_grid, cand_rows in _candidates(scheme, cfg, w, gram, grids):
+        err = np.asarray(_column_errors(w, scheme.fake_quantize(cand_rows, grid=cand_grid), g32))
         if best is None:
-            rtn = best = err
+            grid, rows, best = cand_grid, cand_rows, err
             continue
         better = jnp.asarray(err < best)
-        clip = jnp.where(scheme.per_column(better), cand_clip, clip)
+        grid = tuple(jnp.where(scheme.per_column(better), c, g) for c, g in zip(cand_grid, grid))
         rows = jnp.where(better[:, None, :], cand_rows, rows)
         best = np.minimum(err, best)
-    grid = scheme.grid(w, clip)
-    return scheme.quantize(rows, grid=grid), rtn.sum(-1) / scale, best.sum(-1) / scale
+    return grid, rows, best
+
+
+def _candidates(scheme: QuantScheme, cfg: CalibrationConfig, w, gram, grids):
+    """(grid, rows) pairs: each grid with w's rows (round-to-nearest), GPTQ's rows and GPTQ's codes on
+    refitted scales."""
+    for grid in grids:
+        yield grid, w
+        if cfg.gptq is None:
+            continue
+        rows = _gptq_rows(scheme, w, gram, grid, cfg.gptq)
+        yield grid, rows
+        if cfg.refit and scheme.family in REFIT_FAMILIES:
+            refits = [refit_scales(scheme, w[l], rows[l], _layer(grid, l), gram[l]) for l in range(w.shape[0])]
+            yield tuple(jnp.stack(a) for a in zip(*(g for g, _ in refits))), jnp.stack([r for _, r in refits])
+
+
+def _layer(grid: tuple, layer: int) -> tuple:
+    return tuple(a[layer] for a in grid)
 
 
 def _gptq_rows(scheme, w, gram, grid, cfg: GPTQConfig):
     """GPTQ's rounded rows of every layer of w [L, K, N] on grid (arrays with a leading L axis)."""
-    return jnp.stack([gptq_weight(scheme, w[l], gram[l], jax.tree.map(lambda a: a[l], grid), cfg)
+    return jnp.stack([gptq_weight(scheme, w[l], gram[l], _layer(grid, l), cfg)
                       for l in range(w.shape[0])])
 
 

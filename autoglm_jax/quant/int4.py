@@ -9,7 +9,13 @@ Layout (G = ceil(K / group_size) groups along the contraction axis K; ``...`` e.
     packed [..., K, N/2] uint8  low nibble = code of column 2j, high nibble = code of column 2j+1
     scales [..., G, N]   float32
     zeros  [..., G, N]   uint8 in [0, 15] (integer zero point)
-    w[k, n] ~= (code[k, n] - zeros[k // g, n]) * scales[k // g, n]
+    in_scales [..., K]   float32 or None: per-input-channel multipliers of x (activation-aware scaling,
+                         ``quant.awq``); the codes then hold w[k, n] / in_scales[k]
+    w[k, n] ~= in_scales[k] * (code[k, n] - zeros[k // g, n]) * scales[k // g, n]
+
+With ``in_scales`` the rule computes (x * in_scales) @ dequant(codes): input channels that carry large
+activations get their weight rows scaled up before rounding (finer relative grid where it matters), and
+the inverse scale moves onto the activation, an elementwise multiply of x inside this rule.
 
 Packing along N (not K) keeps every K group whole whatever K is (SmolLM2's K = 576 is not a multiple
 of 2 x 128), and the rule never interleaves weights: it multiplies x by the even and the odd columns
@@ -31,7 +37,7 @@ from autoglm_jax.quant.ste import round_ste
 GROUP_SIZES = (32, 64, 128, 256)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "scales", "zeros"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "scales", "zeros", "in_scales"],
                    meta_fields=["group_size"])
 @dataclasses.dataclass(frozen=True)
 class Int4Weight:
@@ -39,6 +45,7 @@ class Int4Weight:
     scales: jax.Array
     zeros: jax.Array
     group_size: int = 128
+    in_scales: jax.Array | None = None
 
     def __getitem__(self, index):  # ``nnx.Param(weight)[...]`` returns the weight itself
         if index is Ellipsis:
@@ -55,12 +62,18 @@ class Int4Weight:
         return self.packed & 0xF, self.packed >> 4
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """[..., K, N] in dtype."""
+        """[..., K, N] in dtype (the in_scales folded back into the rows)."""
         even, odd = (_dequant_half(c, self, parity, jnp.float32) for parity, c in enumerate(self.codes()))
-        return jnp.stack([even, odd], axis=-1).reshape(self.shape).astype(dtype)
+        w = jnp.stack([even, odd], axis=-1).reshape(self.shape)
+        if self.in_scales is not None:
+            w = w * self.in_scales[..., :, None]
+        return w.astype(dtype)
 
     def arrays(self) -> dict:
-        return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+        arrays = {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+        if self.in_scales is not None:
+            arrays["in_scales"] = self.in_scales
+        return arrays
 
 
 def _per_row(group_values: jax.Array, group_size: int, k: int) -> jax.Array:
@@ -139,6 +152,8 @@ def group_count(k: int, group_size: int) -> int:
 def _linear_int4(weight: Int4Weight, x: jax.Array, bias: jax.Array | None = None, out_dtype=None) -> jax.Array:
     """x [..., K] @ weight [K, N] (+ bias [N]) -> [..., N] in out_dtype (default x.dtype)."""
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    if weight.in_scales is not None:
+        x = (x.astype(jnp.float32) * weight.in_scales).astype(x.dtype)
     halves = [jnp.dot(x, _dequant_half(c, weight, parity, x.dtype), preferred_element_type=jnp.float32,
                       precision=precision) for parity, c in enumerate(weight.codes())]
     y = jnp.stack(halves, axis=-1).reshape(*x.shape[:-1], -1)

@@ -4,7 +4,8 @@ Owns: the table of schemes and, for each, how to quantize a float [.., K, N] wei
 grid (``grid``: the stored scales / zero points, and ``expand``: the same per element), the differentiable
 quantize-dequantize used by calibration and GPTQ (``round_trip`` / ``fake_quantize``), the shape of its
 learnable clipping factors (``clip_shape``: one factor per scale), and rebuilding a stored weight from
-its arrays (``from_arrays``). Does not own the weight types (``channel``, ``int4``, ``gguf_blocks``) or which
+its arrays (``from_arrays``), and the per-scale layout helpers calibration combines candidates with
+(``group_sum``, ``per_column``). Does not own the weight types (``channel``, ``int4``, ``gguf_blocks``) or which
 parameters get a scheme (``transform``).
 
     int8        int8 weights, per-output-channel scales           (weight-only)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from autoglm_jax.quant import channel, gguf_blocks, int4
 
@@ -87,6 +89,18 @@ class QuantScheme:
             return (*lead, int4.group_count(k, self.group_size), n)
         return (*lead, n, k // gguf_blocks.BLOCK)
 
+    def group_sum(self, values: jax.Array) -> jax.Array:
+        """values [..., K, N] (one per weight element) summed over each scale's elements -> ``clip_shape``."""
+        *lead, k, n = values.shape
+        if self.family == "channel":
+            return jnp.sum(values, axis=-2)
+        if self.family == "int4":
+            groups = int4.group_count(k, self.group_size)
+            padded = jnp.pad(values, [(0, 0)] * len(lead) + [(0, groups * self.group_size - k), (0, 0)])
+            return jnp.sum(padded.reshape(*lead, groups, self.group_size, n), axis=-2)
+        blocks = jnp.sum(values.reshape(*lead, k // gguf_blocks.BLOCK, gguf_blocks.BLOCK, n), axis=-2)
+        return jnp.swapaxes(blocks, -1, -2)
+
     def per_column(self, values: jax.Array) -> jax.Array:
         """values [..., N] (one per output column) -> broadcastable against clipping factors of ``clip_shape``."""
         if self.family == "channel":
@@ -109,7 +123,8 @@ class QuantScheme:
             if self.family == "channel":
                 return channel.ChannelWeight(arrays["values"], arrays["scales"], self.activations)
             if self.family == "int4":
-                return int4.Int4Weight(arrays["packed"], arrays["scales"], arrays["zeros"], self.group_size)
+                return int4.Int4Weight(arrays["packed"], arrays["scales"], arrays["zeros"], self.group_size,
+                                       arrays.get("in_scales"))
             return gguf_blocks.GGUFBlockWeight(arrays["qs"], arrays["d"], arrays["m"], self.storage)
         except KeyError as e:
             raise ValueError(f"scheme {self.name}: stored weight lacks array {e.args[0]!r} (has {sorted(arrays)})") from e

@@ -8,8 +8,8 @@ JSON manifest ``{path: scheme}``, so a saved checkpoint restores without recompu
 
 Paths are the model's parameter paths joined by "/": ``layers/qkv``, ``layers/o``, ``layers/gate_up``,
 ``layers/down`` ([L, K, N] stacked weights), ``embed_tokens``, ``lm_head``, ``norm``, ...
-Does not own the schemes' numerics (``quant.schemes``) or calibration (``quant.calibration``: learned
-clipping + GPTQ, whose quantized weights the transform places where the rules say).
+Does not own the schemes' numerics (``quant.schemes``) or calibration (``quant.calibration``: clipping,
+GPTQ, AWQ input scales; the transform places its quantized weights where the rules say).
 """
 
 from __future__ import annotations

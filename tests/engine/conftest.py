@@ -38,7 +38,10 @@ def random_prompt(rng: np.random.Generator, length: int, vocab: int = 256) -> di
 
 
 def jit_cache_sizes(runner) -> tuple[int, int]:
-    return runner._mixed._cache_size(), runner._decode._cache_size()
+    """Compiled programs per step kind (mixed, decode): the warmed-up executables the runner calls
+    directly, plus whatever the jitted fallbacks compiled for shapes warmup did not cover."""
+    kinds = [key[0] for key in runner._executables]
+    return (kinds.count("mixed") + runner._mixed._cache_size(), kinds.count("decode") + runner._decode._cache_size())
 
 
 def num_ladder_buckets(runner) -> int:

@@ -19,8 +19,9 @@ def random_operands(m, k, n, seed):
 
 @pytest.mark.parametrize("m,k,n,config", [
     (1, 256, 256, mm.MatmulConfig(tile_n=128, tile_k=64, num_stages=2, num_k_splits=2)),  # decode, split-K
+    (3, 448, 128, mm.MatmulConfig(tile_n=128, tile_k=64, num_stages=2, num_k_splits=3)),  # 7 K steps in 3 splits
     (37, 512, 128, None),                                                                 # odd M, heuristic
-    (100, 256, 128, mm.MatmulConfig(tile_n=64, tile_k=128, num_stages=2)),                # M > 64 small path
+    (100, 256, 256, mm.MatmulConfig(tile_n=256, tile_k=64, num_stages=2)),                # M > 64 small path
     (200, 128, 512, mm.MatmulConfig(tile_m=128, tile_n=128, tile_k=64, num_stages=2)),    # prefill path, padded M
 ])
 def test_matches_reference(m, k, n, config, kernel_context):
@@ -41,6 +42,10 @@ def test_rejects_bad_shapes():
         mm.matmul(a.astype(jnp.float32), w)
     with pytest.raises(ValueError, match="multiple of 64"):
         mm.MatmulConfig(tile_k=48)
+    with pytest.raises(ValueError, match="multiple of 128"):  # small M: two warpgroups of >= 64 rows
+        mm.matmul(a, w, config=mm.MatmulConfig(tile_n=64))
+    with pytest.raises(ValueError, match="bytes of SMEM"):
+        mm.matmul(a, w, config=mm.MatmulConfig(tile_n=128, tile_k=128, num_stages=8))
 
 
 GLM4_PROJECTIONS = [(4096, 4608), (4096, 4096), (4096, 27392), (13696, 4096), (4096, 151552)]

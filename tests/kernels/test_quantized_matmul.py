@@ -24,7 +24,11 @@ def random_quantized(m, k, n, weight_dtype, seed):
 @pytest.mark.parametrize("weight_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
 @pytest.mark.parametrize("m,k,n,config", [
     (1, 512, 256, qm.QuantizedMatmulConfig(tile_n=128, tile_k=128, num_stages=2, num_k_splits=2)),
+    (2, 640, 128, qm.QuantizedMatmulConfig(tile_n=128, tile_k=128, num_stages=3, num_k_splits=2)),  # 5 steps: 3 + 2
     (16, 256, 128, None),
+    (9, 256, 256, qm.QuantizedMatmulConfig(tile_n=256, tile_k=128, num_stages=2)),  # M padded to 16, 128 rows/wg
+    (4, 384, 256, qm.QuantizedMatmulConfig(tile_n=128, tile_k=128, num_stages=2, num_k_splits=2)),
+    (100, 384, 128, None),  # M > 64 on the small-M kernel
     (150, 128, 256, None),  # large M: dequantize + bf16 prefill kernel
 ])
 def test_matches_reference(weight_dtype, m, k, n, config, kernel_context):
@@ -45,6 +49,8 @@ def test_rejects_bad_shapes():
         qm.quantized_matmul(a, w_q.astype(jnp.bfloat16), scale)
     with pytest.raises(ValueError, match="multiple of 128"):
         qm.QuantizedMatmulConfig(tile_k=64)
+    with pytest.raises(ValueError, match="128 or 256"):
+        qm.QuantizedMatmulConfig(tile_n=64)
 
 
 @pytest.mark.gpu

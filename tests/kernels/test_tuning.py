@@ -13,7 +13,7 @@ from pallas_kernels._interpret import INTERPRETED_DEVICE_KIND, gpu_interpret
 
 def test_lookup_hits_matching_entry_and_misses_others(tmp_path, monkeypatch):
     entry = {"device_kind": INTERPRETED_DEVICE_KIND, "dtype": "bfloat16", "shape": "M16_K4096_N4096",
-             "config": {"tile_n": 64, "tile_k": 128, "num_stages": 3, "num_k_splits": 4}}
+             "config": {"tile_n": 256, "tile_k": 128, "num_stages": 3, "num_k_splits": 4}}
     (tmp_path / "matmul.json").write_text(json.dumps({"entries": [entry]}))
     monkeypatch.setattr(tuning, "TUNING_DIR", tmp_path)
     tuning._load_table.cache_clear()
@@ -26,3 +26,16 @@ def test_lookup_hits_matching_entry_and_misses_others(tmp_path, monkeypatch):
             assert fallback.num_k_splits >= 1 and 4096 % (fallback.tile_k * fallback.num_k_splits) == 0
     finally:
         tuning._load_table.cache_clear()
+
+
+def test_split_k_fills_the_sms_and_weighs_partial_sums():
+    with gpu_interpret():  # 8 simulated SMs
+        sms = tuning.num_sms()
+        split = lambda tiles, steps, partial: tuning.split_k(tiles, steps, step_bytes=1 << 15,
+                                                             partial_bytes_per_split=partial)
+        assert split(sms // 2, 32, 1 << 10) == 2  # 4 output tiles on 8 SMs: two splits fill them
+        assert split(sms, 32, 1 << 10) == 1  # already a full wave: splitting only adds partial sums
+        assert split(sms * 3 // 2, 32, 1 << 10) > 1  # 1.5 waves: splitting evens the tail ...
+        assert split(sms * 3 // 2, 32, 1 << 22) == 1  # ... unless the partial sums cost more than the tail
+        assert split(1, 107, 1 << 10) == 8  # a prime step count splits unevenly (14 steps, the last 9)
+        assert split(1, 6, 1) == 1  # every split keeps >= 4 steps

@@ -7,8 +7,8 @@ from flax import nnx
 
 from autoglm_jax.checkpoint.loader import load_model
 from autoglm_jax.quant import model_manifest, quantize_model
-from autoglm_jax.quant.calibration import (CalibrationConfig, calibrate_model, calibrate_params, calibrate_weight,
-                                           collect_input_stats)
+from autoglm_jax.quant.activation_stats import collect_input_stats
+from autoglm_jax.quant.calibration import CalibrationConfig, calibrate_model, calibrate_params, calibrate_weight
 from autoglm_jax.tree_paths import flatten
 
 
@@ -53,6 +53,21 @@ def test_a_shared_prefix_is_counted_once(glm):
     for path, gram in grams.items():  # first sequence whole + the others without the prefix rows
         expected = once[path] + sum(r[path] - head[path] for r in rest)
         np.testing.assert_allclose(gram, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
+def test_the_attention_sink_row_counts_once_per_position_for_qkv_only(glm):
+    """qkv's Gram counts the first position of a sequence once per position that reads its key and value
+    (n times in all); other weights count it once."""
+    _, model, seqs = glm
+    seq = seqs[0]
+    weighted, tokens = collect_input_stats(model, [seq], "int8")
+    plain, _ = collect_input_stats(model, [seq], "int8", sink_paths="")
+    first, _ = collect_input_stats(model, [seq[:1]], "int8", sink_paths="")  # x_0 x_0^T
+    assert tokens == len(seq)
+    for path, gram in weighted.items():
+        extra = (len(seq) - 1) * first[path] if path == "layers/qkv" else 0 * first[path]
+        np.testing.assert_allclose(gram - plain[path], extra, rtol=1e-5, atol=1e-6 * np.abs(gram).max())
+    assert np.abs(first["layers/qkv"]).max() > 0
 
 
 @pytest.fixture(scope="module")

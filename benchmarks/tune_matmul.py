@@ -1,0 +1,172 @@
+"""Tune the small-M (decode) matmul kernels on this GPU and write the tuning tables.
+
+Owns: sweeping ``matmul``'s, ``quantized_matmul``'s and ``int4_matmul``'s small-M configs (tile_n, tile_k,
+pipeline depth, split-K) at the GLM-4-9B projection shapes and decode token counts, timing each candidate
+the way a decoder calls it (``time_chained_ms``: distinct weights per call inside one program), and
+writing the best per (card, dtype, shape key) to ``pallas_kernels/tuning/<kernel>.json`` (merged with
+entries for other cards). Also prints each winner against XLA's dot (int4: dequantize + dot) at the
+same shape. dtypes: bfloat16, int8, float8_e4m3fn, int4-g64, int4-g128 (= int4).
+
+Run on a GPU:  PYTHONPATH=. python3 benchmarks/tune_matmul.py [--ms=1,16,64] [--dtypes=bfloat16,int8,float8_e4m3fn]
+               [--shapes=qkv,o_proj,gate_up,down] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import itertools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from _timing import chain, copy_bandwidth, time_chained_ms, time_ms
+from pallas_kernels import int4_matmul as i4
+from pallas_kernels import matmul as mm
+from pallas_kernels import quantized_matmul as qm
+from pallas_kernels import tuning
+
+SHAPES = {"qkv": (4096, 4608), "o_proj": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096),
+          "lm_head": (4096, 151552)}
+L2_BYTES = 50 << 20
+
+
+def group_size(dtype: str) -> int:
+    """The int4 group size of ``dtype`` ("int4" = "int4-g128"), 0 for the other dtypes."""
+    return int(dtype.removeprefix("int4").removeprefix("-g") or 128) if dtype.startswith("int4") else 0
+
+
+def itemsize(dtype: str) -> float:
+    """Bytes the kernel streams per weight (int4: half a byte and the group's f32 scale)."""
+    return i4.weight_itemsize(group_size(dtype)) if group_size(dtype) else jnp.dtype(dtype).itemsize
+
+
+def weights_for(dtype, k: int, n: int, count: int):
+    """``count`` distinct weights as the kernel takes them: bf16 [K, N], narrow [N, K] + scales [N], or
+    int4 codes [G, N, g] + scales and offsets [G, N]."""
+    out, g = [], group_size(dtype)
+    for i in range(count):
+        if g:
+            kc, ks = jax.random.split(jax.random.key(i))
+            scales = jax.random.uniform(ks, (k // g, n), jnp.float32, 0.5, 1.5) * 0.003
+            codes = jax.random.randint(kc, (k // g, n, g), -8, 8).astype(jnp.int4)
+            out.append((codes, scales, scales * 0.5))
+            continue
+        w = jax.random.normal(jax.random.key(i), (n, k), jnp.float32) * 0.02
+        if dtype == "bfloat16":
+            out.append((w.T.astype(jnp.bfloat16),))
+        else:
+            scale = jnp.max(jnp.abs(w), axis=1) / (127 if dtype == "int8" else 448)
+            out.append(((w / scale[:, None]).round().astype(dtype) if dtype == "int8"
+                        else (w / scale[:, None]).astype(dtype), scale))
+    return out
+
+
+def heuristic_config(dtype: str, m: int, k: int, n: int) -> dict:
+    g = group_size(dtype)
+    if g:
+        config = i4.default_config(m, k, n, g)
+        return dict(tile_n=config.tile_n, tile_k=config.tile_k, num_stages=config.num_stages,
+                    num_k_splits=config.num_k_splits)
+    return mm.small_m_heuristic(m, k, n, itemsize(dtype))
+
+
+def candidates(dtype: str, m: int, k: int, n: int, sweep: bool):
+    """The heuristic's config, and with ``sweep`` every fitting (tile_n, tile_k, stages, splits) around it."""
+    heuristic = heuristic_config(dtype, m, k, n)
+    yield heuristic
+    if not sweep:
+        return
+    tile_ks = (128, 256, 512) if group_size(dtype) else (128, 256)
+    for tile_n, tile_k, stages, splits in itertools.product((128,), tile_ks, (2, 3, 4), (1, 2, 3, 4, 6, 8)):
+        if n % tile_n or k % tile_k or k // tile_k < 2 * splits or tile_k % max(group_size(dtype), 1):
+            continue
+        fields = dict(tile_n=tile_n, tile_k=tile_k, num_stages=stages, num_k_splits=splits)
+        if fields != heuristic and mm.small_m_smem_bytes(mm.MatmulConfig(**fields), m, itemsize(dtype)) <= mm.SMEM_BUDGET:
+            yield fields
+
+
+def tune_one(dtype: str, m: int, k: int, n: int, bandwidth_gbs: float | None, sweep: bool) -> dict:
+    weight_bytes = k * n * itemsize(dtype)
+    count = max(2, int(-(-2 * L2_BYTES // weight_bytes)))
+    ws = weights_for(dtype, k, n, count)
+    a = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+    if group_size(dtype):
+        ours = lambda cfg: (lambda a, c, s, o: i4.int4_matmul(a, c, s, o, config=i4.Int4MatmulConfig(**cfg)))
+        xla = lambda a, c, s, o: jnp.dot(a, i4.dequantize(c, s, o, jnp.bfloat16))
+    elif dtype == "bfloat16":
+        ours = lambda cfg: (lambda a, w: mm.matmul(a, w, config=mm.MatmulConfig(**cfg)))
+        xla = lambda a, w: jnp.dot(a, w)
+    else:
+        ours = lambda cfg: (lambda a, w, s: qm.quantized_matmul(a, w, s, config=qm.QuantizedMatmulConfig(**cfg)))
+        xla = lambda a, w, s: (jnp.dot(a, w.T.astype(jnp.bfloat16)) * s).astype(jnp.bfloat16)
+    heuristic = heuristic_config(dtype, m, k, n)
+    def compiled(fields):  # compiled in parallel threads: compilation dominates a sweep
+        try:
+            return chain(ours(fields)).lower(a, ws).compile()
+        except Exception as e:  # a candidate that fails to compile is skipped, not fatal
+            print(f"  {fields}: fails: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+            return None
+
+    configs = list(candidates(dtype, m, k, n, sweep))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        programs = list(pool.map(compiled, configs))
+    results = [(time_ms(p, a, ws, iterations=10) / len(ws), f) for p, f in zip(programs, configs) if p is not None]
+    best_ms, best = min(results, key=lambda r: r[0])
+    heur_ms = next((t for t, f in results if f == heuristic), None)
+    xla_ms = time_chained_ms(xla, a, ws)
+    gbs = lambda t: weight_bytes / t / 1e6
+    print(f"{dtype} M={m} K={k} N={n}: best {best} {best_ms * 1e3:.1f} us ({gbs(best_ms):.0f} GB/s)"
+          f" | heuristic {heur_ms and heur_ms * 1e3:.1f} us | XLA {xla_ms * 1e3:.1f} us ({gbs(xla_ms):.0f} GB/s)"
+          + (f" | of copy bw {gbs(best_ms) / bandwidth_gbs:.2f}" if bandwidth_gbs else ""), flush=True)
+    return dict(best=best, best_ms=best_ms, heuristic_ms=heur_ms, xla_ms=xla_ms)
+
+
+def write_table(kernel: str, new_entries: list[dict]):
+    path = tuning.TUNING_DIR / f"{kernel}.json"
+    entries = json.loads(path.read_text())["entries"] if path.exists() else []
+    keys = {(e["device_kind"], e["dtype"], e["shape"]) for e in new_entries}
+    entries = [e for e in entries if (e["device_kind"], e["dtype"], e["shape"]) not in keys] + new_entries
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"entries": sorted(entries, key=lambda e: (e["device_kind"], e["dtype"], e["shape"]))},
+                               indent=1) + "\n")
+    print(f"wrote {len(new_entries)} entries to {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ms", default="1,16,64")
+    parser.add_argument("--dtypes", default="bfloat16,int8,float8_e4m3fn")
+    parser.add_argument("--shapes", default="qkv,o_proj,gate_up,down")
+    parser.add_argument("--sweep", action="store_true", help="time every candidate config, not only the heuristic's")
+    parser.add_argument("--write", action="store_true", help="write the winners to the tuning tables")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    kind = jax.devices()[0].device_kind
+    bandwidth_gbs = copy_bandwidth() / 1e9
+    print(f"{kind}, jax {jax.__version__}: copy bandwidth {bandwidth_gbs:,.0f} GB/s (read + write)", flush=True)
+    tables: dict[str, list[dict]] = {"matmul": [], "quantized_matmul": [], "int4_matmul": []}
+    report = []
+    for dtype, name, m in itertools.product(args.dtypes.split(","), args.shapes.split(","), map(int, args.ms.split(","))):
+        k, n = SHAPES[name]
+        r = tune_one(dtype, m, k, n, bandwidth_gbs, args.sweep)
+        report.append(dict(dtype=dtype, shape=name, m=m, k=k, n=n, **r))
+        g = group_size(dtype)
+        if g:
+            tables["int4_matmul"].append(dict(device_kind=kind, dtype="int4", shape=i4.shape_key(m, k, n, g),
+                                              config=r["best"]))
+            continue
+        kernel = "matmul" if dtype == "bfloat16" else "quantized_matmul"
+        tables[kernel].append(dict(device_kind=kind, dtype=dtype, shape=mm.shape_key(m, k, n), config=r["best"]))
+    if args.write:
+        for kernel, entries in tables.items():
+            if entries:
+                write_table(kernel, entries)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(dict(device_kind=kind, jax=jax.__version__, copy_gbs=bandwidth_gbs, results=report), indent=1))
+
+
+if __name__ == "__main__":
+    main()
