@@ -183,7 +183,7 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
         in_specs=[
             plgpu.BlockSpec((m_pad, tile_k), lambda kk: (0, k_block(kk)),
                             transforms=smem_transforms(tile_k, a_ref.dtype), memory_space=plgpu.SMEM),
-            plgpu.BlockSpec(w_block, w_index, transforms=_code_transforms(w_minor, w_ref.dtype), memory_space=plgpu.SMEM),
+            plgpu.BlockSpec(w_block, w_index, transforms=smem_transforms(w_minor, w_ref.dtype), memory_space=plgpu.SMEM),
             *extra_specs,
         ],
         wg_axis="wg",
@@ -191,14 +191,6 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
         max_concurrent_steps=config.num_stages,
         compute_context=compute_context,
     )(*inputs)
-
-
-def _code_transforms(minor_dim: int, dtype):
-    """``smem_transforms`` for weight tiles, which may also be 4-bit (int4: two codes per byte)."""
-    if jnp.dtype(dtype) != jnp.dtype(jnp.int4):
-        return smem_transforms(minor_dim, dtype)
-    swizzle = plgpu.find_swizzle(minor_dim * 4)
-    return plgpu.TilingTransform((8, swizzle * 2)), plgpu.SwizzleTransform(swizzle)
 
 
 def small_m_heuristic(m: int, k: int, n: int, weight_itemsize: float, tile_ks: tuple[int, ...] | None = None) -> dict:

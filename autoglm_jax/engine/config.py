@@ -32,6 +32,9 @@ class EngineConfig:
     async_scheduling: dispatch the next decode step before reading the current one's tokens back, so
         the host's scheduling and output processing overlap the device (same outputs; arrivals and
         aborts take effect one step later). None = on (see ``engine.core.resolve_async_scheduling``).
+    executable_cache: save the compiled step programs under compilation_cache_dir/executables and load
+        them on the next start without tracing (``engine.executable_cache``). None = on GPU only: XLA:CPU
+        cannot run an executable deserialized in a process that compiled the same program itself.
     use_dynamic_batching: False = static batching (the seed's baseline).
     adaptive_batching: wait up to batching_window_max_ms for more requests under light load.
     max_logprobs: most top-logprobs a request may ask for (compiled into the step's output shape).
@@ -58,6 +61,7 @@ class EngineConfig:
     memory_fraction: float = 0.85
     decode_steps_per_call: int = 8
     async_scheduling: bool | None = None
+    executable_cache: bool | None = None
     use_dynamic_batching: bool = True
     adaptive_batching: bool = True
     batching_window_min_ms: float = 0.0
@@ -104,6 +108,8 @@ class EngineConfig:
             raise ValueError(f"data_parallel_backend={self.data_parallel_backend!r}; choose auto, process or thread")
         if self.matmul_backend not in ("auto", "xla", "pallas"):
             raise ValueError(f"matmul_backend={self.matmul_backend!r}; choose auto, xla or pallas")
+        if self.executable_cache not in (None, True, False):
+            raise ValueError(f"executable_cache={self.executable_cache!r}; choose True, False or None (auto)")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling={self.async_scheduling!r}; choose True, False or None (auto)")
         if self.scan_layers not in (None, True, False):

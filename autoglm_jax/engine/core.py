@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import logging
 import numbers
 import random
@@ -22,6 +21,7 @@ import numpy as np
 
 from autoglm_jax.checkpoint.loader import load_model, model_config_of
 from autoglm_jax.engine.config import EngineConfig
+from autoglm_jax.engine.executable_cache import resolve_executable_cache
 from autoglm_jax.model.attention import resolve_attention_backend
 from autoglm_jax.engine.metrics import EngineMetrics
 from autoglm_jax.engine.memory import enable_compilation_cache, plan_num_pages
@@ -189,8 +189,7 @@ class EngineCore:
             page_size=cfg.page_size, num_pages=num_pages, cache_dtype=self.dtype,
             decode_steps_per_call=cfg.decode_steps_per_call, max_logprobs=cfg.max_logprobs,
             eos_token_ids=self.eos_token_ids, mesh=mesh, scan_layers=resolve_scan_layers(cfg.scan_layers),
-            executable_cache_dir=(os.path.join(cfg.compilation_cache_dir, "executables")
-                                  if cfg.compilation_cache_dir else None))
+            executable_cache_dir=resolve_executable_cache(cfg.executable_cache, cfg.compilation_cache_dir))
         del model
         self.requests: dict[str, RequestState] = {}
         self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}

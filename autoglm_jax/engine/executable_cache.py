@@ -11,6 +11,7 @@ and lowering a program, which for the unrolled 40-layer GLM-4-9B steps is most o
 (benchmarks/RESULTS.md, "Start-up"). A loaded executable needs neither. A fingerprint that differs
 in anything above (an edited kernel, another jax, another card) names another file, so a stale
 executable is never loaded; an unreadable or incompatible file is ignored and recompiled.
+On by default on GPU only (``resolve_executable_cache``).
 """
 
 from __future__ import annotations
@@ -58,8 +59,20 @@ def fingerprint(name: str, graphdef, args: tuple, static: dict) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def resolve_executable_cache(setting: bool | None, compilation_cache_dir: str | None) -> str | None:
+    """The engine arg ``executable_cache`` -> the directory to use, or None. None = on GPU only: on CPU an
+    executable loaded into a process that had compiled the same program (a notebook starting a second
+    engine) failed to run ("Function wrapped_iota not found"), and CPU start-up is not what it is for."""
+    enabled = jax.default_backend() == "gpu" if setting is None else setting
+    return os.path.join(compilation_cache_dir, "executables") if enabled and compilation_cache_dir else None
+
+
 class ExecutableCache:
-    """Serialized compiled programs in ``directory``, one file per fingerprint."""
+    """Serialized compiled programs in ``directory``, one file per fingerprint. A program this process
+    compiled and saved itself is not loaded back into it (a second engine in the same process compiles
+    again, from XLA's persistent cache): on XLA:CPU such a load failed to run."""
+
+    saved_here: set[pathlib.Path] = set()  # files this process wrote
 
     def __init__(self, directory: str):
         self.directory = pathlib.Path(directory)
@@ -70,7 +83,7 @@ class ExecutableCache:
     def load(self, key: str):
         """The loaded executable saved under ``key``, or None (missing, unreadable, or not loadable here)."""
         path = self._path(key)
-        if not path.exists():
+        if not path.exists() or path in self.saved_here:
             return None
         try:
             payload, in_tree, out_tree = pickle.loads(path.read_bytes())
@@ -90,3 +103,4 @@ class ExecutableCache:
         with tempfile.NamedTemporaryFile(dir=self.directory, delete=False, suffix=".tmp") as f:
             f.write(blob)
         os.replace(f.name, self._path(key))
+        self.saved_here.add(self._path(key))
