@@ -93,3 +93,41 @@ def test_int4_input_scales_round_trip(tmp_path):
     restored.layers.qkv = nnx.Param(dropped)
     cache, table = new_cache(config, 20)
     assert not np.allclose(a, forward(restored, tokens, 0, cache, table)[0], rtol=1e-3, atol=1e-3)
+
+
+def test_calibrated_convert_stores_calibrated_weights(tmp_path):
+    from flax import nnx
+
+    from autoglm_jax.checkpoint.convert import read_calibration_prompts
+    from tests.hf_tiny import save_tiny
+
+    src = tmp_path / "hf"
+    save_tiny("Glm4ForCausalLM", src, seed=5)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, 200, 24).tolist() for _ in range(6)]
+    out = convert_checkpoint(str(src), str(tmp_path / "cal"), "float32", quantization="int4-g64",
+                             calibration_token_ids=seqs)
+    with open(os.path.join(out, "autoglm_metadata.json")) as f:
+        calibration = json.load(f)["quantization"]["calibration"]
+    assert calibration["sequences"] == 6 and calibration["tokens"] == 6 * 24
+    assert calibration["mean_layer_error_calibrated"] < calibration["mean_layer_error_round_to_nearest"]
+
+    config, restored, _ = load_model(out, jnp.float32)
+    _, rtn_model, _ = load_model(str(src), jnp.float32, quantization="int4-g64")
+    got = flatten(nnx.to_pure_dict(nnx.state(restored, nnx.Param)))
+    rtn = flatten(nnx.to_pure_dict(nnx.state(rtn_model, nnx.Param)))
+    differs = [path for path in ("layers/qkv", "layers/o", "layers/gate_up", "layers/down")
+               if any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got[path]), jax.tree.leaves(rtn[path])))]
+    assert differs, "calibration stored the round-to-nearest weights"
+    cache, table = new_cache(config, 10)
+    assert np.isfinite(forward(restored, seqs[0][:10], 0, cache, table)[0]).all()
+
+    with pytest.raises(ValueError, match="without quantization"):
+        convert_checkpoint(str(src), str(tmp_path / "x"), "float32", calibration_token_ids=seqs)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        convert_checkpoint(str(src), str(tmp_path / "y"), "float32", quantization="int8", calibration_prompts=["hi"])
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_calibration_prompts(str(tmp_path / "empty.txt"))
+    (tmp_path / "prompts.txt").write_text("first prompt\n\n second \n")
+    assert read_calibration_prompts(str(tmp_path / "prompts.txt")) == ["first prompt", "second"]
