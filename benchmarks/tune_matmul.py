@@ -81,10 +81,10 @@ def candidates(dtype: str, m: int, k: int, n: int, sweep: bool):
         return
     tile_ks = (128, 256, 512) if group_size(dtype) else (128, 256)
     for tile_n, tile_k, stages, splits in itertools.product((128,), tile_ks, (2, 3, 4), (1, 2, 3, 4, 6, 8)):
-        if n % tile_n or k % tile_k or k // tile_k < 2 * splits or tile_k % max(group_size(dtype), 1):
+        if k // tile_k < 2 * splits or tile_k % max(group_size(dtype), 1):  # >= 2 steps a split; whole groups
             continue
         fields = dict(tile_n=tile_n, tile_k=tile_k, num_stages=stages, num_k_splits=splits)
-        if fields != heuristic and mm.small_m_smem_bytes(mm.MatmulConfig(**fields), m, itemsize(dtype)) <= mm.SMEM_BUDGET:
+        if fields != heuristic and mm.small_m_shape_error(m, k, n, mm.MatmulConfig(**fields), itemsize(dtype)) is None:
             yield fields
 
 

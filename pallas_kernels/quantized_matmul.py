@@ -70,12 +70,9 @@ def default_config(m: int, k: int, n: int, weight_dtype) -> QuantizedMatmulConfi
 
 def _shape_error(m: int, k: int, n: int, config: QuantizedMatmulConfig, out_dtype) -> str | None:
     """Why (M, K, N) with output ``out_dtype`` does not fit ``config``'s tiles and SMEM, or None when it does."""
-    if jnp.dtype(out_dtype) not in bf16_matmul.OUT_DTYPES:
-        return f"out_dtype={jnp.dtype(out_dtype).name} must be one of {[d.name for d in bf16_matmul.OUT_DTYPES]}"
-    if m > bf16_matmul.SMALL_M_MAX:
-        if jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16):
-            return f"large M ({m=}) runs matmul's prefill kernel, which writes bfloat16 only"
-        return None  # matmul's prefill kernel checks its own tiles
+    error = bf16_matmul.out_dtype_error(m, out_dtype)
+    if error is not None or m > bf16_matmul.SMALL_M_MAX:  # large M: matmul's prefill kernel checks its own tiles
+        return error
     return bf16_matmul.small_m_shape_error(m, k, n, config, weight_itemsize=1)
 
 

@@ -1,8 +1,8 @@
 """Compiled step programs saved to disk and loaded back without tracing: the engine's warm start.
 
 Owns: the fingerprint of one step program (everything that decides its code: the source of this
-package and of ``pallas_kernels`` with their tuning tables, jax / jaxlib versions, the device kind and
-count, the model's graph definition and the abstract values - shape, dtype, sharding - of every
+package and of ``pallas_kernels`` with their tuning tables, jax / jaxlib versions, the platform version
+(CUDA), the device kind and count, the model's graph definition and the abstract values - shape, dtype, sharding - of every
 argument) and saving / loading serialized executables under ``<dir>/<fingerprint>.exe``. It does not
 own which programs exist (``ModelRunner.warmup``) or calling them.
 
@@ -53,7 +53,7 @@ def fingerprint(name: str, graphdef, args: tuple, static: dict) -> str:
     """Hex key of the program ``name`` traced from ``graphdef`` on ``args`` with ``static`` kwargs."""
     devices = jax.devices()
     leaves, treedef = jax.tree.flatten(args)
-    parts = [name, source_digest(), jax.__version__, jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+    parts = [name, source_digest(), jax.__version__, jax.lib.__version__, devices[0].client.platform_version,
              devices[0].device_kind, str(len(devices)), repr(graphdef), str(treedef), repr(sorted(static.items())),
              *map(_abstract, leaves)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -174,6 +174,7 @@ class ModelRunner:
             if self.executable_cache is not None:  # loading releases the GIL: all programs at once
                 fingerprints = [fingerprint(kind, self.graphdef, args, static) for kind, _, args, static, _ in programs]
                 loaded = list(pool.map(self.executable_cache.load, fingerprints))
+
             def compile_one(key, fp, lowered):
                 compiled = lowered.compile()
                 self._executables[key] = compiled
