@@ -63,6 +63,14 @@ class IncrementalDetokenizer:
         self._ids.extend([token_ids] if isinstance(token_ids, int) else token_ids)
         return self._emit(final=False)
 
+    def add_each(self, token_ids: Sequence[int]) -> list[str]:
+        """``add`` of each id in turn (the same windows and hold-backs); their deltas, one per id."""
+        deltas = []
+        for token_id in token_ids:
+            self._ids.append(token_id)
+            deltas.append(self._emit(final=False))
+        return deltas
+
     def flush(self) -> str:
         """Emits what is held back (a trailing U+FFFD that the tokens really decode to) at the stream's end."""
         return self._emit(final=True)

@@ -78,14 +78,14 @@ class SamplingTensors:
             raise ValueError(f"params ({len(params)}), seeds ({len(seeds)}) and steps ({len(steps)}) differ in length")
         if len(params) > batch_bucket:
             raise ValueError(f"{len(params)} rows do not fit batch_bucket={batch_bucket}")
-        rows = _HostRows(batch_bucket)
+        rows = HostRows(batch_bucket)
         for b, (p, seed, step) in enumerate(zip(params, seeds, steps)):
             if p is not None:
                 rows.fill(b, p, seed, step, eos_token_ids)
         return rows.to_tensors(stop_ids_width)
 
 
-class _HostRows:
+class HostRows:
     """Numpy buffers behind ``SamplingTensors.from_params``; defaults are greedy, filters off."""
 
     def __init__(self, batch_bucket: int):

@@ -94,6 +94,13 @@ class StopChecker:
         self._stop_token_ids = {*params.stop_token_ids, *extra_eos} - {self._eos_token_id}
         self._prompt_len = prompt_len
         self._max_model_len = max_model_len
+        # For ``num_tokens_to_finish``: the output count at which a length rule ends the sequence (the model
+        # length, or max_tokens once min_tokens are reached), and every id that stops it after min_tokens.
+        limits = [max_model_len - prompt_len] if max_model_len is not None else []
+        if params.max_tokens is not None:
+            limits.append(max(params.max_tokens, params.min_tokens))
+        self._length_limit = min(limits) if limits else None
+        self._stopping_ids = self._stop_token_ids | ({self._eos_token_id} if self._eos_token_id is not None else set())
         self._buffer_length = params.output_text_buffer_length
         self._output_text = ""
         self._emitted_chars = 0
@@ -121,6 +128,43 @@ class StopChecker:
             self._output_text += text_delta
             self._check_stop_strings(len(text_delta))
         return StopResult(self._next_delta(), self.finish_reason, self.stop_reason)
+
+    def update_many(self, token_ids: Sequence[int], text_deltas: Sequence[str] | None = None) -> int:
+        """``update`` of each token in order until one finishes the sequence; returns how many were taken
+        (that one included). ``text_deltas[i]``: token i's detokenized text (None: no text). The finish
+        state and text equal ``update``'s one token at a time; the per-token emitted deltas are not
+        returned (``output_text`` holds the text). Without stop strings no per-token work is done but
+        finding the finishing token."""
+        if self.params.stop:  # text decides: one token at a time
+            for i, token_id in enumerate(token_ids):
+                if self.update(token_id, text_deltas[i] if text_deltas is not None else "").finished:
+                    return i + 1
+            return len(token_ids)
+        if self.finished:
+            raise RuntimeError(f"update_many() after the sequence finished ({self.finish_reason})")
+        count = self.num_tokens_to_finish(token_ids)
+        self.num_output_tokens += count
+        self.finish_reason, self.stop_reason = self._check_token(token_ids[count - 1]) if count else (None, None)
+        if text_deltas is not None:
+            kept = count - (self.finish_reason == "stop" and not self.params.include_stop_str_in_output)
+            self._output_text += "".join(text_deltas[:kept])
+        self._next_delta()
+        return count
+
+    def num_tokens_to_finish(self, token_ids: Sequence[int]) -> int:
+        """How many of ``token_ids`` (the next generated tokens) ``update`` would take: up to and including
+        the first that finishes the sequence by a token rule (model length, EOS, stop token id,
+        max_tokens), all of them when none does. Stop strings are not looked at."""
+        done = self.num_output_tokens  # token i is output token done + i + 1
+        end = len(token_ids)  # index of the first finishing token, len = none
+        if self._length_limit is not None and self._length_limit - done - 1 < end:
+            end = max(0, self._length_limit - done - 1)
+        stops = self._stopping_ids
+        if stops:
+            gate = max(0, self.params.min_tokens - done - 1)  # no token stops before min_tokens
+            if gate < end and not stops.isdisjoint(token_ids[gate:end]):
+                end = next(i for i in range(gate, end) if token_ids[i] in stops)
+        return min(end + 1, len(token_ids))
 
     def _check_token(self, token_id: int) -> tuple[str | None, int | None]:
         p = self.params

@@ -22,6 +22,7 @@ import numpy as np
 from pallas_kernels import matmul as mm
 from _timing import time_ms
 from pallas_kernels import quantized_matmul as qm
+from pallas_kernels import tuning
 from pallas_kernels import ragged_paged_attention as rpa
 from tests.kernels.test_ragged_paged_attention import make_case
 
@@ -81,32 +82,69 @@ def xla_paged_attention(q, k_cache, v_cache, layer, seq_ids, positions, page_tab
     return jnp.einsum("tkgc,tckd->tkgd", p, v).reshape(num_tok, num_q, head_dim)
 
 
-def bench_decode_attention(bandwidth: float, batch: int = 64, context: int = 4096, page_size: int = 16):
-    lens = np.full(batch, context)
-    args = make_case(lens - 1, np.ones(batch, np.int64), num_q_heads=32, num_kv_heads=2, head_dim=128,
-                     page_size=page_size, token_bucket=batch, max_pages=context // page_size, seed=0, num_layers=1)
-    kv_bytes = 2 * batch * context * 2 * 128 * 2
-    roof = kv_bytes / bandwidth / 1e6
-    what = f"decode attention {batch}x{context}, 32q/2kv, page {page_size}"
-    ours = jax.jit(lambda *a: rpa.ragged_paged_attention(*a, sm_scale=128 ** -0.5))
-    attempt("attention", what, "ours (Mosaic GPU)", ours, *args, nbytes=kv_bytes, roofline_ms=roof)
-    for splits, block_kv, stages in ((4, 128, 2), (8, 128, 2), (16, 64, 3), (8, 64, 4)):
-        cfg = rpa.AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits)
-        f = jax.jit(lambda *a, cfg=cfg: rpa.ragged_paged_attention(*a, sm_scale=128 ** -0.5, config=cfg))
-        attempt("attention", what, f"ours splits={splits} bkv={block_kv} stages={stages}", f, *args, nbytes=kv_bytes, roofline_ms=roof)
-    xla = jax.jit(lambda *a: xla_paged_attention(*a, sm_scale=128 ** -0.5))
-    attempt("attention", what, "XLA gather + dense", xla, *args, nbytes=kv_bytes, roofline_ms=roof)
-    try:
-        from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+DECODE_CASES = ((64, 4096), (64, 1024), (8, 4096), (1, 4096))  # (batch, context)
 
-        q, k_cache, v_cache, _, _, _, page_table, context_lens, *_ = args
-        k_pages = jnp.transpose(k_cache[0], (2, 0, 1, 3))  # [Nkv, P, ps, D]
-        v_pages = jnp.transpose(v_cache[0], (2, 0, 1, 3))
-        f = jax.jit(lambda q, k, v, pt, cl: jax_paged.paged_attention(q, k, v, pt, cl, k_splits=16))
-        attempt("attention", what, "JAX Pallas Triton paged_attention", f, q, k_pages, v_pages, page_table, context_lens,
-                nbytes=kv_bytes, roofline_ms=roof)
-    except Exception as e:
-        record("attention", what, "JAX Pallas Triton paged_attention", None, note=f"fails: {e}"[:100])
+
+def decode_configs(batch: int, context: int, num_kv_heads: int = 2, head_dim: int = 128) -> list:
+    """The decode-attention sweep: one token per CTA (block_q=1) over KV block / stage / split choices
+    that fit SMEM and keep 1/2 .. 4 waves of CTAs, plus the densest packing (block_q=None, as before)."""
+    configs, sms = [], tuning.num_sms()
+    for block_kv, stages in ((64, 2), (64, 4), (128, 2), (128, 3)):
+        for splits in (1, 2, 4, 8, 16, 32, 64):
+            ctas = batch * num_kv_heads * splits
+            cfg = rpa.AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits, block_q=1)
+            if sms // 4 <= ctas <= 4 * sms and context >= splits * block_kv and \
+                    rpa.smem_bytes(cfg, head_dim, p_via_smem=False) <= rpa.SMEM_BUDGET:
+                configs.append(cfg)
+    return configs
+
+
+def bench_decode_attention(bandwidth: float, cases=DECODE_CASES, page_size: int = 16, sweep: bool = True):
+    """Decode attention (one token per sequence, GLM-4 heads) per (batch, context): the default config,
+    the densest-packing heuristic of before, a config sweep, and the baselines at batch 64 x 4k. Small
+    cases are timed over several layers in one program (distinct KV, together > L2), per-call time."""
+    for batch, context in cases:
+        kv_bytes = 2 * batch * context * 2 * 128 * 2
+        layers = max(1, min(32, -(-200_000_000 // kv_bytes)))
+        lens = np.full(batch, context)
+        args = make_case(lens - 1, np.ones(batch, np.int64), num_q_heads=32, num_kv_heads=2, head_dim=128,
+                         page_size=page_size, token_bucket=batch, max_pages=context // page_size, seed=0,
+                         num_layers=layers)
+        roof = kv_bytes / bandwidth / 1e6
+        what = f"decode attention {batch}x{context}, 32q/2kv, page {page_size}"
+
+        def timed(cfg):
+            def run(*a):
+                return [rpa.ragged_paged_attention(a[0], a[1], a[2], jnp.int32(i), *a[4:], sm_scale=128 ** -0.5,
+                                                   config=cfg, decode_only=True) for i in range(layers)]
+            return jax.jit(run)
+
+        def attempt_per_layer(impl, fn, **kw):
+            ms = attempt("attention", what, impl, fn, *args, nbytes=kv_bytes * layers, roofline_ms=roof * layers, **kw)
+            if ms is not None:  # per call
+                ROWS[-1].update(ms=ms / layers, nbytes=kv_bytes, roofline_ms=roof)
+            return ms
+
+        attempt_per_layer("ours, default config", timed(None))
+        old = rpa.default_config(batch, 32, 2, 128, page_size, context, jnp.bfloat16)  # densest packing
+        attempt_per_layer(f"ours, densest packing (before) {old}", timed(old))
+        for cfg in decode_configs(batch, context) if sweep else ():
+            attempt_per_layer(f"ours bq=1 splits={cfg.num_kv_splits} bkv={cfg.block_kv} stages={cfg.num_stages}", timed(cfg))
+        if (batch, context) != (64, 4096):
+            continue
+        xla = jax.jit(lambda *a: xla_paged_attention(*a, sm_scale=128 ** -0.5))
+        attempt("attention", what, "XLA gather + dense", xla, *args, nbytes=kv_bytes, roofline_ms=roof)
+        try:
+            from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+
+            q, k_cache, v_cache, _, _, _, page_table, context_lens, *_ = args
+            k_pages = jnp.transpose(k_cache[0], (2, 0, 1, 3))  # [Nkv, P, ps, D]
+            v_pages = jnp.transpose(v_cache[0], (2, 0, 1, 3))
+            f = jax.jit(lambda q, k, v, pt, cl: jax_paged.paged_attention(q, k, v, pt, cl, k_splits=16))
+            attempt("attention", what, "JAX Pallas Triton paged_attention", f, q, k_pages, v_pages, page_table,
+                    context_lens, nbytes=kv_bytes, roofline_ms=roof)
+        except Exception as e:
+            record("attention", what, "JAX Pallas Triton paged_attention", None, note=f"fails: {e}"[:100])
 
 
 def bench_prefill_attention(matmul_tflops: float, tokens: int = 4096):
@@ -207,10 +245,15 @@ def main(argv=None):
     header = (f"Card: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
               f"command: `PYTHONPATH=. python3 benchmarks/kernels.py {' '.join(argv or sys.argv[1:])}`; "
               f"ceilings: copy {bandwidth:,.0f} GB/s (read+write), bf16 matmul {tflops:,.0f} TFLOP/s.\n\n")
+    emit(header, args.out)
+
+
+def emit(header: str, out: str | None) -> None:
+    """Prints ``header`` + the markdown table of the rows recorded so far, and writes it to ``out`` if given."""
     text = header + table()
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
 
 

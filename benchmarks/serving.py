@@ -56,6 +56,9 @@ flags.DEFINE_float("deadline_s", None, "Start no engine or run after this many s
                    "the skipped ones are listed. Default: no deadline.")
 flags.DEFINE_string("json", None, "Write the results (rows + settings) to this file, after every run.")
 flags.DEFINE_string("plot", None, "Write a PNG of output tok/s against mean latency (needs matplotlib).")
+flags.DEFINE_bool("ablate_queued_multistep", False, "Also run every (workload, rate) on the same engine with the "
+                  "decode policy of before: one decode step per call whenever a request waits (even one that "
+                  "cannot join the full batch).")
 flags.DEFINE_list("merge", None, "Results files to put in one table / plot (no benchmark runs).")
 
 # The seed's three rows, in its order: (name, EngineConfig overrides). They run adaptive first, static last,
@@ -168,12 +171,20 @@ def run_mode(name: str, settings: dict, runs, meta: dict, done: list[dict], star
                 meta["skipped"].append(f"{name} / {workload.label} / {rate_label(rate)}")
                 continue
             run = at_rate(workload, rate)
-            metrics = run_requests(engine, run, sample_gpu=meta["backend"] == "gpu")
-            rows.append({"engine": "autoglm-jax", "mode": name, "workload": workload.label, "request_rate": rate,
-                         **metrics, **build, "settings": settings, "workload_spec": dataclasses.asdict(run)})
-            print(_progress_line(rows[-1]), flush=True)
-            if FLAGS.json:
-                write_results(FLAGS.json, meta, done + rows)
+            for ablated in (False, True) if FLAGS.ablate_queued_multistep else (False,):
+                scheduler = engine.core.scheduler
+                if ablated:  # before: a non-empty queue alone forced one decode step per call
+                    scheduler.admission_blocked = lambda: scheduler.num_waiting == 0
+                try:
+                    metrics = run_requests(engine, run, sample_gpu=meta["backend"] == "gpu")
+                finally:
+                    vars(scheduler).pop("admission_blocked", None)
+                mode = f"{name}, one decode step per call while queued (before)" if ablated else name
+                rows.append({"engine": "autoglm-jax", "mode": mode, "workload": workload.label, "request_rate": rate,
+                             **metrics, **build, "settings": settings, "workload_spec": dataclasses.asdict(run)})
+                print(_progress_line(rows[-1]), flush=True)
+                if FLAGS.json:
+                    write_results(FLAGS.json, meta, done + rows)
     finally:
         engine.stop(drain=False)
     return rows

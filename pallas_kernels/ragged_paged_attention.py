@@ -11,15 +11,20 @@ padding and produce zeros. Tokens are laid out sequence after sequence (``query_
 
 Kernel layout. GQA groups are packed into the rows of one tile so that each K/V page is read
 once per KV head, not once per query head: for KV head ``h`` the tile rows are
-``block_q`` consecutive flat tokens x ``G_pad`` query heads (``G = Nq // Nkv`` padded to a power of
-two, ``block_q * G_pad = 64`` rows = one wgmma M). One CTA (one warpgroup) owns one
-(token block, KV head, KV split). Because the tokens of a block may belong to several sequences
+``block_q`` consecutive flat tokens x ``R = 64 // block_q`` rows per token (the token's ``G = Nq // Nkv``
+query heads, zero-padded to R; 64 rows = one wgmma M). ``block_q`` defaults to ``64 // G_pad`` (``G``
+padded to a power of two: the densest packing, for prefill chunks) and to 1 for decode-only steps
+(one token per sequence), so that a CTA streams one sequence's K/V in one uninterrupted pipeline.
+One CTA (one warpgroup) owns one (token block, KV head, KV split). Because the tokens of a block may belong to several sequences
 (a block of decode tokens holds ``block_q`` sequences), the CTA loops over the sequences that
-intersect its block; for each it streams that sequence's K/V blocks (``block_kv`` rows gathered
-from ``block_kv // page_size`` pages by TMA, ``num_stages`` deep) and masks rows of other
-sequences. Split-K (``num_kv_splits > 1``) cuts each sequence's KV range into slices handled by
+intersect its block; for each it copies the sequence's page-table row into SMEM (one bulk copy; the
+page ids of every TMA then come from SMEM, not from dependent global loads), streams that sequence's
+K/V blocks (``block_kv`` rows gathered from ``block_kv // page_size`` pages by TMA, ``num_stages``
+deep) and masks rows of other sequences. Split-K (``num_kv_splits > 1``) cuts each sequence's KV range into slices handled by
 different CTAs; their partial outputs and log-sum-exps are combined in XLA. That serves long
-decode contexts with few sequences without a second kernel.
+decode contexts with few sequences without a second kernel. The softmax probabilities P are the
+PV wgmma's register A operand on the GPU; the GPU interpreter cannot run a register A operand, so
+there P goes through an SMEM tile.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import tuning
+from pallas_kernels._interpret import interpreting
 from pallas_kernels._smem import smem_transforms
 
 ROWS = 64  # query rows per CTA: block_q tokens x G_pad heads = one wgmma M
@@ -46,13 +52,17 @@ SMEM_BUDGET = 220 * 1024  # bytes; Hopper allows 227 KiB of dynamic SMEM per CTA
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Tuning knobs. ``block_kv`` KV rows per pipeline step (a multiple of 64 and of page_size);
-    ``num_stages`` TMA buffers in flight; ``num_kv_splits`` CTAs sharing one sequence's KV range."""
+    ``num_stages`` TMA buffers in flight; ``num_kv_splits`` CTAs sharing one sequence's KV range;
+    ``block_q`` flat tokens per CTA (a power of two, at most 64 // G_pad; None = 64 // G_pad)."""
 
     block_kv: int = 64
     num_stages: int = 2
     num_kv_splits: int = 1
+    block_q: int | None = None
 
     def __post_init__(self):
+        if self.block_q is not None and (self.block_q < 1 or self.block_q & (self.block_q - 1) or self.block_q > ROWS):
+            raise ValueError(f"{self.block_q=} must be None or a power of two in [1, {ROWS}]")
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
             raise ValueError(f"{self.block_kv=} must be 64, 128, 192 or 256")
         if self.num_stages < 1:
@@ -61,11 +71,22 @@ class AttentionConfig:
             raise ValueError(f"{self.num_kv_splits=} must be >= 1")
 
 
-def smem_bytes(config: AttentionConfig, head_dim: int, itemsize: int = 2) -> int:
-    """SMEM one CTA needs: Q tile, K/V stages, P tile, and the f32 split-K output tile."""
+def smem_bytes(config: AttentionConfig, head_dim: int, itemsize: int = 2, p_via_smem: bool | None = None,
+               max_pages: int = 0) -> int:
+    """SMEM one CTA needs: Q tile, K/V stages, the P tile (interpreter only, None = as traced now), the
+    f32 split-K output tile and one page-table row of ``max_pages`` entries."""
+    p_via_smem = interpreting() if p_via_smem is None else p_via_smem
     kv = 2 * config.num_stages * config.block_kv * head_dim * itemsize
     split_out = (ROWS * head_dim + ROWS) * 4 if config.num_kv_splits > 1 else 0
-    return ROWS * head_dim * itemsize + kv + ROWS * config.block_kv * itemsize + split_out
+    p_tile = ROWS * config.block_kv * itemsize if p_via_smem else 0
+    return ROWS * head_dim * itemsize + kv + p_tile + split_out + 4 * math.prod(page_table_tile(max_pages))
+
+
+def page_table_tile(max_pages: int) -> tuple[int, int]:
+    """(rows, cols) of the SMEM copy of one page-table row: at most 256 entries per dimension (the async
+    copy's limit), columns a multiple of 4 (16 bytes); the row is zero-padded to rows * cols."""
+    cols = min(256, -(-max(max_pages, 1) // 4) * 4)
+    return -(-max_pages // cols), cols
 
 
 def _padded_group(num_q_heads: int, num_kv_heads: int) -> int:
@@ -74,23 +95,38 @@ def _padded_group(num_q_heads: int, num_kv_heads: int) -> int:
 
 
 def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                   page_size: int, max_context: int, dtype) -> AttentionConfig:
-    """Tuned config for this shape on the current card, else a heuristic (never fails)."""
+                   page_size: int, max_context: int, dtype, decode: bool = False) -> AttentionConfig:
+    """Tuned config for this shape on the current card, else a heuristic (never fails). ``decode``: every
+    token is its own sequence's (a decode step): one token per CTA."""
     key = f"T{num_tokens}_Nq{num_q_heads}_Nkv{num_kv_heads}_D{head_dim}_ps{page_size}_ctx{max_context}"
-    tuned = tuning.lookup("ragged_paged_attention", dtype, key)
+    tuned = tuning.lookup("ragged_paged_attention", dtype, key + ("_decode" if decode else ""))
     if tuned is not None:
         return AttentionConfig(**tuned)
     block_kv = max(64, page_size) if max(64, page_size) % page_size == 0 else page_size
     block_kv = 128 if block_kv == 64 and max_context >= 1024 and head_dim <= 128 else block_kv
-    block_q = ROWS // _padded_group(num_q_heads, num_kv_heads)
+    block_q = 1 if decode else ROWS // _padded_group(num_q_heads, num_kv_heads)
     num_ctas = pl.cdiv(num_tokens, block_q) * num_kv_heads
+    if decode:
+        # H100, GLM-4 heads (benchmarks/kernels.py, RESULTS "Decode attention, one token per CTA"): split
+        # only up to one wave of CTAs (batch 64 x 4k: no split, 0.78 of the copy bandwidth; 3 splits
+        # 0.71), down to one KV block per split for a single sequence; two stages of 128 rows beat three.
+        splits = max(1, min(tuning.num_sms() // num_ctas, pl.cdiv(max_context, block_kv)))
+        for stages in (2, 1):
+            config = AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits, block_q=1)
+            if smem_bytes(config, head_dim, max_pages=max_context // page_size) <= SMEM_BUDGET:
+                return config
     # Enough CTAs to fill the card twice, but keep >= 4 KV blocks per split.
     splits = max(1, min(pl.cdiv(2 * tuning.num_sms(), num_ctas), max_context // (4 * block_kv)))
     for stages in (3, 2, 1):  # deepest pipeline that fits in SMEM
-        config = AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits)
-        if smem_bytes(config, head_dim) <= SMEM_BUDGET:
+        config = AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits, block_q=block_q)
+        if smem_bytes(config, head_dim, max_pages=max_context // page_size) <= SMEM_BUDGET:
             return config
-    return AttentionConfig(block_kv=64, num_stages=1, num_kv_splits=splits)
+    return AttentionConfig(block_kv=64, num_stages=1, num_kv_splits=splits, block_q=block_q)
+
+
+def tokens_per_cta(config: AttentionConfig, num_q_heads: int, num_kv_heads: int) -> int:
+    """The config's block_q, resolved (None = the densest packing, 64 // G_pad)."""
+    return config.block_q or ROWS // _padded_group(num_q_heads, num_kv_heads)
 
 
 def supports(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, page_size: int) -> bool:
@@ -100,7 +136,9 @@ def supports(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, page_siz
             and page_size % 8 == 0 and page_size <= 256 and (256 % page_size == 0 or page_size % 64 == 0))
 
 
-def _check_args(q, k_cache, v_cache, seq_ids, positions, page_table, context_lens, query_start_loc, config):
+def check_shapes(q, k_cache, v_cache, seq_ids, positions, page_table, context_lens, query_start_loc):
+    """ValueError naming the first argument whose shape or dtype the ragged paged attention kernels
+    (this one and ``ragged_prefill_attention``) cannot take; their configs are checked separately."""
     if q.ndim != 3:
         raise ValueError(f"q must be [T, Nq, D], got {q.shape=}")
     num_tokens, num_q_heads, head_dim = q.shape
@@ -120,10 +158,6 @@ def _check_args(q, k_cache, v_cache, seq_ids, positions, page_table, context_len
     group_pad = _padded_group(num_q_heads, num_kv_heads)
     if group_pad > ROWS:
         raise ValueError(f"GQA group {num_q_heads // num_kv_heads} (padded {group_pad}) must be <= {ROWS}")
-    if config.block_kv % page_size:
-        raise ValueError(f"{page_size=} must divide {config.block_kv=}")
-    if smem_bytes(config, head_dim) > SMEM_BUDGET:
-        raise ValueError(f"{config=} needs {smem_bytes(config, head_dim)} bytes of SMEM > {SMEM_BUDGET}; fewer stages or smaller block_kv")
     if page_size % 8:
         raise ValueError(f"{page_size=} must be a multiple of 8")
     if seq_ids.shape != (num_tokens,) or positions.shape != (num_tokens,):
@@ -135,27 +169,47 @@ def _check_args(q, k_cache, v_cache, seq_ids, positions, page_table, context_len
         raise ValueError(f"{context_lens.shape=} must be ({batch},) and {query_start_loc.shape=} ({batch + 1},)")
 
 
+def _check_config(config: AttentionConfig, q, k_cache, page_table):
+    _, num_q_heads, head_dim = q.shape
+    _, _, page_size, num_kv_heads, _ = k_cache.shape
+    group_pad = _padded_group(num_q_heads, num_kv_heads)
+    if config.block_q is not None and config.block_q * group_pad > ROWS:
+        raise ValueError(f"{config.block_q=} tokens x {group_pad} rows (GQA group {num_q_heads // num_kv_heads}, "
+                         f"padded) exceed the {ROWS}-row tile; use block_q <= {ROWS // group_pad}")
+    if config.block_kv % page_size:
+        raise ValueError(f"{page_size=} must divide {config.block_kv=}")
+    if page_table_tile(page_table.shape[1])[0] > 256:
+        raise ValueError(f"page_table has {page_table.shape[1]} columns; at most 65536 pages per sequence")
+    smem = smem_bytes(config, head_dim, max_pages=page_table.shape[1])
+    if smem > SMEM_BUDGET:
+        raise ValueError(f"{config=} needs {smem} bytes of SMEM > {SMEM_BUDGET} (with a {page_table.shape[1]}-page "
+                         "page-table row); fewer stages or smaller block_kv")
+
+
 def _attention_kernel(
     layer_ref,      # [1] int32 (GMEM)
     num_tokens_ref,  # [1] int32
     seq_ids_ref,    # [Tp] int32
     positions_ref,  # [Tp] int32
     qsl_ref,        # [B + 1] int32
-    page_table_ref,  # [B, MP] int32
+    page_table_ref,  # [B, rows, cols] int32 (MP zero-padded to rows * cols, see page_table_tile)
     q_ref,          # [Nkv, Tp * G_pad, D]: rows (token, head-in-group)
     k_ref,          # [L, P, page_size, Nkv, D]
     v_ref,          # [L, P, page_size, Nkv, D]
     *out_refs,      # splits == 1: out [Nkv, Tp*G_pad, D] (q dtype); else out [S, Nkv, Tp*G_pad, D] f32, lse [S, Nkv, Tp*G_pad] f32
     config: AttentionConfig,
     block_q: int,
-    group_pad: int,
+    rows_per_token: int,
     sm_scale: float,
+    p_via_smem: bool,
+    max_pages: int,
 ):
-    *out_refs, (q_smem, k_smem, v_smem, p_smem, out_smem, lse_smem, q_barrier, k_barriers, v_barriers) = out_refs
+    *out_refs, scratch = out_refs
+    q_smem, k_smem, v_smem, p_smem, out_smem, lse_smem, pt_smem, q_barrier, pt_barrier, k_barriers, v_barriers = scratch
     num_splits, num_stages, block_kv = config.num_kv_splits, config.num_stages, config.block_kv
     page_size = k_ref.shape[2]
     pages_per_block = block_kv // page_size
-    max_pages = page_table_ref.shape[1]
+    pt_cols = jnp.int32(pt_smem.shape[1])
     head_dim = q_ref.shape[-1]
     q_block, kv_head, split = lax.axis_index("q_block"), lax.axis_index("kv_head"), lax.axis_index("split")
     layer, num_tokens = layer_ref[0], num_tokens_ref[0]
@@ -170,7 +224,7 @@ def _attention_kernel(
     num_seqs = jnp.where(tok0 < num_tokens, seq_ids_ref[last_tok] - first_seq + 1, 0)
 
     wgmma_layout = plgpu.Layout.WGMMA
-    row_token = lax.div(plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=wgmma_layout), group_pad)
+    row_token = lax.div(plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=wgmma_layout), rows_per_token)
     col = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=wgmma_layout)
     qk_scale = sm_scale * _LOG2E  # softmax in base 2
 
@@ -184,11 +238,15 @@ def _attention_kernel(
         lo = lax.div(split * kv_blocks, jnp.int32(num_splits))
         hi = lax.div((split + 1) * kv_blocks, jnp.int32(num_splits))
         num_steps = hi - lo
+        # The sequence's page-table row, once into SMEM: each TMA issue then reads its page id from SMEM
+        # instead of waiting on a global load.
+        plgpu.copy_gmem_to_smem(page_table_ref.at[seq], pt_smem, pt_barrier)  # [rows, cols]
+        plgpu.barrier_wait(pt_barrier)
 
         def issue(step, slot):  # TMA-gather KV block (lo + step) of `seq` into `slot`
             for j in range(pages_per_block):
                 page_idx = jnp.minimum((lo + step) * pages_per_block + j, max_pages - 1)
-                page = page_table_ref[seq, page_idx]
+                page = pt_smem[lax.div(page_idx, pt_cols), lax.rem(page_idx, pt_cols)]
                 rows = pl.ds(j * page_size, page_size)
                 plgpu.copy_gmem_to_smem(k_ref.at[layer, page, :, kv_head], k_smem.at[slot, rows], k_barriers.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[layer, page, :, kv_head], v_smem.at[slot, rows], v_barriers.at[slot])
@@ -216,16 +274,24 @@ def _attention_kernel(
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             plgpu.barrier_wait(v_barriers.at[slot])
 
-            # P goes through SMEM (the GPU interpreter has no register-A wgmma) into a fresh
-            # accumulator (nor ACC.init); costs 8 KiB of SMEM traffic per step.
-            p_smem[...] = p.astype(p_smem.dtype)
-            plgpu.commit_smem()
+            if p_via_smem:
+                # The GPU interpreter has no register-A wgmma (nor ACC.init): P goes through SMEM
+                # into a fresh accumulator.
+                p_smem[...] = p.astype(p_smem.dtype)
+                plgpu.commit_smem()
 
-            def compute_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-                return acc_ref[...]
+                def compute_pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                    return acc_ref[...]
 
-            acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
+                acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
+            else:
+                p16 = p.astype(v_smem.dtype)
+
+                def compute_pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
             pl.when(step + num_stages < num_steps)(lambda: issue(step + num_stages, slot))
             return acc, m_new, l_i
 
@@ -254,20 +320,21 @@ def _attention_kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
-def _pack_queries(q, num_kv_heads: int, group_pad: int, padded_tokens: int):
-    """[T, Nq, D] -> [Nkv, Tp * G_pad, D]: rows (token, head in group), zero padding."""
+def _pack_queries(q, num_kv_heads: int, rows_per_token: int, padded_tokens: int):
+    """[T, Nq, D] -> [Nkv, Tp * R, D]: rows (token, head in group), each token's group zero-padded to
+    ``rows_per_token`` (R) rows, padding tokens zero."""
     num_tokens, num_q_heads, head_dim = q.shape
     group = num_q_heads // num_kv_heads
     q = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    q = jnp.pad(q, ((0, padded_tokens - num_tokens), (0, 0), (0, group_pad - group), (0, 0)))
-    return q.transpose(1, 0, 2, 3).reshape(num_kv_heads, padded_tokens * group_pad, head_dim)
+    q = jnp.pad(q, ((0, padded_tokens - num_tokens), (0, 0), (0, rows_per_token - group), (0, 0)))
+    return q.transpose(1, 0, 2, 3).reshape(num_kv_heads, padded_tokens * rows_per_token, head_dim)
 
 
-def _unpack_output(out, num_tokens: int, num_q_heads: int, group_pad: int, valid):
-    """[Nkv, Tp * G_pad, D] -> [T, Nq, D] with padding tokens zeroed."""
+def _unpack_output(out, num_tokens: int, num_q_heads: int, rows_per_token: int, valid):
+    """[Nkv, Tp * R, D] -> [T, Nq, D] with padding tokens zeroed."""
     num_kv_heads, _, head_dim = out.shape
     group = num_q_heads // num_kv_heads
-    out = out.reshape(num_kv_heads, -1, group_pad, head_dim)[:, :num_tokens, :group]
+    out = out.reshape(num_kv_heads, -1, rows_per_token, head_dim)[:, :num_tokens, :group]
     out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim)
     return jnp.where(valid[:, None, None], out, 0)
 
@@ -279,7 +346,7 @@ def _combine_splits(out, lse):
     return (weights[..., None] * out).sum(axis=0) / weights.sum(axis=0)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "config"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "decode_only"))
 def ragged_paged_attention(
     q,                # [T, Nq, D]
     k_cache,          # [L, P, page_size, Nkv, D]
@@ -294,21 +361,25 @@ def ragged_paged_attention(
     *,
     sm_scale: float,
     config: AttentionConfig | None = None,
+    decode_only: bool = False,
 ):
-    """Causal paged attention over a flat ragged token batch -> [T, Nq, D] in q's dtype."""
+    """Causal paged attention over a flat ragged token batch -> [T, Nq, D] in q's dtype. ``decode_only``
+    (static): each token is the single decode token of its own sequence; picks the default config."""
     num_tok, num_q_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = k_cache.shape
     if config is None:
         config = default_config(num_tok, num_q_heads, num_kv_heads, head_dim, page_size,
-                                page_table.shape[1] * page_size, q.dtype)
-    _check_args(q, k_cache, v_cache, seq_ids, positions, page_table, context_lens, query_start_loc, config)
-    group_pad = _padded_group(num_q_heads, num_kv_heads)
-    block_q = ROWS // group_pad
+                                page_table.shape[1] * page_size, q.dtype, decode=decode_only)
+    check_shapes(q, k_cache, v_cache, seq_ids, positions, page_table, context_lens, query_start_loc)
+    _check_config(config, q, k_cache, page_table)
+    block_q = tokens_per_cta(config, num_q_heads, num_kv_heads)
+    rows_per_token = ROWS // block_q
+    p_via_smem = interpreting()
     padded = pl.cdiv(num_tok, block_q) * block_q
     num_q_blocks = padded // block_q
-    total_rows = padded * group_pad
+    total_rows = padded * rows_per_token
     pad_tokens = lambda x: jnp.pad(x.astype(jnp.int32), (0, padded - num_tok))
-    q_packed = _pack_queries(q, num_kv_heads, group_pad, padded)
+    q_packed = _pack_queries(q, num_kv_heads, rows_per_token, padded)
 
     splits = config.num_kv_splits
     if splits == 1:
@@ -317,19 +388,24 @@ def ragged_paged_attention(
         out_type = (jax.ShapeDtypeStruct((splits, num_kv_heads, total_rows, head_dim), jnp.float32),
                     jax.ShapeDtypeStruct((splits, num_kv_heads, total_rows), jnp.float32))
     stages = config.num_stages
+    max_pages = page_table.shape[1]
+    pt_rows, pt_cols = page_table_tile(max_pages)
     scratch = (
         plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=smem_transforms(head_dim, q.dtype)),
         plgpu.SMEM((stages, config.block_kv, head_dim), q.dtype, transforms=smem_transforms(head_dim, q.dtype)),
         plgpu.SMEM((stages, config.block_kv, head_dim), q.dtype, transforms=smem_transforms(head_dim, q.dtype)),
-        plgpu.SMEM((ROWS, config.block_kv), q.dtype, transforms=smem_transforms(config.block_kv, q.dtype)),
+        plgpu.SMEM((ROWS, config.block_kv), q.dtype, transforms=smem_transforms(config.block_kv, q.dtype)) if p_via_smem else None,
         plgpu.SMEM((ROWS, head_dim), jnp.float32, transforms=smem_transforms(head_dim, jnp.float32)) if splits > 1 else None,
         plgpu.SMEM((ROWS,), jnp.float32) if splits > 1 else None,
+        plgpu.SMEM((pt_rows, pt_cols), jnp.int32),
+        plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_arrivals=config.block_kv // page_size, num_barriers=stages),
         plgpu.Barrier(num_arrivals=config.block_kv // page_size, num_barriers=stages),
     )
     kernel = plgpu.kernel(
-        functools.partial(_attention_kernel, config=config, block_q=block_q, group_pad=group_pad, sm_scale=sm_scale),
+        functools.partial(_attention_kernel, config=config, block_q=block_q, rows_per_token=rows_per_token,
+                          sm_scale=sm_scale, p_via_smem=p_via_smem, max_pages=max_pages),
         out_type=out_type,
         scratch_types=(scratch,),
         grid=(num_q_blocks, num_kv_heads, splits),
@@ -339,11 +415,12 @@ def ragged_paged_attention(
     result = kernel(
         jnp.reshape(layer, (1,)).astype(jnp.int32), jnp.reshape(num_tokens, (1,)).astype(jnp.int32),
         pad_tokens(seq_ids), pad_tokens(positions), query_start_loc.astype(jnp.int32),
-        page_table.astype(jnp.int32), q_packed, k_cache, v_cache,
+        jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pt_rows * pt_cols - max_pages))).reshape(-1, pt_rows, pt_cols),
+        q_packed, k_cache, v_cache,
     )
     out = result if splits == 1 else _combine_splits(*result)
     valid = jnp.arange(num_tok) < num_tokens
-    return _unpack_output(out, num_tok, num_q_heads, group_pad, valid).astype(q.dtype)
+    return _unpack_output(out, num_tok, num_q_heads, rows_per_token, valid).astype(q.dtype)
 
 
 def ragged_paged_attention_reference(q, k_cache, v_cache, layer, seq_ids, positions, page_table,

@@ -27,8 +27,9 @@ class EngineConfig:
     prefill_ratio: share of a step's token budget prefill may take while sequences are decoding.
     page_size: tokens per KV page. num_pages: KV pool size (None = sized from free device memory
         times memory_fraction; on CPU, enough for every slot at max_sequence_length).
-    decode_steps_per_call: decode steps run inside one jitted call (lax.while_loop) when no prefill
-        work is waiting.
+    decode_steps_per_call: decode steps run inside one jitted call (lax.while_loop) when every running
+        sequence decodes and no waiting request could join the batch (empty queue, no free batch slot
+        or KV pages); a slot freed inside such a call is refilled at the next call.
     async_scheduling: dispatch the next decode step before reading the current one's tokens back, so
         the host's scheduling and output processing overlap the device (same outputs; arrivals and
         aborts take effect one step later). None = on (see ``engine.core.resolve_async_scheduling``).

@@ -286,10 +286,12 @@ class EngineCore:
 
     def _dispatch(self, output) -> _StepInFlight:
         """Hands a scheduled step to the runner: dispatched only (async scheduling), or run to the end."""
-        ids = [s.request_id for s in output.scheduled]
-        rows = {s.request_id: self._row(s) for s in output.scheduled}
-        step = _StepInFlight(output, {i: self.sequences[i] for i in ids},
-                             {i: self.scheduler.get_request(i) for i in ids})
+        sequences, requests, rows = {}, {}, {}
+        for scheduled in output.scheduled:
+            i = scheduled.request_id
+            sequences[i], requests[i] = self.sequences[i], self.scheduler.get_request(i)
+            rows[i] = self._row(scheduled, *sequences[i], requests[i])
+        step = _StepInFlight(output, sequences, requests)
         if self._pipelined():
             return dataclasses.replace(step, handle=self.runner.dispatch(output, rows))
         return dataclasses.replace(step, results=self.runner.execute(output, rows))
@@ -309,17 +311,14 @@ class EngineCore:
             if sequence_id in live:
                 current.sequences[sequence_id][0].add_prompt_logprobs(entries)
         kept, finished = {}, []
-        for sequence_id, results in sampled.items():
+        for sequence_id, tokens in sampled.items():
             if sequence_id not in live:
                 continue  # tokens computed ahead for a sequence that finished: dropped
             state, seq = current.sequences[sequence_id]
-            kept[sequence_id] = []
-            for result in results:
-                kept[sequence_id].append(result.token_id)
-                seq.append(result)
-                if seq.finished:
-                    finished.append(sequence_id)
-                    break
+            count = seq.extend(tokens)  # up to and including a token that finishes it
+            kept[sequence_id] = tokens.token_ids if count == len(tokens.token_ids) else tokens.token_ids[:count]
+            if seq.finished:
+                finished.append(sequence_id)
             changed[state.request_id] = state
         self.scheduler.update(kept)
         for sequence_id in finished:
@@ -345,32 +344,30 @@ class EngineCore:
             num_waiting=self.scheduler.num_waiting, kv_cache_utilization=self.allocator.utilization)
 
     def _lookahead(self, all_decoding: bool | None = None) -> int:
-        """Extra decode steps of the next call: none while prefill work is waiting or running.
+        """Extra decode steps of the next call: none while prefill work is running or a waiting request
+        could be admitted (a full batch keeps decoding several steps per call with a queue behind it).
         ``all_decoding``: whether every running request has one token to feed (None = look)."""
         if all_decoding is None:
             all_decoding = all(r.num_uncomputed_tokens == 1 for r in self.scheduler.running)
-        if self.scheduler.num_waiting or not all_decoding:
+        if not all_decoding or not self.scheduler.admission_blocked():
             return 0
         return self.config.decode_steps_per_call - 1
 
-    def _row(self, scheduled) -> RowRequest:
-        state, seq = self.sequences[scheduled.request_id]
-        request = self.scheduler.get_request(scheduled.request_id)
+    def _row(self, scheduled, state: RequestState, seq: SequenceState, request: Request) -> RowRequest:
         params = state.params
         # A step planned ahead starts after the tokens the in-flight step samples: count them as generated.
-        ahead = max(0, scheduled.end_position - request.num_tokens)
-        num_generated = request.num_output_tokens + ahead
-        remaining = self.max_sequence_length - request.num_tokens - ahead
+        num_tokens = request.num_tokens
+        ahead = max(0, scheduled.end_position - num_tokens)
+        num_generated = len(request.output_token_ids) + ahead
+        remaining = self.max_sequence_length - num_tokens - ahead
         if params.max_tokens is not None:
             remaining = min(remaining, params.max_tokens - num_generated)
-        stop_ids = ()  # on-device early stop; before min_tokens no stop may fire (the host decides then)
-        if num_generated >= params.min_tokens:
-            stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(self.eos_token_ids))
+        # On-device early stop; before min_tokens no stop may fire (the host decides then).
+        stop_ids = seq.ending_token_ids if num_generated >= params.min_tokens else ()
         # The token history is only read for prompt logprobs (of prefill rows): not copied per step otherwise.
         history = request.all_token_ids if params.prompt_logprobs is not None else ()
-        return RowRequest(sampling_params=params, seed=seq.seed, num_generated=num_generated,
-                          num_prompt_tokens=len(state.prompt_token_ids), all_token_ids=history,
-                          max_new_tokens=max(remaining, 1), stop_ids=stop_ids)
+        return RowRequest(params, seq.seed, num_generated, len(state.prompt_token_ids), history, max(remaining, 1),
+                          stop_ids)
 
     def _finish_sequence(self, sequence_id: str, reason: str, changed: dict) -> None:
         state, seq = self.sequences.pop(sequence_id)
@@ -380,7 +377,7 @@ class EngineCore:
     def _collect(self, changed: dict[str, RequestState]) -> list[RequestOutput]:
         outputs = []
         for request_id, state in changed.items():
-            outputs.append(state.output())
-            if state.finished:
+            outputs.append(output := state.output())
+            if output.finished:
                 self.requests.pop(request_id, None)
         return outputs

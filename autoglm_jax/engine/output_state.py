@@ -11,7 +11,7 @@ import time
 
 from autoglm_jax.detokenizer import IncrementalDetokenizer
 from autoglm_jax.engine.metrics import RequestMetrics
-from autoglm_jax.engine.runner import PromptLogprob, TokenResult
+from autoglm_jax.engine.runner import PromptLogprob, SampledTokens
 from autoglm_jax.outputs import CompletionOutput, RequestOutput, make_logprob_dict
 from autoglm_jax.sampling_params import SamplingParams
 from autoglm_jax.stop_checker import StopChecker
@@ -31,6 +31,8 @@ class SequenceState:
         self.logprobs = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.stop = StopChecker(params, eos_token_ids, prompt_len=len(prompt_token_ids), max_model_len=max_model_len)
+        # The ids that end it once min_tokens are generated (the decode loop's on-device stops).
+        self.ending_token_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(eos_token_ids))
         self.detokenizer = None
         if tokenizer is not None:
             self.detokenizer = IncrementalDetokenizer(
@@ -42,16 +44,38 @@ class SequenceState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, result: TokenResult) -> None:
-        """Accounts one sampled token; may finish the sequence (then later tokens are not given)."""
-        self.token_ids.append(result.token_id)
-        self.cumulative_logprob += result.logprob
-        if self.logprobs is not None:
-            n = self.params.logprobs
-            self.logprobs.append(make_logprob_dict(result.token_id, result.logprob, result.rank,
-                                                   result.top_token_ids[:n], result.top_logprobs[:n], self._decode_one))
-        delta = self.detokenizer.add(result.token_id) if self.detokenizer is not None else ""
-        outcome = self.stop.update(result.token_id, delta)
+    def extend(self, tokens: SampledTokens) -> int:
+        """Accounts a step's sampled tokens in order until one finishes the sequence (later ones are not
+        given); returns how many were taken."""
+        if self.logprobs is not None:  # per-token logprob dicts: one token at a time
+            for i in range(len(tokens.token_ids)):
+                self._append_with_logprobs(tokens, i)
+                if self.finished:
+                    return i + 1
+            return len(tokens.token_ids)
+        taken, deltas = tokens.token_ids, None
+        if self.detokenizer is not None:  # detokenize no token past one that finishes by a token rule
+            if not self.params.stop:
+                taken = taken[: self.stop.num_tokens_to_finish(taken)]
+            deltas = self.detokenizer.add_each(taken)
+        count = self.stop.update_many(taken, deltas)  # stop strings may end it earlier
+        self.token_ids.extend(taken if count == len(taken) else taken[:count])
+        for logprob in tokens.logprobs[:count]:
+            self.cumulative_logprob += logprob
+        self.text = self.stop.output_text
+        if self.stop.finished:
+            self.finish(self.stop.finish_reason, self.stop.stop_reason)
+        return count
+
+    def _append_with_logprobs(self, tokens: SampledTokens, i: int) -> None:
+        token_id, logprob = tokens.token_ids[i], tokens.logprobs[i]
+        self.token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+        n, row = self.params.logprobs, tokens.row
+        self.logprobs.append(make_logprob_dict(token_id, logprob, tokens.ranks[i], tokens.step_top_token_ids[row, i, :n],
+                                               tokens.step_top_logprobs[row, i, :n], self._decode_one))
+        delta = self.detokenizer.add(token_id) if self.detokenizer is not None else ""
+        outcome = self.stop.update(token_id, delta)
         self.text = self.stop.output_text
         if outcome.finished:
             self.finish(outcome.finish_reason, outcome.stop_reason)
@@ -83,6 +107,7 @@ class RequestState:
     prompt_logprobs: list | None = None
     tokenizer: object = None
     sequence_metrics: dict[str, RequestMetrics] = dataclasses.field(default_factory=dict)  # by sequence id
+    _prompt_list: list[int] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.params.prompt_logprobs is not None:
@@ -90,7 +115,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(seq.finished for seq in self.sequences)
+        for seq in self.sequences:  # a loop, not all(): asked for every request every step
+            if seq.finish_reason is None:
+                return False
+        return True
 
     def add_prompt_logprobs(self, entries: list[PromptLogprob]) -> None:
         n = self.params.prompt_logprobs
@@ -108,9 +136,14 @@ class RequestState:
         return merge_request_metrics(self.request_id, list(self.sequence_metrics.values()))
 
     def output(self) -> RequestOutput:
-        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_token_ids),
+        """The cumulative RequestOutput. Its prompt_token_ids list (copied once) and prompt_logprobs are
+        shared by all the request's outputs, as vLLM's; the completions' token_ids are copies."""
+        if self._prompt_list is None:
+            self._prompt_list = list(self.prompt_token_ids)
+        finished = self.finished
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self._prompt_list,
                              prompt_logprobs=self.prompt_logprobs, outputs=[s.completion() for s in self.sequences],
-                             finished=self.finished, metrics=self.metrics if self.finished else None)
+                             finished=finished, metrics=self.metrics if finished else None)
 
 
 def merge_request_metrics(request_id: str, parts: list[RequestMetrics]) -> RequestMetrics:

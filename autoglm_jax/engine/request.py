@@ -34,7 +34,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self.name.startswith("FINISHED_")
+        return self._value_.startswith("finished_")  # _value_, not .name: asked per request per step
 
 
 class FinishReason(enum.Enum):

@@ -8,6 +8,13 @@ compiled functions of the bucket ladder and ``warmup()``. It makes no scheduling
 and returns a ``StepHandle``; ``collect`` blocks until its tokens are on the host. Async scheduling
 dispatches the next step in between; steps always run in dispatch order (each takes the donated
 state the previous one returns), and each passes ``slot_tokens`` on to the next.
+
+Host cost per step is kept to a few Python operations per row (hundreds of rows per step at a large
+batch): what stays with a batch slot while one sequence holds it (its page-table row, sampling
+parameters, on-device stop ids) lives in ``SlotInputs`` and is rewritten only where it changed; a step
+gathers its rows with one numpy index; its inputs go to the compiled program as numpy arrays (the call
+transfers them, several times cheaper than a ``jnp.asarray`` each); and results come back as one
+``SampledTokens`` per sequence converted with a few ``tolist`` calls rather than per-token numpy scalars.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,21 +39,34 @@ from autoglm_jax.engine.device_state import TOKEN_NOT_COUNTED, TOKEN_OUTPUT, TOK
 from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from autoglm_jax.engine.step_functions import DecodeInput, StepInput, decode_loop, mixed_step
 from autoglm_jax.model.attention_metadata import AttentionMetadata
-from autoglm_jax.sampler import SamplingTensors
+from autoglm_jax.sampler import SamplingTensors, HostRows
 
 log = logging.getLogger(__name__)
 STOP_IDS_WIDTH = 16  # on-device stop ids per row in the decode loop (eos + stop_token_ids, padded)
 
 
-@dataclasses.dataclass
-class TokenResult:
-    """One sampled token of one sequence, with the logprobs the request may want."""
+class SampledTokens(NamedTuple):
+    """The tokens one sequence sampled in a step, in order (n = 1 in a mixed step, up to 1 + its lookahead
+    in a decode call), with the logprobs the request may want. The top-N arrays are the whole step's
+    ([B, K, N]; K = 1 in a mixed step), sliced to this sequence's row only when read: most requests want
+    no logprobs."""
 
-    token_id: int
-    logprob: float
-    rank: int
-    top_token_ids: np.ndarray  # [N]
-    top_logprobs: np.ndarray   # [N]
+    token_ids: list[int]
+    logprobs: list[float]            # raw logprob of each sampled token
+    ranks: list[int]                 # its 1-based rank
+    step_top_token_ids: np.ndarray   # [B, K, N] int32
+    step_top_logprobs: np.ndarray    # [B, K, N] f32
+    row: int                         # this sequence's row b in them
+
+    @property
+    def top_token_ids(self) -> np.ndarray:
+        """[n, N]: the ids of the N largest logprobs where each token was sampled."""
+        return self.step_top_token_ids[self.row, : len(self.token_ids)]
+
+    @property
+    def top_logprobs(self) -> np.ndarray:
+        """[n, N]: those logprobs, descending."""
+        return self.step_top_logprobs[self.row, : len(self.token_ids)]
 
 
 @dataclasses.dataclass
@@ -60,9 +81,9 @@ class PromptLogprob:
     top_logprobs: np.ndarray
 
 
-@dataclasses.dataclass(frozen=True)
-class RowRequest:
-    """What the runner needs to know about a scheduled sequence beyond the scheduler's entry."""
+class RowRequest(NamedTuple):
+    """What the runner needs to know about a scheduled sequence beyond the scheduler's entry (a named
+    tuple: the engine builds one per running sequence per step)."""
 
     sampling_params: object        # SamplingParams
     seed: int
@@ -122,6 +143,7 @@ class ModelRunner:
                 self.graphdef, self.params, model_config, mesh, num_pages=num_pages, page_size=page_size,
                 num_slots=max_batch_size, cache_dtype=cache_dtype)
         self.slot_tokens = self._zero_slot_tokens()  # [max_batch_size] int32: the last step's output
+        self.slot_inputs = SlotInputs(max_batch_size, self.max_pages_per_sequence, self.eos_token_ids, STOP_IDS_WIDTH)
         self.num_traces = 0
         self._mixed = jax.jit(self._counted(mixed_fn), static_argnames=("num_logprobs",), donate_argnums=(1,))
         self._decode = jax.jit(self._counted(decode_fn), static_argnames=("max_steps", "num_logprobs"),
@@ -210,8 +232,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ execution
     def execute(self, output: SchedulerOutput, rows: dict[str, RowRequest]):
-        """Runs one scheduled step. Returns (sampled, prompt_logprobs): sampled[request_id] is the list
-        of TokenResult for sequences with ``sample=True``; prompt_logprobs[request_id] the list of
+        """Runs one scheduled step. Returns (sampled, prompt_logprobs): sampled[request_id] is the
+        SampledTokens of each sequence with ``sample=True``; prompt_logprobs[request_id] the list of
         PromptLogprob for this step's prompt tokens of requests that asked for them."""
         if not output.scheduled:
             return {}, {}
@@ -238,25 +260,25 @@ class ModelRunner:
         return jax.device_get(out)
 
     def _dispatch_mixed(self, scheduled, rows) -> StepHandle:
-        num_tokens = sum(seq.num_tokens for seq in scheduled)
-        token_bucket = self.ladder.token_bucket(num_tokens)
+        starts = np.zeros(len(scheduled) + 1, np.int64)  # = md.query_start_loc, host side
+        np.cumsum([len(seq.token_ids) for seq in scheduled], out=starts[1:])
+        token_bucket = self.ladder.token_bucket(int(starts[-1]))
         row_bucket = self.ladder.rows_for_tokens(token_bucket)
         want = any(_wants_prompt_logprobs(rows[s.request_id]) and not s.is_decode for s in scheduled)
-        inp = self._step_input(scheduled, rows, token_bucket, row_bucket, want)
+        inp = self._step_input(scheduled, rows, token_bucket, row_bucket, want, starts)
         num_sampled = {seq.request_id: 1 for seq in scheduled if seq.sample}
-        starts = np.cumsum([0] + [seq.num_tokens for seq in scheduled])  # = md.query_start_loc, host side
         return StepHandle(scheduled, rows, self._run_mixed(inp), num_sampled, starts, want)
 
     def _mixed_results(self, handle: StepHandle, out):
         rows, want, starts = handle.rows, handle.want_prompt_logprobs, handle.query_start_loc
+        s = out.sampled
+        token_ids, logprobs, ranks = s.token_ids.tolist(), s.logprob.tolist(), s.rank.tolist()
+        top_ids, top_logprobs = s.top_token_ids[:, None], s.top_logprobs[:, None]  # [B, 1, N]
         sampled, prompt = {}, {}
         for b, seq in enumerate(handle.scheduled):
             if seq.sample:
-                s = out.sampled
-                sampled[seq.request_id] = [TokenResult(int(s.token_ids[b]), float(s.logprob[b]), int(s.rank[b]),
-                                                       s.top_token_ids[b], s.top_logprobs[b])]
-            row = rows[seq.request_id]
-            if want and _wants_prompt_logprobs(row) and not seq.is_decode:
+                sampled[seq.request_id] = SampledTokens([token_ids[b]], [logprobs[b]], [ranks[b]], top_ids, top_logprobs, b)
+            if want and not seq.is_decode and _wants_prompt_logprobs(row := rows[seq.request_id]):
                 prompt[seq.request_id] = self._prompt_entries(seq, row, out, int(starts[b]))
         return sampled, prompt
 
@@ -274,18 +296,22 @@ class ModelRunner:
     def _dispatch_decode(self, scheduled, rows) -> StepHandle:
         row_bucket = self.ladder.decode_batch(len(scheduled))
         steps = 1 + max(seq.num_lookahead_tokens for seq in scheduled)
-        inp = self._decode_input(scheduled, rows, row_bucket, steps)
-        num_sampled = {seq.request_id: _max_new(seq, rows[seq.request_id]) for seq in scheduled}
+        max_new = [_max_new(seq, rows[seq.request_id]) for seq in scheduled]
+        inp = self._decode_input(scheduled, rows, row_bucket, steps, max_new)
+        num_sampled = {seq.request_id: count for seq, count in zip(scheduled, max_new)}
         return StepHandle(scheduled, rows, self._run_decode(inp), num_sampled)
 
     @staticmethod
     def _decode_results(scheduled, out):
+        """One ``SampledTokens`` per row: the row's first ``num_generated`` of the call's [K, B] outputs."""
+        token_ids, logprobs, ranks = out.token_ids.T.tolist(), out.logprob.T.tolist(), out.rank.T.tolist()
+        counts = out.num_generated.tolist()
+        top_ids, top_logprobs = out.top_token_ids.swapaxes(0, 1), out.top_logprobs.swapaxes(0, 1)  # [B, K, N]
         sampled = {}
         for b, seq in enumerate(scheduled):
-            n = int(out.num_generated[b])
-            sampled[seq.request_id] = [
-                TokenResult(int(out.token_ids[k, b]), float(out.logprob[k, b]), int(out.rank[k, b]),
-                            out.top_token_ids[k, b], out.top_logprobs[k, b]) for k in range(n)]
+            n = counts[b]
+            sampled[seq.request_id] = SampledTokens(token_ids[b][:n], logprobs[b][:n], ranks[b][:n], top_ids,
+                                                    top_logprobs, b)
         return sampled
 
     @staticmethod
@@ -323,75 +349,154 @@ class ModelRunner:
         return dataclasses.replace(host, slot_tokens=inp.slot_tokens)
 
     # ------------------------------------------------------------------ host-side assembly
-    def _page_table(self, scheduled, num_rows: int) -> np.ndarray:
-        table = np.zeros((num_rows, self.max_pages_per_sequence), np.int32)
-        for b, seq in enumerate(scheduled):
-            table[b, : len(seq.page_ids)] = seq.page_ids
-        return table
-
-    def _sampling(self, scheduled, rows, num_rows: int) -> SamplingTensors:
-        params = [rows[s.request_id].sampling_params for s in scheduled]
-        seeds = [rows[s.request_id].seed for s in scheduled]
-        steps = [rows[s.request_id].num_generated for s in scheduled]
-        return SamplingTensors.from_params(params, seeds, steps, num_rows, self.eos_token_ids,
-                                           stop_ids_width=STOP_IDS_WIDTH)
-
-    def _step_input(self, scheduled, rows, token_bucket: int, num_rows: int, want_prompt_logprobs: bool) -> StepInput:
-        num_slots = self.max_batch_size
+    def _step_input(self, scheduled, rows, token_bucket: int, num_rows: int, want_prompt_logprobs: bool,
+                    starts: np.ndarray | None = None) -> StepInput:
+        """``starts``: [rows + 1] flat offset of each sequence's tokens (computed here when not given)."""
+        num_slots, n = self.max_batch_size, len(scheduled)
+        slots = self.slot_inputs.update(scheduled, rows)
+        index = self.slot_inputs.index(slots, num_rows)
+        if starts is None:
+            starts = np.zeros(n + 1, np.int64)
+            np.cumsum([len(seq.token_ids) for seq in scheduled], out=starts[1:])
         query_lens = np.zeros(num_rows, np.int32)
+        query_lens[:n] = np.diff(starts)
         before = np.zeros(num_rows, np.int32)
+        before[:n] = [seq.start_position for seq in scheduled]
+        total = int(starts[-1])
         token_ids = np.zeros(token_bucket, np.int32)
+        token_ids[:total] = [t for seq in scheduled for t in seq.token_ids]
         token_kind = np.full(token_bucket, TOKEN_NOT_COUNTED, np.int32)
         next_ids = np.full(token_bucket, -1, np.int32)
+        for b, seq in enumerate(scheduled):
+            if seq.is_decode:
+                continue
+            row, offset = rows[seq.request_id], int(starts[b])
+            positions = np.arange(seq.start_position, seq.end_position)
+            token_kind[offset : offset + seq.num_tokens] = np.where(positions < row.num_prompt_tokens, TOKEN_PROMPT, TOKEN_OUTPUT)
+            if want_prompt_logprobs and _wants_prompt_logprobs(row):
+                nxt = positions + 1
+                ok = nxt < row.num_prompt_tokens
+                next_ids[offset : offset + seq.num_tokens][ok] = np.asarray(row.all_token_ids)[nxt[ok]]
         row_slots = np.full(num_rows, num_slots, np.int32)
+        row_slots[:n] = slots
         reset_slots = np.full(num_rows, num_slots, np.int32)
+        reset_slots[:n] = [seq.slot if seq.is_new else num_slots for seq in scheduled]
         sample_rows = np.zeros(num_rows, bool)
-        offset = 0
-        for b, seq in enumerate(scheduled):
-            row = rows[seq.request_id]
-            n = seq.num_tokens
-            query_lens[b], before[b] = n, seq.start_position
-            token_ids[offset : offset + n] = seq.token_ids
-            if not seq.is_decode:
-                positions = np.arange(seq.start_position, seq.end_position)
-                token_kind[offset : offset + n] = np.where(positions < row.num_prompt_tokens, TOKEN_PROMPT, TOKEN_OUTPUT)
-                if want_prompt_logprobs and _wants_prompt_logprobs(row):
-                    nxt = positions + 1
-                    ok = nxt < row.num_prompt_tokens
-                    next_ids[offset : offset + n][ok] = np.asarray(row.all_token_ids)[nxt[ok]]
-            row_slots[b] = seq.slot
-            if seq.is_new:
-                reset_slots[b] = seq.slot
-            sample_rows[b] = seq.sample
-            offset += n
-        md = AttentionMetadata.build(before, query_lens, self._page_table(scheduled, num_rows), self.page_size, token_bucket)
-        logits_indices = np.maximum(np.asarray(md.query_start_loc)[1:] - 1, 0).astype(np.int32)
+        sample_rows[:n] = [seq.sample for seq in scheduled]
+        md = AttentionMetadata.build(before, query_lens, self.slot_inputs.page_table[index], self.page_size, token_bucket)
+        # Each row's last token: md.query_start_loc[1:] - 1, from the host lengths (no device read-back).
+        logits_indices = np.maximum(np.cumsum(query_lens, dtype=np.int32) - 1, 0).astype(np.int32)
         return StepInput(
-            token_ids=jnp.asarray(token_ids), token_kind=jnp.asarray(token_kind), md=md,
-            logits_indices=jnp.asarray(logits_indices), row_slots=jnp.asarray(row_slots),
-            reset_slots=jnp.asarray(reset_slots), sample_rows=jnp.asarray(sample_rows),
-            sampling=self._sampling(scheduled, rows, num_rows), prompt_next_ids=jnp.asarray(next_ids),
-            want_prompt_logprobs=jnp.asarray(want_prompt_logprobs), slot_tokens=self.slot_tokens)
+            token_ids=token_ids, token_kind=token_kind, md=md, logits_indices=logits_indices, row_slots=row_slots,
+            reset_slots=reset_slots, sample_rows=sample_rows, sampling=self._sampling(scheduled, rows, index),
+            prompt_next_ids=next_ids, want_prompt_logprobs=np.asarray(want_prompt_logprobs, bool),
+            slot_tokens=self.slot_tokens)
 
-    def _decode_input(self, scheduled, rows, num_rows: int, steps: int) -> DecodeInput:
+    def _decode_input(self, scheduled, rows, num_rows: int, steps: int, max_new: list[int] | None = None) -> DecodeInput:
+        """``max_new``: each row's ``_max_new`` (computed here when not given)."""
+        n = len(scheduled)
+        slots = self.slot_inputs.update(scheduled, rows)
+        index = self.slot_inputs.index(slots, num_rows)
+        if max_new is None:
+            max_new = [_max_new(seq, rows[seq.request_id]) for seq in scheduled]
         token_ids = np.zeros(num_rows, np.int32)
+        token_ids[:n] = [seq.token_ids[0] for seq in scheduled]  # PENDING_TOKEN (< 0): fed from slot_tokens on device
         positions = np.zeros(num_rows, np.int32)
-        row_slots = np.full(num_rows, self.max_batch_size, np.int32)
-        max_new = np.zeros(num_rows, np.int32)
-        stop_ids = np.full((num_rows, STOP_IDS_WIDTH), -1, np.int32)
-        for b, seq in enumerate(scheduled):
-            row = rows[seq.request_id]
-            token_ids[b] = seq.token_ids[0]  # scheduler.PENDING_TOKEN (< 0): fed from slot_tokens on device
-            positions[b] = seq.start_position
-            row_slots[b] = seq.slot
-            max_new[b] = _max_new(seq, row)
-            ids = row.stop_ids[:STOP_IDS_WIDTH]
-            stop_ids[b, : len(ids)] = ids
+        positions[:n] = [seq.start_position for seq in scheduled]
+        max_new_array = np.zeros(num_rows, np.int32)
+        max_new_array[:n] = max_new
         return DecodeInput(
-            token_ids=jnp.asarray(token_ids), positions=jnp.asarray(positions),
-            page_table=jnp.asarray(self._page_table(scheduled, num_rows)), row_slots=jnp.asarray(row_slots),
-            sampling=self._sampling(scheduled, rows, num_rows), max_new=jnp.asarray(max_new),
-            stop_ids=jnp.asarray(stop_ids), num_steps=jnp.asarray(steps, jnp.int32), slot_tokens=self.slot_tokens)
+            token_ids=token_ids, positions=positions, page_table=self.slot_inputs.page_table[index],
+            row_slots=index.astype(np.int32), sampling=self._sampling(scheduled, rows, index), max_new=max_new_array,
+            stop_ids=self.slot_inputs.stop_ids[index], num_steps=np.asarray(steps, np.int32),
+            slot_tokens=self.slot_tokens)
+
+    def _sampling(self, scheduled, rows, index: np.ndarray) -> SamplingTensors:
+        steps = [rows[seq.request_id].num_generated for seq in scheduled]
+        return self.slot_inputs.sampling_tensors(index, steps)
+
+
+class SlotInputs:
+    """Host copies of the step inputs that stay with a batch slot while one sequence holds it, kept
+    current incrementally: ``update`` rewrites a slot's row only when its sequence's pages, sampling
+    parameters or on-device stop ids changed, and a step gathers its rows by slot (``index``). Each row
+    always equals what a fresh build from the step's ``ScheduledSequence`` / ``RowRequest`` gives
+    (tests/engine/test_slot_inputs.py). Row ``num_slots`` is the padding row: page 0 (scratch), greedy
+    with every filter off, no stop ids.
+
+        page_table           [num_slots + 1, MP] int32: the slot's pages in position order, 0 after them
+        sampling[name]       [num_slots + 1]: ``SamplingTensors`` fields but ``step`` and ``stop_token_ids``
+        min_tokens_stop_ids  [num_slots + 1, S] int32: eos + stop_token_ids, masked out once step >= min_tokens
+        stop_ids             [num_slots + 1, S] int32: ids that end the row in the decode loop (-1 padding)
+    """
+
+    def __init__(self, num_slots: int, max_pages_per_sequence: int, eos_token_ids=(), stop_ids_width: int = 16):
+        self.padding = num_slots
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.page_table = np.zeros((num_slots + 1, max_pages_per_sequence), np.int32)
+        self.sampling = HostRows(num_slots + 1).fields  # the defaults of an empty row
+        del self.sampling["step"]
+        self.min_tokens_stop_ids = np.full((num_slots + 1, stop_ids_width), -1, np.int32)
+        self.stop_ids = np.full((num_slots + 1, stop_ids_width), -1, np.int32)
+        self._pages: list[tuple[int, ...]] = [()] * (num_slots + 1)      # page_ids each row was written from
+        self._params: list[tuple | None] = [None] * (num_slots + 1)     # (SamplingParams, seed) likewise
+        self._stop_ids: list[tuple[int, ...]] = [()] * (num_slots + 1)  # RowRequest.stop_ids likewise
+
+    def update(self, scheduled, rows) -> list[int]:
+        """Brings the rows of the scheduled sequences' slots up to date; returns their slots in order."""
+        slots = []
+        for seq in scheduled:
+            slot, row = seq.slot, rows[seq.request_id]
+            slots.append(slot)
+            pages, known = seq.page_ids, self._pages[slot]
+            if pages is not known and not (len(pages) == len(known) and pages == known):
+                self._write_pages(slot, pages)
+            written = self._params[slot]
+            if written is None or written[0] is not row.sampling_params or written[1] != row.seed:
+                self._write_sampling(slot, row.sampling_params, row.seed)
+            if row.stop_ids is not self._stop_ids[slot] and row.stop_ids != self._stop_ids[slot]:
+                ids = row.stop_ids[: self.stop_ids.shape[1]]
+                self.stop_ids[slot] = -1
+                self.stop_ids[slot, : len(ids)] = ids
+                self._stop_ids[slot] = row.stop_ids
+        return slots
+
+    def index(self, slots: list[int], num_rows: int) -> np.ndarray:
+        """[num_rows] rows to gather: ``slots``, then the padding row."""
+        index = np.full(num_rows, self.padding, np.intp)
+        index[: len(slots)] = slots
+        return index
+
+    def sampling_tensors(self, index: np.ndarray, steps: list[int]) -> SamplingTensors:
+        """The step's SamplingTensors (numpy) of rows ``index`` [B] that generated ``steps`` tokens."""
+        fields = {name: column[index] for name, column in self.sampling.items()}
+        step = np.zeros(len(index), np.int32)
+        step[: len(steps)] = steps
+        stop = np.where((step < fields["min_tokens"])[:, None], self.min_tokens_stop_ids[index], -1)
+        return SamplingTensors(**fields, step=step, stop_token_ids=stop.astype(np.int32))
+
+    def _write_pages(self, slot: int, pages: tuple[int, ...]) -> None:
+        known = self._pages[slot]
+        if len(pages) >= len(known) and pages[: len(known)] == known:  # grown: write the new pages only
+            if len(pages) > len(known):
+                self.page_table[slot, len(known) : len(pages)] = pages[len(known) :]
+        else:  # another sequence (or a re-admitted one) holds the slot
+            self.page_table[slot] = 0
+            self.page_table[slot, : len(pages)] = pages
+        self._pages[slot] = pages
+
+    def _write_sampling(self, slot: int, params, seed: int) -> None:
+        host = HostRows(1)
+        host.fill(0, params, seed, -1, self.eos_token_ids)  # step -1 < min_tokens: records the min_tokens stop list
+        for name, column in self.sampling.items():
+            column[slot] = host.fields[name][0]
+        ids = host.stop_lists[0] if params.min_tokens > 0 else []  # never active without min_tokens
+        width = self.min_tokens_stop_ids.shape[1]
+        if len(ids) > width:
+            raise ValueError(f"{len(ids)} eos + stop token ids in one row exceed stop_ids_width={width}")
+        self.min_tokens_stop_ids[slot] = -1
+        self.min_tokens_stop_ids[slot, : len(ids)] = ids
+        self._params[slot] = (params, seed)
 
 
 def _max_new(seq: ScheduledSequence, row: RowRequest) -> int:

@@ -56,6 +56,7 @@ class Scheduler:
         self.allocator = allocator
         self._clock = clock
         self._requests: dict[str, Request] = {}  # every unfinished request
+        self._token_limits: dict[str, int] = {}  # request id -> _max_total_tokens (asked several times a step)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []  # admission order: oldest first, newest last
         self._free_slots = list(range(config.max_batch_size))  # min-heap: lowest free row first
@@ -86,6 +87,13 @@ class Scheduler:
     def waiting(self) -> tuple[Request, ...]:
         return tuple(self._waiting)
 
+    def admission_blocked(self) -> bool:
+        """Whether the next step would leave the first waiting request waiting even if no running request
+        finished: the queue is empty, admission is closed (static batching, batch decoding), no batch slot
+        is free, or its first chunk's pages do not fit the free pool. The engine then runs multi-step
+        decode calls: nothing could join the batch anyway."""
+        return not (self._admission_open() and self._would_admit([], []))
+
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
         return self._requests.get(request_id)
@@ -110,6 +118,7 @@ class Scheduler:
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"request {request.request_id!r}: max_tokens={max_tokens!r} must be None or an int >= 1")
         self._requests[request.request_id] = request
+        self._token_limits[request.request_id] = limit if max_tokens is None else min(num_prompt + max_tokens, limit)
         self._waiting.append(request)
 
     def finish(self, request_id: str, reason: FinishReason) -> Request:
@@ -117,6 +126,7 @@ class Scheduler:
         request = self._requests.pop(request_id, None)
         if request is None:
             raise KeyError(f"request {request_id!r} is not queued or running (unknown or already finished)")
+        del self._token_limits[request_id]
         if request.status is RequestStatus.RUNNING:
             self._release(request)
         else:
@@ -145,10 +155,13 @@ class Scheduler:
             raise ValueError(f"num_lookahead_tokens={num_lookahead_tokens} must be >= 0")
         admission_open = self._admission_open()
         plan = StepPlan(self.config, num_lookahead_tokens)
-        for request in self._running_snapshot(decoding=True):
-            self._schedule_running(request, plan)
-        for request in self._running_snapshot(decoding=False):
-            self._schedule_running(request, plan)
+        decoding, prefilling = [], []
+        for request in self._running:  # whether a request decodes does not change while others are scheduled
+            (decoding if self._is_decoding(request) else prefilling).append(request)
+        for request in decoding:
+            self._schedule_running(request, plan, is_decoding=True)
+        for request in prefilling:
+            self._schedule_running(request, plan, is_decoding=False)
         if admission_open and not plan.preempted:
             self._admit_waiting(plan)
         output = plan.build()
@@ -174,11 +187,10 @@ class Scheduler:
             return None
         entries = []
         for request, num_tokens, lookahead, missing in growth:
-            request.pages.extend(self.allocator.allocate(missing))
-            entries.append(ScheduledSequence(
-                request_id=request.request_id, slot=request.slot, token_ids=(PENDING_TOKEN,),
-                start_position=num_tokens - 1, page_ids=tuple(request.pages), sample=True, is_new=False,
-                is_decode=True, num_lookahead_tokens=lookahead))
+            if missing:
+                request.pages.extend(self.allocator.allocate(missing))
+            entries.append(ScheduledSequence(request.request_id, request.slot, (PENDING_TOKEN,), num_tokens - 1,
+                                             tuple(request.pages), True, False, True, lookahead))
         output = SchedulerOutput(scheduled=tuple(entries), num_lookahead_tokens=num_lookahead_tokens)
         self._ahead = (output, {request.request_id: request for request, *_ in growth})
         return output
@@ -186,18 +198,21 @@ class Scheduler:
     def _growth_ahead(self, num_lookahead_tokens: int, num_sampled: Mapping[str, int]):
         """[(request, its tokens after the pending step, lookahead, pages to add)] of the requests that
         go on decoding, or None when ``schedule_ahead`` must not plan (see there)."""
+        if self._running and num_sampled.get(self._running[-1].request_id, 0) < 1:
+            return None  # the newest request is mid-prefill (the usual reason to stop): no need to look at all
         growth, finishing = [], []
+        usable_pages, pages_needed = self.allocator.num_usable_pages, self.allocator.pages_needed
         for request in self._running:
             count = num_sampled.get(request.request_id, 0)
             if count < 1:
                 return None
             num_tokens = request.num_tokens + count
-            if num_tokens >= self._max_total_tokens(request):
+            if num_tokens >= self._token_limits[request.request_id]:  # = _max_total_tokens(request)
                 finishing.append(request)  # reaches its length limit with the pending step
                 continue
-            lookahead = self._lookahead_at(request, num_tokens, num_lookahead_tokens)
-            pages = self.allocator.pages_needed(num_tokens + lookahead)
-            if pages > self.allocator.num_usable_pages:
+            lookahead = self._lookahead_at(request, num_tokens, num_lookahead_tokens) if num_lookahead_tokens else 0
+            pages = pages_needed(num_tokens + lookahead)
+            if pages > usable_pages:
                 return None
             growth.append((request, num_tokens, lookahead, max(0, pages - len(request.pages))))
         missing = sum(g[3] for g in growth)
@@ -241,13 +256,16 @@ class Scheduler:
         """
         output = self._pending
         entries = {} if output is None else {e.request_id: e for e in output.scheduled}
-        unknown = set(sampled) - set(entries)
+        unknown = sampled.keys() - entries.keys()
         if unknown:
             raise ValueError(f"sampled tokens for request(s) not scheduled in the last step: {sorted(unknown)}")
         live = [(e, request) for e in entries.values()
                 if self._requests.get(e.request_id) is (request := self._pending_requests[e.request_id])]
+        most = 1 + output.num_lookahead_tokens if output is not None else 1
         for entry, _ in live:  # validate everything before changing anything
-            self._check_sampled(entry, sampled.get(entry.request_id, ()), output.num_lookahead_tokens)
+            tokens = sampled.get(entry.request_id, ())
+            if (not tokens) == entry.sample or len(tokens) > most:
+                self._check_sampled(entry, tokens, output.num_lookahead_tokens)  # raises, naming the problem
         self._set_pending(*(self._ahead or (None,)))
         self._ahead = None
         now = self._clock()
@@ -259,18 +277,15 @@ class Scheduler:
 
     # ----------------------------------------------------------------- running requests
 
-    def _running_snapshot(self, decoding: bool) -> list[Request]:
-        return [r for r in self._running if self._is_decoding(r) == decoding]
-
     @staticmethod
     def _is_decoding(request: Request) -> bool:
         """One sampled token awaits feeding (as opposed to prompt or re-prefill tokens)."""
         return request.num_uncomputed_tokens == 1 and request.num_output_tokens > 0
 
-    def _schedule_running(self, request: Request, plan: StepPlan) -> None:
+    def _schedule_running(self, request: Request, plan: StepPlan, is_decoding: bool) -> None:
         if request.status is not RequestStatus.RUNNING:  # preempted earlier in this step
             return
-        if self._is_decoding(request):
+        if is_decoding:
             num_new = 1 if plan.decode_tokens_left() > 0 else 0
         else:
             num_new = self._prefill_chunk(request, plan.prefill_tokens_left())
@@ -278,7 +293,7 @@ class Scheduler:
             return
         num_lookahead = self._lookahead_for(request, num_new, plan.num_lookahead_tokens)
         if self._reserve_pages(request, request.num_computed_tokens + num_new + num_lookahead, plan):
-            plan.add(self._entry(request, num_new, num_lookahead, is_new=False))
+            plan.add(self._entry(request, num_new, num_lookahead, is_new=False, is_decode=is_decoding))
 
     def _prefill_chunk(self, request: Request, budget: int) -> int:
         """Prompt/re-prefill tokens to feed this step within ``budget`` (0 = none fits)."""
@@ -298,20 +313,23 @@ class Scheduler:
 
     def _lookahead_at(self, request: Request, end: int, requested: int) -> int:
         """Lookahead of a sampling step whose fed tokens end at ``end`` (cache length after them)."""
+        if requested == 0:
+            return 0
         pool_tokens = self.allocator.num_usable_pages * self.config.page_size
         last_fed_count = min(self._max_total_tokens(request) - 1, pool_tokens)
         return max(0, min(requested, last_fed_count - end))
 
     def _max_total_tokens(self, request: Request) -> int:
-        max_tokens = getattr(request.sampling_params, "max_tokens", None)
-        limit = self.config.max_sequence_length
-        return limit if max_tokens is None else min(request.num_prompt_tokens + max_tokens, limit)
+        """min(prompt + max_tokens, max_sequence_length) of an unfinished request (computed when queued)."""
+        return self._token_limits[request.request_id]
 
     # ----------------------------------------------------------------- pages and preemption
 
     def _reserve_pages(self, request: Request, num_tokens: int, plan: StepPlan) -> bool:
         """Grow a running request's pages to hold ``num_tokens``, preempting newest-first if short.
         False if the request itself was preempted or finished with ERROR."""
+        if self.allocator.pages_needed(num_tokens) <= len(request.pages):  # most decode steps: nothing to add
+            return True
         if self._never_fits(request, num_tokens, plan):
             return False
         while not self._grow_pages(request, num_tokens):
@@ -383,7 +401,7 @@ class Scheduler:
             if not self.allocator.can_allocate(self.allocator.pages_needed(num_tokens)):
                 return
             self._admit(self._waiting.popleft(), num_tokens)
-            plan.add(self._entry(request, num_new, num_lookahead, is_new=True))
+            plan.add(self._entry(request, num_new, num_lookahead, is_new=True, is_decode=self._is_decoding(request)))
 
     def _admit(self, request: Request, num_tokens: int) -> None:
         request.status = RequestStatus.RUNNING
@@ -393,19 +411,12 @@ class Scheduler:
             request.first_scheduled_time = self._clock()
         self._running.append(request)
 
-    def _entry(self, request: Request, num_new: int, num_lookahead: int, is_new: bool) -> ScheduledSequence:
+    @staticmethod
+    def _entry(request: Request, num_new: int, num_lookahead: int, is_new: bool, is_decode: bool) -> ScheduledSequence:
         start = request.num_computed_tokens
-        return ScheduledSequence(
-            request_id=request.request_id,
-            slot=request.slot,
-            token_ids=request.token_ids_between(start, start + num_new),
-            start_position=start,
-            page_ids=tuple(request.pages),
-            sample=start + num_new == request.num_tokens,
-            is_new=is_new,
-            is_decode=self._is_decoding(request),
-            num_lookahead_tokens=num_lookahead,
-        )
+        return ScheduledSequence(request.request_id, request.slot, request.token_ids_between(start, start + num_new),
+                                 start, tuple(request.pages), start + num_new == request.num_tokens, is_new, is_decode,
+                                 num_lookahead)
 
     # ----------------------------------------------------------------- results
 
@@ -423,14 +434,15 @@ class Scheduler:
 
     def _apply_step(self, request: Request, entry: ScheduledSequence, tokens: list[int], now: float) -> bool:
         """Advance the request past the step; True if it hit its length limit (and was finished)."""
-        room = self._max_total_tokens(request) - request.num_tokens
-        kept = tokens[: min(1 + entry.num_lookahead_tokens, room)]
-        request.num_computed_tokens = entry.end_position + max(0, len(kept) - 1)
+        limit = self._max_total_tokens(request)
+        kept = tokens[: min(1 + entry.num_lookahead_tokens, limit - request.num_tokens)]
+        request.num_computed_tokens = entry.start_position + len(entry.token_ids) + max(0, len(kept) - 1)
         if kept:
-            request.output_token_ids.extend(int(t) for t in kept)
-            request.first_token_time = request.first_token_time if request.first_token_time is not None else now
+            request.output_token_ids.extend(map(int, kept))
+            if request.first_token_time is None:
+                request.first_token_time = now
             request.last_token_time = now
-        if request.num_tokens >= self._max_total_tokens(request):
+        if request.num_tokens >= limit:
             self.finish(request.request_id, FinishReason.LENGTH)
             return True
         return False

@@ -14,10 +14,13 @@ multi-step decoding it may then feed that token back and sample again, up to
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 
-@dataclasses.dataclass(frozen=True)
-class ScheduledSequence:
+class ScheduledSequence(NamedTuple):
+    """One sequence's share of a step (a named tuple: immutable, and cheap to build for every running
+    sequence every step)."""
+
     request_id: str
     slot: int                     # batch row in [0, max_batch_size) for per-row sampling state
     token_ids: tuple[int, ...]    # new tokens fed this step: a prompt chunk, or the last sampled token

@@ -95,13 +95,24 @@ def mixed_step(graphdef, params, state: DeviceState, inp: StepInput, *, num_logp
     return state, StepOutput(sampled, *prompt, slot_tokens=slot_tokens)
 
 
+PROMPT_LOGPROBS_CHUNK = 256  # tokens whose full-vocabulary logprobs exist at once
+
+
 def _prompt_logprobs(model, hidden, inp: StepInput, num_logprobs: int):
-    """Logprobs of each next prompt token over all T positions; skipped (zeros) unless requested."""
+    """Logprobs of each next prompt token over all T positions; skipped (zeros) unless requested.
+    Computed PROMPT_LOGPROBS_CHUNK tokens at a time: the [T, V] float32 logits, log-softmax and top-k
+    temporaries of a 2,048-token step were a 7 GB scratch buffer at a 151k vocabulary (an H100 ran out)."""
     T = hidden.shape[0]
     next_ids = jnp.maximum(inp.prompt_next_ids, 0)
+    chunk = PROMPT_LOGPROBS_CHUNK if T % PROMPT_LOGPROBS_CHUNK == 0 else T
+
+    def compute_chunk(args):
+        h, ids = args
+        return gather_logprobs(jax.nn.log_softmax(model.logits(h), axis=-1), ids, num_logprobs)
 
     def compute(h):
-        return gather_logprobs(jax.nn.log_softmax(model.logits(h), axis=-1), next_ids, num_logprobs)
+        out = jax.lax.map(compute_chunk, (h.reshape(T // chunk, chunk, -1), next_ids.reshape(T // chunk, chunk)))
+        return jax.tree.map(lambda x: x.reshape(T, *x.shape[2:]), out)
 
     def skip(h):
         return (jnp.zeros((T,), jnp.float32), jnp.zeros((T,), jnp.int32),
@@ -141,7 +152,7 @@ def decode_loop(graphdef, params, state: DeviceState, inp: DecodeInput, *, max_s
         md = AttentionMetadata(
             seq_ids=rows, positions=positions, slot_mapping=slots, page_table=inp.page_table,
             context_lens=jnp.where(active, positions + 1, 0), query_start_loc=jnp.arange(B + 1, dtype=jnp.int32),
-            num_tokens=jnp.asarray(B, jnp.int32))
+            num_tokens=jnp.asarray(B, jnp.int32), decode_only=True)
         logits, kv = model(tokens, state.kv, md, rows)
         state = dataclasses.replace(state, kv=kv)
         counts, mask = slot_rows(state, inp.row_slots)

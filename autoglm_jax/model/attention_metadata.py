@@ -31,6 +31,9 @@ class AttentionMetadata:
     context_lens: jax.Array     # [B] int32: tokens in the cache for each sequence after this step
     query_start_loc: jax.Array  # [B + 1] int32: sequence b owns flat tokens [qsl[b], qsl[b+1])
     num_tokens: jax.Array       # [] int32: real (non-padding) tokens in this step
+    # Static: every token is its sequence's single decode token (T == B, token b of row b), as in the
+    # runner's decode loop; attention kernels then stream one sequence per CTA.
+    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def token_bucket(self) -> int:

@@ -12,9 +12,10 @@ between successive streamed updates, divided by the tokens the update brought.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import multiprocessing
-import threading
 import time
 from typing import Any, Sequence
 
@@ -69,14 +70,22 @@ class Timing:
 
     def consume(self, handle) -> None:
         for output in handle:
-            now = time.perf_counter()
-            count = len(output.outputs[0].token_ids)
-            if count > self.tokens:
-                if self.first is None:
-                    self.first = now
-                else:
-                    self.gaps += [(now - self.last) / (count - self.tokens)] * (count - self.tokens)
-                self.last, self.tokens = now, count
+            self.record(output)
+
+    async def consume_async(self, handle) -> None:
+        async for output in handle:
+            self.record(output)
+
+    def record(self, output) -> None:
+        """Timestamps one streamed update (the cumulative output of the request)."""
+        now = time.perf_counter()
+        count = len(output.outputs[0].token_ids)
+        if count > self.tokens:
+            if self.first is None:
+                self.first = now
+            else:
+                self.gaps += [(now - self.last) / (count - self.tokens)] * (count - self.tokens)
+            self.last, self.tokens = now, count
 
 
 def summarize(timings: Sequence, start: float | None = None) -> dict[str, Any]:
@@ -101,21 +110,27 @@ def summarize(timings: Sequence, start: float | None = None) -> dict[str, Any]:
 
 def time_requests(engine, requests: Sequence[tuple[dict, Any]], arrival_times) -> tuple[list[Timing], float]:
     """Submits each (prompt, SamplingParams) to a started ``AutoGLMEngine`` at its arrival time (seconds
-    after the start), one consumer thread per stream; returns (timings, start) once every stream ended."""
+    after the start) and consumes every stream in one asyncio event loop (in one client thread), as an async
+    HTTP client does (one OS thread per stream had ~256 threads wake on each engine step, fighting the
+    engine loop for the GIL); returns (timings, start) once every stream ended."""
     timings = [Timing() for _ in requests]
-    threads = []
-    start = time.perf_counter()
-    for (prompt, params), at, timing in zip(requests, arrival_times, timings):
+
+    async def one(prompt, params, at: float, timing: Timing, start: float) -> None:
         delay = start + at - time.perf_counter()
         if delay > 0:
-            time.sleep(delay)
+            await asyncio.sleep(delay)
         timing.submitted = time.perf_counter()
-        thread = threading.Thread(target=timing.consume, args=(engine.submit(prompt, params),), daemon=True)
-        thread.start()
-        threads.append(thread)
-    for thread in threads:
-        thread.join()
-    return timings, start
+        await timing.consume_async(engine.submit(prompt, params))
+
+    async def run() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(prompt, params, at, timing, start)
+                               for (prompt, params), at, timing in zip(requests, arrival_times, timings)))
+        return start
+
+    # Its own thread: the caller may be inside a running event loop (a notebook), where asyncio.run fails.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="serving-client") as client:
+        return timings, client.submit(asyncio.run, run()).result()
 
 
 def run_benchmark(engine, workload: Workload) -> dict[str, Any]:

@@ -75,3 +75,25 @@ def test_steady_decoding_runs_several_steps_per_call(tiny_llm):
     assert len(out.outputs[0].token_ids) == 25
     # 1 prefill step (first token) + 24 more tokens at decode_steps_per_call=4 per call.
     assert steps == 1 + 24 // core.config.decode_steps_per_call, f"{steps} steps for 25 tokens"
+
+
+def test_full_batch_with_a_queue_keeps_several_decode_steps_per_call(tiny_llm):
+    """A waiting request that cannot join (every batch slot taken) does not force one decode step per
+    call: the full batch runs decode_steps_per_call steps per call, and the queued request starts once
+    a slot frees, with the tokens it gets alone."""
+    core = tiny_llm.engine
+    per_call = core.config.decode_steps_per_call
+    rng = np.random.default_rng(7)
+    prompts = [random_prompt(rng, 6) for _ in range(core.config.max_batch_size + 1)]
+    params = SamplingParams(temperature=0, max_tokens=1 + 3 * per_call, ignore_eos=True)
+    solo = tiny_llm.generate(prompts[-1], params, use_tqdm=False)[0].outputs[0].token_ids
+    steps_before = core.metrics.num_steps
+    batch, (peak_running, peak_waiting) = run_staggered(tiny_llm, prompts, [params] * len(prompts),
+                                                        arrivals=(0,) * len(prompts))
+    steps = core.metrics.num_steps - steps_before
+
+    assert peak_running == core.config.max_batch_size and peak_waiting == 1
+    # Each wave: 1 prefill step + 3 calls of per_call decode steps (one step per call would be 1 + 3 * per_call).
+    assert steps == 2 * (1 + 3), f"{steps} engine steps"
+    assert batch[-1].outputs[0].token_ids == solo
+    assert all(len(out.outputs[0].token_ids) == 1 + 3 * per_call for out in batch)

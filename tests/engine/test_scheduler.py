@@ -164,6 +164,37 @@ def test_dynamic_batching_admits_while_others_decode():
     assert set(by_id(scheduler.schedule())) == {"a", "b"}
 
 
+def test_admission_blocked_by_empty_queue_full_batch_pages_or_static_batch():
+    scheduler = make_scheduler(max_batch_size=2, num_pages=9, page_size=4)  # 8 usable pages
+    assert scheduler.admission_blocked(), "an empty queue admits nothing"
+    scheduler.add_request(make_request("a", 3))
+    assert not scheduler.admission_blocked()
+    rng = random.Random(0)
+    scheduler.update(sample_all(scheduler.schedule(), rng))
+    scheduler.add_request(make_request("b", 3))
+    assert not scheduler.admission_blocked(), "a free slot and free pages: b can join"
+    scheduler.update(sample_all(scheduler.schedule(), rng))
+    scheduler.add_request(make_request("c", 3))
+    assert scheduler.admission_blocked(), "both slots are taken"
+    scheduler.finish("b", FinishReason.STOP)
+    assert not scheduler.admission_blocked()
+    scheduler.add_request(make_request("big", 3 * 4 + 1, max_tokens=4))  # behind c in the queue
+    scheduler.update(sample_all(scheduler.schedule(), rng))  # c admitted
+    assert scheduler.admission_blocked(), "full batch again"
+    scheduler.finish("c", FinishReason.STOP)
+    a = scheduler.get_request("a")
+    a.pages.extend(scheduler.allocator.allocate(scheduler.allocator.num_free - 1))  # leave 1 free page
+    assert scheduler.admission_blocked(), "big's first chunk (8 tokens, 2 pages) does not fit 1 free page"
+    scheduler.allocator.free([a.pages.pop()])
+    assert not scheduler.admission_blocked(), "2 free pages hold it"
+
+    static = make_scheduler(max_batch_size=2, use_dynamic_batching=False)
+    static.add_request(make_request("a", 3))
+    static.update(sample_all(static.schedule(), rng))
+    static.add_request(make_request("b", 3))
+    assert static.admission_blocked(), "static batching admits nothing into a decoding batch"
+
+
 def test_lookahead_allocates_pages_ahead_and_accepts_multiple_tokens():
     scheduler = make_scheduler(page_size=4)
     request = make_request("a", 4, max_tokens=10)

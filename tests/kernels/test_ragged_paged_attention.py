@@ -91,6 +91,52 @@ def test_odd_group_and_default_config(kernel_context):
     check(args, None, kernel_context, "group3 default config")
 
 
+@pytest.mark.parametrize("block_q,heads", [(1, (32, 2)), (2, (16, 2)), (1, (4, 4))])
+def test_fewer_tokens_per_cta(block_q, heads, kernel_context):
+    """block_q below the densest packing: each token's head group padded to 64 // block_q rows; with
+    block_q = 1 every CTA streams a single sequence (the decode layout). Mixed chunks included, so a
+    block of 2 tokens can straddle two sequences."""
+    num_q_heads, num_kv_heads = heads
+    args = make_case([45, 0, 130, 7], [1, 5, 1, 2], num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                     head_dim=64, page_size=16, token_bucket=10, max_pages=10, seed=block_q * 100 + num_q_heads)
+    config = rpa.AttentionConfig(block_kv=64, num_stages=2, num_kv_splits=2, block_q=block_q)
+    check(args, config, kernel_context, f"block_q={block_q} heads={heads}")
+
+
+def test_wide_page_table(kernel_context):
+    """A page table of 300 columns (> 256: its SMEM copy is tiled [2, 256]) with pages past column 256 in use."""
+    args = make_case([4200, 37], [1, 1], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16,
+                     token_bucket=2, max_pages=300, seed=9, num_layers=1)
+    check(args, rpa.AttentionConfig(block_kv=128, num_stages=2, num_kv_splits=2, block_q=1), kernel_context, "300 pages")
+
+
+def test_decode_steps_default_to_one_token_per_cta(kernel_context):
+    """At most one token per sequence (a decode step) -> block_q = 1; a prefill chunk -> densest packing."""
+    decode = rpa.default_config(64, 32, 2, 128, 16, 4096, jnp.bfloat16, decode=True)
+    mixed = rpa.default_config(64, 32, 2, 128, 16, 4096, jnp.bfloat16)
+    assert rpa.tokens_per_cta(decode, 32, 2) == 1 and rpa.tokens_per_cta(mixed, 32, 2) == 4
+    args = make_case([300, 17, 64], [1, 1, 1], num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=16,
+                     token_bucket=3, max_pages=20, seed=5, num_layers=1)
+    with kernel_context():
+        out = rpa.ragged_paged_attention(*args, sm_scale=128 ** -0.5, decode_only=True)
+    assert_close(out, rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5), what="decode default config")
+
+
+@pytest.mark.parametrize("tokens,num_seqs,max_pages", [(64, 64, 256), (1, 1, 1024), (2048, 64, 300)])
+def test_register_p_path_lowers_for_cuda(tokens, num_seqs, max_pages):
+    """Outside the interpreter P is the PV wgmma's register A operand (no SMEM tile); Mosaic GPU's layout
+    inference and lowering (which run here, on CPU) must take it for the default decode / prefill configs,
+    and the page-table row's copy into SMEM for wide tables (> 256 entries: tiled rows of 256)."""
+    args = (jax.ShapeDtypeStruct((tokens, 32, 128), jnp.bfloat16),
+            *[jax.ShapeDtypeStruct((1, 2048, 16, 2, 128), jnp.bfloat16)] * 2,
+            jax.ShapeDtypeStruct((), jnp.int32), *[jax.ShapeDtypeStruct((tokens,), jnp.int32)] * 2,
+            jax.ShapeDtypeStruct((num_seqs, max_pages), jnp.int32), jax.ShapeDtypeStruct((num_seqs,), jnp.int32),
+            jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    traced = rpa.ragged_paged_attention.trace(*args, sm_scale=128 ** -0.5, decode_only=tokens <= num_seqs)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+
+
 def test_padding_tokens_are_zero(kernel_context):
     args = make_case([5], [3], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16,
                      token_bucket=8, max_pages=2, seed=3)
@@ -113,6 +159,12 @@ def test_rejects_bad_shapes():
         rpa.ragged_paged_attention(q, k, k, *args[3:], sm_scale=1.0, config=rpa.AttentionConfig(block_kv=64))
     with pytest.raises(ValueError, match="block_kv"):
         rpa.AttentionConfig(block_kv=48)
+    with pytest.raises(ValueError, match="power of two"):
+        rpa.AttentionConfig(block_q=3)
+    with pytest.raises(ValueError, match="exceed the 64-row tile"):
+        big_group = make_case([0], [2], num_q_heads=64, num_kv_heads=2, head_dim=64, page_size=16,
+                              token_bucket=4, max_pages=1, seed=1)
+        rpa.ragged_paged_attention(*big_group, sm_scale=1.0, config=rpa.AttentionConfig(block_q=4))
     with pytest.raises(ValueError, match="bytes of SMEM"):
         rpa.ragged_paged_attention(*args, sm_scale=1.0, config=rpa.AttentionConfig(block_kv=256, num_stages=4))
     with pytest.raises(ValueError, match="dtype"):

@@ -1,0 +1,434 @@
+"""Warp-specialized (FlashAttention-3 style) ragged paged attention for long prefills on Hopper (Mosaic GPU).
+
+Owns: the prefill attention kernel, its jitted wrapper and its tuning config (``PrefillAttentionConfig``,
+``default_config``, ``supports``). Semantics and argument list are those of
+``ragged_paged_attention.ragged_paged_attention`` (the model's dispatch picks this kernel for large
+token buckets); it reuses that module's argument checks, GQA head packing / unpacking and float32
+reference. It does not own writing K/V into the cache nor building the metadata.
+
+Semantics: token ``t`` (of sequence ``seq_ids[t]``) attends to cache positions ``0..positions[t]``
+of its sequence, read through ``page_table``; tokens ``t >= num_tokens`` are padding and produce
+zeros. Tokens are laid out sequence after sequence (``query_start_loc``) and the positions of one
+sequence's tokens in a step are consecutive (as ``AttentionMetadata.build`` lays them out).
+
+Kernel layout. Query rows are packed (token, head in GQA group) as in ``ragged_paged_attention``:
+for KV head ``h`` a 64-row tile is ``block_q = 64 / G_pad`` consecutive tokens x ``G_pad`` heads.
+One CTA owns (2 x block_q tokens, one KV head) and runs three warpgroups:
+  * two compute warpgroups, each with one 64-row Q tile [64, D] in SMEM, its softmax state
+    (row max / sum, base 2) and output accumulator [64, D] f32 in registers (WGMMA layout);
+    S = Q K^T by wgmma into a fresh accumulator, P = exp2(S - m) rounded to the input dtype and fed
+    to the PV wgmma as the register A operand (through a [64, block_kv] SMEM tile in the CPU
+    interpreter, which runs wgmma on SMEM operands only);
+  * one TMA warpgroup streaming K/V blocks [block_kv, D] (gathered from block_kv / page_size pages,
+    or a slice of one page when pages are larger) into a ring of ``num_stages`` slots: "full"
+    barriers (TMA -> consumers), "consumed" barriers (both compute warpgroups -> TMA). Per sequence it
+    first copies the sequence's page-table row into SMEM (one bulk copy of the [rows, cols] tile of
+    ``rpa.page_table_tile``), so the page id of every TMA is an SMEM read, not a dependent global load.
+Both compute warpgroups read every K/V block, so a block feeds 128 query rows. The tokens of a CTA
+may belong to several sequences; TMA and compute warpgroups walk the same schedule: for each
+sequence intersecting the CTA's tokens, its KV blocks 0 .. ceil((last position + 1) / block_kv).
+A compute warpgroup takes, per sequence, the blocks visible to all its rows without any mask
+(its 64 rows are all of that sequence and the block ends at or before its first position), masks
+the diagonal blocks (and blocks of tiles shared by several sequences), and only waits / releases
+blocks past its own last position. Each compute warpgroup waits for the next K block while its PV
+wgmma runs (as JAX's FA3 kernel does), so a late K block costs max(PV, TMA), not their sum. Optional
+ping-pong schedule barrier between the two compute warpgroups (one's softmax overlaps the other's
+wgmmas). CTAs are launched latest tokens first (the longest KV ranges first) so the tail of the grid
+is short.
+
+Shapes: q [T, Nq, D], k_cache / v_cache [L, P, page_size, Nkv, D], page_table [B, MP],
+seq_ids / positions [T], context_lens [B], query_start_loc [B + 1] -> out [T, Nq, D] (q's dtype).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import ragged_paged_attention as rpa
+from pallas_kernels import tuning
+from pallas_kernels._interpret import interpreting
+from pallas_kernels._smem import smem_transforms
+
+ROWS = rpa.ROWS  # packed query rows per compute warpgroup (one wgmma M)
+COMPUTE_WGS = 2
+SMEM_BUDGET = rpa.SMEM_BUDGET
+_COMPUTE_REGISTERS, _TMA_REGISTERS = 232, 40  # per thread, as JAX's FA3 kernel sets them
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillAttentionConfig:
+    """Tuning knobs. ``block_kv`` K/V rows per pipeline step (64..256, a multiple of 64; it and the
+    page size must divide one another); ``num_stages`` K/V slots in the TMA ring (>= 2);
+    ``schedule_barrier``: ping-pong the two compute warpgroups (softmax of one under the other's wgmma)."""
+
+    block_kv: int = 128
+    num_stages: int = 2
+    schedule_barrier: bool = True
+
+    def __post_init__(self):
+        if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
+            raise ValueError(f"{self.block_kv=} must be 64, 128, 192 or 256")
+        if self.num_stages < 2:
+            raise ValueError(f"{self.num_stages=} must be >= 2")
+
+
+def smem_bytes(config: PrefillAttentionConfig, head_dim: int, itemsize: int = 2, max_pages: int = 0) -> int:
+    """SMEM one CTA needs on the GPU: two Q/O tiles, the K/V ring and one page-table row of ``max_pages``
+    entries (the interpreter adds two P tiles). At D 128, block_kv 128: 32 KiB + 64 KiB a stage, so a third
+    stage (224 KiB + the row) does not fit."""
+    q_tiles = COMPUTE_WGS * ROWS * head_dim * itemsize
+    kv_ring = 2 * config.num_stages * config.block_kv * head_dim * itemsize
+    return q_tiles + kv_ring + 4 * math.prod(rpa.page_table_tile(max_pages))
+
+
+def config_error(config: PrefillAttentionConfig, head_dim: int, page_size: int, max_pages: int = 0) -> str | None:
+    """Why ``config`` cannot run this head dim / page size / page-table width, or None when it can."""
+    if config.block_kv % page_size and page_size % config.block_kv:
+        return f"{page_size=} and {config.block_kv=} must divide one another"
+    if rpa.page_table_tile(max_pages)[0] > 256:
+        return f"page_table has {max_pages} columns; at most 65536 pages per sequence"
+    smem = smem_bytes(config, head_dim, max_pages=max_pages)
+    if smem > SMEM_BUDGET:
+        return (f"{config=} needs {smem} bytes of SMEM > {SMEM_BUDGET} at {head_dim=} (with a {max_pages}-page "
+                "page-table row); fewer stages or smaller block_kv")
+    return None
+
+
+def _heuristic_config(head_dim: int, page_size: int, max_pages: int = 0) -> PrefillAttentionConfig:
+    """128-row K/V blocks (64 past head dim 128, or when the page size needs it), deepest ring that fits."""
+    block_kv = 128 if head_dim <= 128 and (128 % page_size == 0 or page_size % 128 == 0) else 64
+    for stages in (4, 3, 2):
+        config = PrefillAttentionConfig(block_kv=block_kv, num_stages=stages)
+        if smem_bytes(config, head_dim, max_pages=max_pages) <= SMEM_BUDGET:
+            return config
+    return PrefillAttentionConfig(block_kv=64, num_stages=2)
+
+
+def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                   max_context: int, dtype) -> PrefillAttentionConfig:
+    """Tuned config for this shape on the current card, else a heuristic (never fails)."""
+    key = f"T{num_tokens}_Nq{num_q_heads}_Nkv{num_kv_heads}_D{head_dim}_ps{page_size}_ctx{max_context}"
+    tuned = tuning.lookup("ragged_prefill_attention", dtype, key)
+    if tuned is not None:
+        return PrefillAttentionConfig(**tuned)
+    return _heuristic_config(head_dim, page_size, max_context // page_size)
+
+
+def supports(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, page_size: int) -> bool:
+    """Whether a model's attention shapes fit this kernel with its heuristic config."""
+    return (rpa.supports(num_q_heads, num_kv_heads, head_dim, dtype, page_size)
+            and config_error(_heuristic_config(head_dim, page_size), head_dim, page_size) is None)
+
+
+def _prefill_kernel(
+    layer_ref,       # [1] int32 (GMEM)
+    num_tokens_ref,  # [1] int32
+    seq_ids_ref,     # [Tp] int32
+    positions_ref,   # [Tp] int32
+    qsl_ref,         # [B + 1] int32
+    page_table_ref,  # [B, rows, cols] int32 (MP zero-padded to rows * cols, see rpa.page_table_tile)
+    q_ref,           # [Nkv, Tp * G_pad, D]: rows (token, head in group)
+    k_ref,           # [L, P, page_size, Nkv, D]
+    v_ref,           # [L, P, page_size, Nkv, D]
+    out_ref,         # [Nkv, Tp * G_pad, D]
+    scratch,
+    *,
+    config: PrefillAttentionConfig,
+    block_q: int,
+    group_pad: int,
+    num_q_blocks: int,
+    sm_scale: float,
+    max_pages: int,
+):
+    # q_smem [2, 64, D] (also the output tile); k_smem, v_smem [stages, block_kv, D];
+    # p_smem [2, 64, block_kv] (interpreter only, else None); pt_smem [rows, cols] int32; barriers as named.
+    (q_smem, k_smem, v_smem, p_smem, pt_smem, q_barriers, pt_barrier, k_full, v_full, k_consumed, v_consumed,
+     schedule) = scratch
+    stages, block_kv = config.num_stages, config.block_kv
+    page_size, head_dim = k_ref.shape[2], q_ref.shape[-1]
+    pt_cols = jnp.int32(pt_smem.shape[1])
+    copies = max(1, block_kv // page_size)  # TMA copies per K (or V) block
+    copy_rows = min(block_kv, page_size)
+    tile_tokens = COMPUTE_WGS * block_q
+    wg, kv_head = lax.axis_index("wg"), lax.axis_index("kv_head")
+    q_block = num_q_blocks - 1 - lax.axis_index("q_block")  # latest tokens (longest KV ranges) first
+    layer, num_tokens = layer_ref[0], num_tokens_ref[0]
+    tok0 = q_block * tile_tokens
+
+    # Sequences intersecting this CTA's tokens (tokens are ordered by sequence; padding excluded).
+    last_tok = jnp.maximum(jnp.minimum(tok0 + tile_tokens, num_tokens) - 1, 0)
+    first_seq = seq_ids_ref[tok0]
+    num_seqs = jnp.where(tok0 < num_tokens, seq_ids_ref[last_tok] - first_seq + 1, 0)
+
+    def seq_span(i):
+        """Sequence i of the CTA: (seq, its CTA tokens [first, end), position of token `first`, KV blocks)."""
+        seq = first_seq + i
+        first = jnp.maximum(qsl_ref[seq], tok0) - tok0
+        end = jnp.minimum(qsl_ref[seq + 1], tok0 + tile_tokens) - tok0
+        first_pos = positions_ref[tok0 + first]
+        return seq, first, end, first_pos, pl.cdiv(first_pos + end - first, jnp.int32(block_kv))
+
+    def sync_schedule():  # ping-pong point of the two compute warpgroups
+        if config.schedule_barrier:
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _tma_warpgroup():
+        plgpu.set_max_registers(_TMA_REGISTERS, action="decrease")
+
+        def block_pages(block):
+            """(page, rows in the page) of each TMA copy of KV block `block` of the sequence whose page-table
+            row is in pt_smem, read before the waits and copies; K and V share them."""
+            pages = []
+            for j in range(copies):
+                kv_row = block * block_kv + j * copy_rows
+                page_idx = jnp.minimum(lax.div(kv_row, jnp.int32(page_size)), max_pages - 1)
+                page = pt_smem[lax.div(page_idx, pt_cols), lax.rem(page_idx, pt_cols)]
+                in_page = lax.rem(kv_row, jnp.int32(page_size))
+                rows = slice(None) if copy_rows == page_size else pl.ds(in_page, copy_rows)
+                pages.append((page, rows))
+            return pages
+
+        def issue(ref, smem, barrier, pages):  # gather one K (or V) block into smem [block_kv, D]
+            for j, (page, rows) in enumerate(pages):
+                plgpu.copy_gmem_to_smem(ref.at[layer, page, rows, kv_head], smem.at[pl.ds(j * copy_rows, copy_rows)],
+                                        barrier)
+
+        def seq_body(i, g):  # g: steps issued so far (over all sequences of the CTA)
+            seq, *_, num_blocks = seq_span(i)
+            # This warpgroup alone reads pt_smem, in program order: every page id of the previous sequence
+            # was read (its copies issued) before this copy overwrites the row.
+            plgpu.copy_gmem_to_smem(page_table_ref.at[seq], pt_smem, pt_barrier)
+            plgpu.barrier_wait(pt_barrier)
+
+            def block_body(block, g):
+                slot = lax.rem(g, jnp.int32(stages))
+                pages = block_pages(block)
+                pl.when(g >= stages)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
+                issue(k_ref, k_smem.at[slot], k_full.at[slot], pages)
+                pl.when(g >= stages)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
+                issue(v_ref, v_smem.at[slot], v_full.at[slot], pages)
+                return g + 1
+
+            return lax.fori_loop(0, num_blocks, block_body, g)
+
+        total_steps = lax.fori_loop(0, num_seqs, seq_body, jnp.int32(0))
+        for s in range(stages):  # observe the release of the last blocks (every barrier phase is waited on)
+            g = total_steps - stages + s
+
+            @pl.when(g >= 0)
+            def _():
+                plgpu.barrier_wait(k_consumed.at[lax.rem(g, jnp.int32(stages))])
+                plgpu.barrier_wait(v_consumed.at[lax.rem(g, jnp.int32(stages))])
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute_warpgroup():
+        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+        # K/V steps of the CTA (each sequence has >= 1). Counted here and in the TMA branch, not once at the top
+        # level: there the loop makes every warpgroup's program too costly for XLA:CPU to run inline in the CPU
+        # interpreter; on its thread pool (a thread a core) two warpgroups blocked in barrier waits starve the
+        # third on a 2-core machine (a deadlock).
+        total_steps = lax.fori_loop(0, num_seqs, lambda i, total: total + seq_span(i)[-1], jnp.int32(0))
+        q_tile = q_smem.at[wg]
+        rows = pl.ds((q_block * COMPUTE_WGS + wg) * ROWS, ROWS)
+        plgpu.copy_gmem_to_smem(q_ref.at[kv_head, rows], q_tile, q_barriers.at[wg])
+        plgpu.barrier_wait(q_barriers.at[wg])
+
+        wgmma_layout = plgpu.Layout.WGMMA
+        qk_scale = sm_scale * rpa._LOG2E  # softmax in base 2
+        bcast_rows = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
+
+        def wait_next_k(g):  # wait for the K block of step g + 1 (if any) before it is needed
+            pl.when(g + 1 < total_steps)(lambda: plgpu.barrier_wait(k_full.at[lax.rem(g + 1, jnp.int32(stages))]))
+
+        def pv(acc, p, g, slot):  # acc + p [64, block_kv] @ v block [block_kv, D]; the next K is awaited under it
+            if p_smem is None:  # P as the register A operand, accumulated in place
+                def compute_pv_in_place(acc_ref):
+                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                    wait_next_k(g)
+
+                return pl.run_state(compute_pv_in_place)(plgpu.ACC.init(acc))
+            p_smem[wg] = p  # the interpreter: P through SMEM into a fresh accumulator
+            plgpu.commit_smem()
+
+            def compute_pv(acc_ref):
+                plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+                wait_next_k(g)
+                return acc_ref[...]
+
+            return acc + pl.run_scoped(compute_pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
+
+        def wait_v(slot):  # end of softmax: let the other warpgroup's wgmma go first, then wait for V
+            if config.schedule_barrier:
+                plgpu.barrier_arrive(schedule)
+                plgpu.barrier_wait(v_full.at[slot])
+                plgpu.barrier_wait(schedule)
+            else:
+                plgpu.barrier_wait(v_full.at[slot])
+
+        def kv_step(g, block, carry, visible_fn):
+            """One K/V block: S = Q K^T, online softmax, acc += P V. visible_fn(block): the [64, block_kv]
+            mask, or None for a block every row sees whole. Its K block was awaited by the step before."""
+            acc, m_i, l_i = carry
+            slot = lax.rem(g, jnp.int32(stages))
+
+            def compute_qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
+                sync_schedule()  # the other warpgroup's softmax runs under this wgmma
+                return acc_ref[...]
+
+            qk = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            if visible_fn is None:  # the row max is kept scaled: one FMA per score
+                m_new = jnp.maximum(m_i, qk.max(axis=1) * qk_scale)
+                p = jnp.exp2(qk * qk_scale - bcast_rows(m_new, qk.shape))
+            else:  # masked after scaling: a fully masked row gets exp2(MASK - MASK) = 1 exactly, wiped by a later
+                # alpha = 0 (no FMA there: MASK - round(MASK) is not 0 and would give inf)
+                s = jnp.where(visible_fn(block), qk * qk_scale, rpa._MASK_VALUE)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                p = jnp.exp2(s - bcast_rows(m_new, s.shape))
+            alpha = jnp.exp2(m_i - m_new)
+            acc = acc * bcast_rows(alpha, acc.shape)
+            l_i = l_i * alpha + p.sum(axis=1)
+            p = p.astype(q_smem.dtype)
+            if config.schedule_barrier:  # softmax done before the barrier (as JAX's FA3 kernel orders it)
+                acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
+            wait_v(slot)
+            acc = pv(acc, p, g, slot)
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l_i
+
+        def skip_step(g):
+            """A block past this warpgroup's rows: keep the barrier phases (and the ping-pong) in step."""
+            slot = lax.rem(g, jnp.int32(stages))
+            sync_schedule()
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            wait_v(slot)
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            wait_next_k(g)
+
+        def seq_body(i, carry):
+            acc, m_i, l_i, g = carry
+            _, first, end, first_pos, num_blocks = seq_span(i)
+            # This warpgroup's tokens of the sequence: [lo, hi) of its block_q; token t at position pos0 + t.
+            lo = jnp.clip(first - wg * block_q, 0, block_q)
+            hi = jnp.clip(end - wg * block_q, 0, block_q)
+            pos0 = first_pos - first + wg * block_q
+            own_blocks = jnp.where(lo < hi, pl.cdiv(pos0 + hi, jnp.int32(block_kv)), 0)
+            whole_tile = (lo == 0) & (hi == block_q)  # every row is of this sequence: no row mask needed
+            unmasked = jnp.where(whole_tile, lax.div(pos0 + 1, jnp.int32(block_kv)), 0)
+
+            def masked_visible(block):  # built per masked block: two [64, block_kv] iotas held across the
+                # loop would cost 2 x 64 registers a thread beside the accumulators
+                row_token = lax.div(plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=wgmma_layout),
+                                    group_pad)
+                kv_pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=wgmma_layout) + block * block_kv
+                return (row_token >= lo) & (row_token < hi) & (kv_pos <= row_token + pos0)
+
+            def body(visible_fn):
+                return lambda block, c: (*kv_step(c[3] + block, block, c[:3], visible_fn), c[3])
+
+            state = (acc, m_i, l_i, g)
+            state = lax.fori_loop(0, unmasked, body(None), state)
+            state = lax.fori_loop(unmasked, own_blocks, body(masked_visible), state)
+
+            pl.loop(own_blocks, num_blocks)(lambda block: skip_step(g + block))
+            return (*state[:3], g + num_blocks)
+
+        m_i = plgpu.layout_cast(jnp.full((ROWS,), rpa._MASK_VALUE, jnp.float32), wgmma_layout.reduce(1))
+        l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), wgmma_layout.reduce(1))
+        acc = plgpu.layout_cast(jnp.full((ROWS, head_dim), 0.0, jnp.float32), wgmma_layout)
+        pl.when(wg == 1)(sync_schedule)  # offset the two warpgroups by half a step
+        pl.when(total_steps > 0)(lambda: plgpu.barrier_wait(k_full.at[0]))  # the first step's K
+        acc, m_i, l_i, _ = lax.fori_loop(0, num_seqs, seq_body, (acc, m_i, l_i, jnp.int32(0)))
+        pl.when(wg == 0)(sync_schedule)
+
+        l_safe = jnp.maximum(l_i, 1e-30)  # padding rows may have l == 0 (the wrapper zeroes them)
+        q_tile[...] = (acc / bcast_rows(l_safe, acc.shape)).astype(q_tile.dtype)  # Q is no longer needed
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, out_ref.at[kv_head, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config"))
+def ragged_prefill_attention(
+    q,                # [T, Nq, D]
+    k_cache,          # [L, P, page_size, Nkv, D]
+    v_cache,          # [L, P, page_size, Nkv, D]
+    layer,            # [] int32
+    seq_ids,          # [T] int32
+    positions,        # [T] int32
+    page_table,       # [B, MP] int32
+    context_lens,     # [B] int32 (validated for shape; visibility follows positions)
+    query_start_loc,  # [B + 1] int32
+    num_tokens,       # [] int32
+    *,
+    sm_scale: float,
+    config: PrefillAttentionConfig | None = None,
+):
+    """Causal paged attention over a flat ragged token batch -> [T, Nq, D] in q's dtype (long prefills)."""
+    rpa.check_shapes(q, k_cache, v_cache, seq_ids, positions, page_table, context_lens, query_start_loc)
+    num_tok, num_q_heads, head_dim = q.shape
+    _, _, page_size, num_kv_heads, _ = k_cache.shape
+    if config is None:
+        config = default_config(num_tok, num_q_heads, num_kv_heads, head_dim, page_size,
+                                page_table.shape[1] * page_size, q.dtype)
+    max_pages = page_table.shape[1]
+    error = config_error(config, head_dim, page_size, max_pages)
+    if error is not None:
+        raise ValueError(error)
+    group_pad = rpa._padded_group(num_q_heads, num_kv_heads)
+    block_q = ROWS // group_pad
+    tile_tokens = COMPUTE_WGS * block_q
+    num_q_blocks = pl.cdiv(num_tok, tile_tokens)
+    padded = num_q_blocks * tile_tokens
+    pad_tokens = lambda x: jnp.pad(x.astype(jnp.int32), (0, padded - num_tok))
+    q_packed = rpa._pack_queries(q, num_kv_heads, group_pad, padded)
+
+    stages, block_kv = config.num_stages, config.block_kv
+    copies = max(1, block_kv // page_size)
+    pt_rows, pt_cols = rpa.page_table_tile(max_pages)
+    page_table_tiles = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pt_rows * pt_cols - max_pages)))
+    page_table_tiles = page_table_tiles.reshape(-1, pt_rows, pt_cols)  # [B, rows, cols]
+    tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=smem_transforms(shape[-1], q.dtype))
+    scratch = (
+        tile(COMPUTE_WGS, ROWS, head_dim),
+        tile(stages, block_kv, head_dim),
+        tile(stages, block_kv, head_dim),
+        tile(COMPUTE_WGS, ROWS, block_kv) if interpreting() else None,
+        plgpu.SMEM((pt_rows, pt_cols), jnp.int32),
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+    )
+    kernel = plgpu.kernel(
+        functools.partial(_prefill_kernel, config=config, block_q=block_q, group_pad=group_pad,
+                          num_q_blocks=num_q_blocks, sm_scale=sm_scale, max_pages=max_pages),
+        out_type=jax.ShapeDtypeStruct((num_kv_heads, padded * group_pad, head_dim), q.dtype),
+        scratch_types=(scratch,),
+        grid=(num_q_blocks, num_kv_heads),
+        grid_names=("q_block", "kv_head"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )
+    out = kernel(
+        jnp.reshape(layer, (1,)).astype(jnp.int32), jnp.reshape(num_tokens, (1,)).astype(jnp.int32),
+        pad_tokens(seq_ids), pad_tokens(positions), query_start_loc.astype(jnp.int32),
+        page_table_tiles, q_packed, k_cache, v_cache,
+    )
+    valid = jnp.arange(num_tok) < num_tokens
+    return rpa._unpack_output(out, num_tok, num_q_heads, group_pad, valid).astype(q.dtype)
