@@ -366,8 +366,9 @@ class EngineCore:
         stop_ids = seq.ending_token_ids if num_generated >= params.min_tokens else ()
         # The token history is only read for prompt logprobs (of prefill rows): not copied per step otherwise.
         history = request.all_token_ids if params.prompt_logprobs is not None else ()
-        return RowRequest(params, seq.seed, num_generated, len(state.prompt_token_ids), history, max(remaining, 1),
-                          stop_ids)
+        return RowRequest(sampling_params=params, seed=seq.seed, num_generated=num_generated,
+                          num_prompt_tokens=len(state.prompt_token_ids), all_token_ids=history,
+                          max_new_tokens=max(remaining, 1), stop_ids=stop_ids)
 
     def _finish_sequence(self, sequence_id: str, reason: str, changed: dict) -> None:
         state, seq = self.sequences.pop(sequence_id)

@@ -189,8 +189,10 @@ class Scheduler:
         for request, num_tokens, lookahead, missing in growth:
             if missing:
                 request.pages.extend(self.allocator.allocate(missing))
-            entries.append(ScheduledSequence(request.request_id, request.slot, (PENDING_TOKEN,), num_tokens - 1,
-                                             tuple(request.pages), True, False, True, lookahead))
+            entries.append(ScheduledSequence(
+                request_id=request.request_id, slot=request.slot, token_ids=(PENDING_TOKEN,),
+                start_position=num_tokens - 1, page_ids=tuple(request.pages), sample=True, is_new=False,
+                is_decode=True, num_lookahead_tokens=lookahead))
         output = SchedulerOutput(scheduled=tuple(entries), num_lookahead_tokens=num_lookahead_tokens)
         self._ahead = (output, {request.request_id: request for request, *_ in growth})
         return output
@@ -414,9 +416,10 @@ class Scheduler:
     @staticmethod
     def _entry(request: Request, num_new: int, num_lookahead: int, is_new: bool, is_decode: bool) -> ScheduledSequence:
         start = request.num_computed_tokens
-        return ScheduledSequence(request.request_id, request.slot, request.token_ids_between(start, start + num_new),
-                                 start, tuple(request.pages), start + num_new == request.num_tokens, is_new, is_decode,
-                                 num_lookahead)
+        return ScheduledSequence(
+            request_id=request.request_id, slot=request.slot, token_ids=request.token_ids_between(start, start + num_new),
+            start_position=start, page_ids=tuple(request.pages), sample=start + num_new == request.num_tokens,
+            is_new=is_new, is_decode=is_decode, num_lookahead_tokens=num_lookahead)
 
     # ----------------------------------------------------------------- results
 
