@@ -89,6 +89,25 @@ def page_table_tile(max_pages: int) -> tuple[int, int]:
     return -(-max_pages // cols), cols
 
 
+def page_table_width_error(max_pages: int) -> str | None:
+    """Why a page table this wide cannot be copied into SMEM (more than 256 x 256 entries), or None."""
+    if page_table_tile(max_pages)[0] > 256:
+        return f"page_table has {max_pages} columns; at most 65536 pages per sequence"
+    return None
+
+
+def kernel_metadata(layer, num_tokens, seq_ids, positions, query_start_loc, page_table, padded_tokens: int):
+    """The int32 metadata operands both attention kernels take, in their order: layer [1], num_tokens [1],
+    seq_ids and positions zero-padded to [padded_tokens], query_start_loc [B + 1], and the page table
+    zero-padded and reshaped to [B, rows, cols] (``page_table_tile``) for its per-sequence SMEM copy."""
+    pad_tokens = lambda x: jnp.pad(x.astype(jnp.int32), (0, padded_tokens - x.shape[0]))
+    max_pages = page_table.shape[1]
+    rows, cols = page_table_tile(max_pages)
+    tiles = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, rows * cols - max_pages))).reshape(-1, rows, cols)
+    return (jnp.reshape(layer, (1,)).astype(jnp.int32), jnp.reshape(num_tokens, (1,)).astype(jnp.int32),
+            pad_tokens(seq_ids), pad_tokens(positions), query_start_loc.astype(jnp.int32), tiles)
+
+
 def _padded_group(num_q_heads: int, num_kv_heads: int) -> int:
     group = num_q_heads // num_kv_heads
     return 1 << (group - 1).bit_length()
@@ -164,6 +183,8 @@ def check_shapes(q, k_cache, v_cache, seq_ids, positions, page_table, context_le
         raise ValueError(f"{seq_ids.shape=} and {positions.shape=} must be ({num_tokens},)")
     if page_table.ndim != 2:
         raise ValueError(f"page_table must be [B, MP], got {page_table.shape=}")
+    if (error := page_table_width_error(page_table.shape[1])) is not None:
+        raise ValueError(error)
     batch = page_table.shape[0]
     if context_lens.shape != (batch,) or query_start_loc.shape != (batch + 1,):
         raise ValueError(f"{context_lens.shape=} must be ({batch},) and {query_start_loc.shape=} ({batch + 1},)")
@@ -178,8 +199,6 @@ def _check_config(config: AttentionConfig, q, k_cache, page_table):
                          f"padded) exceed the {ROWS}-row tile; use block_q <= {ROWS // group_pad}")
     if config.block_kv % page_size:
         raise ValueError(f"{page_size=} must divide {config.block_kv=}")
-    if page_table_tile(page_table.shape[1])[0] > 256:
-        raise ValueError(f"page_table has {page_table.shape[1]} columns; at most 65536 pages per sequence")
     smem = smem_bytes(config, head_dim, max_pages=page_table.shape[1])
     if smem > SMEM_BUDGET:
         raise ValueError(f"{config=} needs {smem} bytes of SMEM > {SMEM_BUDGET} (with a {page_table.shape[1]}-page "
@@ -378,7 +397,6 @@ def ragged_paged_attention(
     padded = pl.cdiv(num_tok, block_q) * block_q
     num_q_blocks = padded // block_q
     total_rows = padded * rows_per_token
-    pad_tokens = lambda x: jnp.pad(x.astype(jnp.int32), (0, padded - num_tok))
     q_packed = _pack_queries(q, num_kv_heads, rows_per_token, padded)
 
     splits = config.num_kv_splits
@@ -412,12 +430,8 @@ def ragged_paged_attention(
         grid_names=("q_block", "kv_head", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )
-    result = kernel(
-        jnp.reshape(layer, (1,)).astype(jnp.int32), jnp.reshape(num_tokens, (1,)).astype(jnp.int32),
-        pad_tokens(seq_ids), pad_tokens(positions), query_start_loc.astype(jnp.int32),
-        jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pt_rows * pt_cols - max_pages))).reshape(-1, pt_rows, pt_cols),
-        q_packed, k_cache, v_cache,
-    )
+    result = kernel(*kernel_metadata(layer, num_tokens, seq_ids, positions, query_start_loc, page_table, padded),
+                    q_packed, k_cache, v_cache)
     out = result if splits == 1 else _combine_splits(*result)
     valid = jnp.arange(num_tok) < num_tokens
     return _unpack_output(out, num_tok, num_q_heads, rows_per_token, valid).astype(q.dtype)

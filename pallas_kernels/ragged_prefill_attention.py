@@ -93,8 +93,8 @@ def config_error(config: PrefillAttentionConfig, head_dim: int, page_size: int, 
     """Why ``config`` cannot run this head dim / page size / page-table width, or None when it can."""
     if config.block_kv % page_size and page_size % config.block_kv:
         return f"{page_size=} and {config.block_kv=} must divide one another"
-    if rpa.page_table_tile(max_pages)[0] > 256:
-        return f"page_table has {max_pages} columns; at most 65536 pages per sequence"
+    if (error := rpa.page_table_width_error(max_pages)) is not None:
+        return error
     smem = smem_bytes(config, head_dim, max_pages=max_pages)
     if smem > SMEM_BUDGET:
         return (f"{config=} needs {smem} bytes of SMEM > {SMEM_BUDGET} at {head_dim=} (with a {max_pages}-page "
@@ -391,14 +391,11 @@ def ragged_prefill_attention(
     tile_tokens = COMPUTE_WGS * block_q
     num_q_blocks = pl.cdiv(num_tok, tile_tokens)
     padded = num_q_blocks * tile_tokens
-    pad_tokens = lambda x: jnp.pad(x.astype(jnp.int32), (0, padded - num_tok))
     q_packed = rpa._pack_queries(q, num_kv_heads, group_pad, padded)
 
     stages, block_kv = config.num_stages, config.block_kv
     copies = max(1, block_kv // page_size)
     pt_rows, pt_cols = rpa.page_table_tile(max_pages)
-    page_table_tiles = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pt_rows * pt_cols - max_pages)))
-    page_table_tiles = page_table_tiles.reshape(-1, pt_rows, pt_cols)  # [B, rows, cols]
     tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=smem_transforms(shape[-1], q.dtype))
     scratch = (
         tile(COMPUTE_WGS, ROWS, head_dim),
@@ -425,10 +422,7 @@ def ragged_prefill_attention(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )
-    out = kernel(
-        jnp.reshape(layer, (1,)).astype(jnp.int32), jnp.reshape(num_tokens, (1,)).astype(jnp.int32),
-        pad_tokens(seq_ids), pad_tokens(positions), query_start_loc.astype(jnp.int32),
-        page_table_tiles, q_packed, k_cache, v_cache,
-    )
+    out = kernel(*rpa.kernel_metadata(layer, num_tokens, seq_ids, positions, query_start_loc, page_table, padded),
+                 q_packed, k_cache, v_cache)
     valid = jnp.arange(num_tok) < num_tokens
     return rpa._unpack_output(out, num_tok, num_q_heads, group_pad, valid).astype(q.dtype)

@@ -209,7 +209,7 @@ class Scheduler:
             if count < 1:
                 return None
             num_tokens = request.num_tokens + count
-            if num_tokens >= self._token_limits[request.request_id]:  # = _max_total_tokens(request)
+            if num_tokens >= self._max_total_tokens(request):
                 finishing.append(request)  # reaches its length limit with the pending step
                 continue
             lookahead = self._lookahead_at(request, num_tokens, num_lookahead_tokens) if num_lookahead_tokens else 0
