@@ -44,3 +44,24 @@ def time_chained_ms(fn, a, weights: list[tuple], iterations: int = 10) -> float:
 def chain(fn):
     """The jitted program of ``time_chained_ms``: ``(a, weights) -> [fn(a, *w) for w in weights]``."""
     return jax.jit(lambda a, ws: [fn(a, *w) for w in ws])
+
+
+def kernel_time_ms(fn, *args, iterations: int = 20) -> float:
+    """Device time per call (ms) from a profiler trace: the summed durations of the kernels ``fn`` launches,
+    over ``iterations`` calls (after a warm-up), divided by ``iterations``. Unlike ``time_ms`` it does not
+    count launch gaps between calls nor host dispatch, so a short kernel's own time is measured exactly;
+    on a backend without device planes (CPU) it falls back to ``time_ms``."""
+    from autoglm_jax.tools.device_profile import profile_device
+
+    jax.block_until_ready(fn(*args))
+
+    def run():
+        out = None
+        for _ in range(iterations):
+            out = fn(*args)
+        return out
+
+    profile = profile_device(run, warmup=0)
+    if not profile.num_devices:
+        return time_ms(fn, *args, iterations=iterations)
+    return sum(ms for ms, _ in profile.per_op.values()) / iterations

@@ -55,6 +55,9 @@ flags.DEFINE_bool("engine", False, "Decode through EngineCore with async schedul
                   "--steps is its decode_steps_per_call.")
 flags.DEFINE_integer("engine_tokens", 64, "--engine: timed decode tokens per sequence and mode.")
 flags.DEFINE_integer("profile_steps", 6, "--engine: engine steps traced for the device busy share.")
+flags.DEFINE_integer("profile_top", 5, "--engine: the most expensive device ops printed from the trace.")
+flags.DEFINE_bool("profile_by_kind", False, "--engine: merge the printed ops by kind (gemm_fusion_dot.N -> "
+                  "gemm_fusion_dot), e.g. with XLA_FLAGS=--xla_gpu_enable_command_buffer= to see every kernel.")
 flags.DEFINE_string("dtype", "bfloat16", "--engine: weights/activations/KV dtype (float32 for a CPU smoke run).")
 
 
@@ -162,7 +165,7 @@ def run_engine(batches, contexts) -> None:
                 rows.append((batch, context, "on" if mode else "off", rate, ms_step, busy, profile.span_ms))
                 print(f"engine batch {batch:4d} ctx {context:5d} async {rows[-1][2]:3s}: {rate:9.1f} tok/s "
                       f"{ms_step:7.2f} ms/step  device busy {busy} of {profile.span_ms:.1f} ms traced", flush=True)
-                print("    " + profile.format(5).replace("\n", "\n    "), flush=True)
+                print("    " + (profile.by_kind() if FLAGS.profile_by_kind else profile).format(FLAGS.profile_top).replace("\n", "\n    "), flush=True)
             del core
     print("\n| batch | context | async scheduling | tok/s | ms/step | device busy (trace) |")
     print("|---|---|---|---|---|---|")

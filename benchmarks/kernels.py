@@ -5,6 +5,10 @@ XLA bf16 matmul rate at 8192^3) and timing each kernel of ``pallas_kernels`` at 
 It does not own the kernels or their tuning tables.
 
 Run on a GPU machine:  PYTHONPATH=. python3 benchmarks/kernels.py [--out results.md] [--quick]
+Decode attention only: PYTHONPATH=. python3 benchmarks/kernels.py --only ceilings,decode \
+                           --decode_cases 64x4096,64x1024,8x4096 --decode_sweep ws   (all | ws | none)
+On CPU, end to end:    PYTHONPATH=. python3 benchmarks/kernels.py --tiny --only ceilings,decode
+                       (tiny decode case and ceilings, kernels in the Mosaic GPU interpreter; a smoke check)
 Times are medians of wall time per call over queued asynchronous calls (see ``time_ms``); the
 XLA pre/post-processing around a Pallas kernel is included. Prints a markdown table.
 """
@@ -12,6 +16,7 @@ XLA pre/post-processing around a Pallas kernel is included. Prints a markdown ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import traceback
 
@@ -24,6 +29,7 @@ from _timing import time_ms
 from pallas_kernels import quantized_matmul as qm
 from pallas_kernels import tuning
 from pallas_kernels import ragged_paged_attention as rpa
+from pallas_kernels._interpret import gpu_interpret
 from tests.kernels.test_ragged_paged_attention import make_case
 
 ROWS: list[dict] = []
@@ -43,9 +49,9 @@ def record(group: str, what: str, impl: str, ms: float | None, *, nbytes: float 
               f"of roofline {roof} {note}", flush=True)
 
 
-def attempt(group, what, impl, fn, *args, **kw):
+def attempt(group, what, impl, fn, *args, iterations: int = 20, **kw):
     try:
-        ms = time_ms(fn, *args)
+        ms = time_ms(fn, *args, iterations=iterations)
     except Exception as e:  # a baseline that does not run on this card/version is recorded, not fatal
         traceback.print_exc(limit=2)
         record(group, what, impl, None, note=f"fails: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:90]}")
@@ -54,16 +60,18 @@ def attempt(group, what, impl, fn, *args, **kw):
     return ms
 
 
-def ceilings() -> tuple[float, float]:
-    x = jax.random.normal(jax.random.key(0), (1 << 29,), jnp.float32).astype(jnp.bfloat16)  # 1 GiB
+def ceilings(tiny: bool = False) -> tuple[float, float]:
+    """(copy GB/s, bf16 matmul TFLOP/s) of the card: a 1 GiB copy and an 8192^3 matmul (--tiny: 2 MiB, 256^3)."""
+    elements, n = (1 << 20, 256) if tiny else (1 << 29, 8192)
+    x = jax.random.normal(jax.random.key(0), (elements,), jnp.float32).astype(jnp.bfloat16)
     copy = jax.jit(lambda x: x * jnp.bfloat16(1.0009765625))
     ms = time_ms(copy, x)
     bandwidth = 2 * x.nbytes / ms / 1e6  # GB/s read + written
-    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.float32).astype(jnp.bfloat16)
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(jnp.bfloat16)
     ms_mm = time_ms(jax.jit(jnp.dot), a, a)
-    tflops = 2 * 8192 ** 3 / ms_mm / 1e9
-    record("ceiling", "HBM copy 1 GiB (read+write)", "XLA", ms, nbytes=2 * x.nbytes)
-    record("ceiling", "bf16 matmul 8192^3", "XLA/cuBLAS", ms_mm, flops=2 * 8192 ** 3)
+    tflops = 2 * n ** 3 / ms_mm / 1e9
+    record("ceiling", f"HBM copy {x.nbytes >> 20} MiB (read+write)", "XLA", ms, nbytes=2 * x.nbytes)
+    record("ceiling", f"bf16 matmul {n}^3", "XLA/cuBLAS", ms_mm, flops=2 * n ** 3)
     print(f"ceilings: copy {bandwidth:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s", flush=True)
     return bandwidth, tflops
 
@@ -83,29 +91,52 @@ def xla_paged_attention(q, k_cache, v_cache, layer, seq_ids, positions, page_tab
 
 
 DECODE_CASES = ((64, 4096), (64, 1024), (8, 4096), (1, 4096))  # (batch, context)
+TINY_DECODE_CASES = ((2, 256),)
+ONE_WARPGROUP_SHAPES = ((64, 2), (64, 4), (128, 2), (128, 3))  # (block_kv, stages) of the sweep
+WARP_SPECIALIZED_SHAPES = ((64, 2), (64, 4), (64, 6), (128, 2), (128, 3))
 
 
-def decode_configs(batch: int, context: int, num_kv_heads: int = 2, head_dim: int = 128) -> list:
-    """The decode-attention sweep: one token per CTA (block_q=1) over KV block / stage / split choices
-    that fit SMEM and keep 1/2 .. 4 waves of CTAs, plus the densest packing (block_q=None, as before)."""
+def decode_configs(batch: int, context: int, num_kv_heads: int = 2, head_dim: int = 128,
+                   consumers: tuple[int, ...] = (0, 1, 2)) -> list:
+    """The decode-attention sweep, one token per CTA (block_q=1), configs that fit SMEM on the GPU. One
+    warpgroup (consumer_warpgroups 0): KV block / stage / split choices keeping 1/4 .. 4 waves of CTAs. Warp-
+    specialized (1 or 2 consumer warpgroups; stages a multiple of them): deeper rings, split-K at the most
+    splits whose CTAs fit one wave and at half of that."""
     configs, sms = [], tuning.num_sms()
-    for block_kv, stages in ((64, 2), (64, 4), (128, 2), (128, 3)):
-        for splits in (1, 2, 4, 8, 16, 32, 64):
-            ctas = batch * num_kv_heads * splits
-            cfg = rpa.AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits, block_q=1)
-            if sms // 4 <= ctas <= 4 * sms and context >= splits * block_kv and \
-                    rpa.smem_bytes(cfg, head_dim, p_via_smem=False) <= rpa.SMEM_BUDGET:
-                configs.append(cfg)
+    one_wave = max(1, sms // (batch * num_kv_heads))
+    for consumer_wgs in consumers:
+        shapes = WARP_SPECIALIZED_SHAPES if consumer_wgs else ONE_WARPGROUP_SHAPES
+        for block_kv, stages in shapes:
+            if consumer_wgs and stages % consumer_wgs:
+                continue
+            all_splits = sorted({one_wave, max(1, one_wave // 2)}) if consumer_wgs else (1, 2, 4, 8, 16, 32, 64)
+            for splits in all_splits:
+                ctas = batch * num_kv_heads * splits
+                cfg = rpa.AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits, block_q=1,
+                                          consumer_warpgroups=consumer_wgs)
+                waves_ok = consumer_wgs or sms // 4 <= ctas <= 4 * sms
+                if waves_ok and context >= splits * block_kv and \
+                        rpa.smem_bytes(cfg, head_dim, p_via_smem=False, max_pages=context // 16) <= rpa.SMEM_BUDGET:
+                    configs.append(cfg)
     return configs
 
 
-def bench_decode_attention(bandwidth: float, cases=DECODE_CASES, page_size: int = 16, sweep: bool = True):
-    """Decode attention (one token per sequence, GLM-4 heads) per (batch, context): the default config,
-    the densest-packing heuristic of before, a config sweep, and the baselines at batch 64 x 4k. Small
-    cases are timed over several layers in one program (distinct KV, together > L2), per-call time."""
+def one_warpgroup_default(config):
+    """The decode default before the warp-specialized kernel: the same KV block and splits, one warpgroup."""
+    return rpa.AttentionConfig(block_kv=config.block_kv, num_stages=2, num_kv_splits=config.num_kv_splits, block_q=1)
+
+
+def bench_decode_attention(bandwidth: float, cases=DECODE_CASES, page_size: int = 16, sweep: str = "all",
+                           tiny: bool = False):
+    """Decode attention (one token per sequence, GLM-4 heads) per (batch, context): the default config, the
+    one-warpgroup default it replaced, the densest-packing heuristic of before, a config sweep (``sweep``: "all",
+    "ws" = warp-specialized configs only, "none") and the baselines at batch 64 x 4k. "of roofline" is the fraction
+    of the copy bandwidth. Small cases are timed over several layers in one program (distinct KV, together > L2),
+    per-call time. ``tiny``: one layer, one timed call per batch, one warp-specialized config (the interpreter)."""
+    iterations = 1 if tiny else 20
     for batch, context in cases:
         kv_bytes = 2 * batch * context * 2 * 128 * 2
-        layers = max(1, min(32, -(-200_000_000 // kv_bytes)))
+        layers = 1 if tiny else max(1, min(32, -(-200_000_000 // kv_bytes)))
         lens = np.full(batch, context)
         args = make_case(lens - 1, np.ones(batch, np.int64), num_q_heads=32, num_kv_heads=2, head_dim=128,
                          page_size=page_size, token_bucket=batch, max_pages=context // page_size, seed=0,
@@ -120,16 +151,25 @@ def bench_decode_attention(bandwidth: float, cases=DECODE_CASES, page_size: int 
             return jax.jit(run)
 
         def attempt_per_layer(impl, fn, **kw):
-            ms = attempt("attention", what, impl, fn, *args, nbytes=kv_bytes * layers, roofline_ms=roof * layers, **kw)
+            ms = attempt("attention", what, impl, fn, *args, nbytes=kv_bytes * layers, roofline_ms=roof * layers,
+                         iterations=iterations, **kw)
             if ms is not None:  # per call
                 ROWS[-1].update(ms=ms / layers, nbytes=kv_bytes, roofline_ms=roof)
             return ms
 
-        attempt_per_layer("ours, default config", timed(None))
-        old = rpa.default_config(batch, 32, 2, 128, page_size, context, jnp.bfloat16)  # densest packing
-        attempt_per_layer(f"ours, densest packing (before) {old}", timed(old))
-        for cfg in decode_configs(batch, context) if sweep else ():
-            attempt_per_layer(f"ours bq=1 splits={cfg.num_kv_splits} bkv={cfg.block_kv} stages={cfg.num_stages}", timed(cfg))
+        default = rpa.default_config(batch, 32, 2, 128, page_size, context, jnp.bfloat16, decode=True)
+        attempt_per_layer(f"ours, default config {default}", timed(None))
+        attempt_per_layer("ours, one warpgroup (default before)", timed(one_warpgroup_default(default)))
+        if not tiny:
+            old = rpa.default_config(batch, 32, 2, 128, page_size, context, jnp.bfloat16)  # densest packing
+            attempt_per_layer(f"ours, densest packing (before) {old}", timed(old))
+        configs = {"all": decode_configs(batch, context), "ws": decode_configs(batch, context, consumers=(1, 2)),
+                   "none": []}[sweep]
+        if tiny:
+            configs = [c for c in configs if c.consumer_warpgroups == 2][:1]
+        for cfg in configs:
+            attempt_per_layer(f"ours bq=1 wgs={cfg.consumer_warpgroups} splits={cfg.num_kv_splits} "
+                              f"bkv={cfg.block_kv} stages={cfg.num_stages}", timed(cfg))
         if (batch, context) != (64, 4096):
             continue
         xla = jax.jit(lambda *a: xla_paged_attention(*a, sm_scale=128 ** -0.5))
@@ -230,10 +270,25 @@ def main(argv=None):
     parser.add_argument("--out", help="also write the markdown table (with card, jax version, command) here")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--only", default="ceilings,decode,prefill,matmul,quantized")
+    parser.add_argument("--decode_cases", help="decode attention cases BATCHxCONTEXT, comma-separated "
+                        "(default 64x4096,64x1024,8x4096,1x4096; --tiny: 2x256)")
+    parser.add_argument("--decode_sweep", choices=("all", "ws", "none"), default="all",
+                        help="decode config sweep: all, ws (warp-specialized configs only) or none")
+    parser.add_argument("--tiny", action="store_true", help="tiny ceilings and decode case, kernels in the Mosaic "
+                        "GPU interpreter (a CPU smoke check of the decode part)")
     args = parser.parse_args(argv)
     parts = args.only.split(",")
-    bandwidth, tflops = ceilings()
-    for part, fn in (("decode", lambda: bench_decode_attention(bandwidth)),
+    cases = TINY_DECODE_CASES if args.tiny else DECODE_CASES
+    if args.decode_cases:
+        cases = tuple(tuple(int(n) for n in case.split("x")) for case in args.decode_cases.split(","))
+    with gpu_interpret() if args.tiny else contextlib.nullcontext():
+        run_parts(args, parts, cases, argv)
+
+
+def run_parts(args, parts, cases, argv):
+    bandwidth, tflops = ceilings(args.tiny)
+    for part, fn in (("decode", lambda: bench_decode_attention(bandwidth, cases, sweep=args.decode_sweep,
+                                                               tiny=args.tiny)),
                      ("quantized", lambda: bench_quantized(bandwidth, (1, 16) if args.quick else (1, 16, 64))),
                      ("matmul", lambda: bench_matmul(bandwidth, tflops, (1, 16) if args.quick else (1, 16, 256, 4096))),
                      ("prefill", lambda: bench_prefill_attention(tflops))):
@@ -242,7 +297,8 @@ def main(argv=None):
                 fn()
             except Exception:
                 traceback.print_exc()
-    header = (f"Card: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
+    card = jax.devices()[0].device_kind + (" (interpreter, --tiny)" if args.tiny else "")
+    header = (f"Card: {card}; jax {jax.__version__}; "
               f"command: `PYTHONPATH=. python3 benchmarks/kernels.py {' '.join(argv or sys.argv[1:])}`; "
               f"ceilings: copy {bandwidth:,.0f} GB/s (read+write), bf16 matmul {tflops:,.0f} TFLOP/s.\n\n")
     emit(header, args.out)

@@ -1,8 +1,9 @@
 """Prefill attention benchmark: the warp-specialized ragged prefill kernel vs the ragged paged kernel, cuDNN
 and XLA, at GLM-4 heads (32 q / 2 kv, head dim 128, page 16, bf16), against the bf16 matmul rate.
 
-Owns: the prefill cases (one causal prefill of 4k / 8k / 16k tokens, two ~2k sequences in one batch with
-their boundary inside a CTA tile, a 1k chunk on a 3k prefix), timing every implementation on each and
+Owns: the prefill cases (one causal prefill of 4k / 8k / 16k tokens, one of 4,100 tokens (not a multiple of
+the prefill kernel's 8 tokens a CTA: its wrapper pads q), two ~2k sequences in one batch with their boundary
+inside a CTA tile, a 1k chunk on a 3k prefix), timing every implementation on each and
 checking each kernel's output against cuDNN (or, with --tiny, the float32 reference). It does not own the
 kernels or their tuning tables. FLOPs count the visible (query, key) pairs: 4 * Nq * D * sum_t (pos_t + 1),
 i.e. 2 * 2 * T * T * Nq * D / 2 for one causal prefill of T tokens.
@@ -15,7 +16,8 @@ Run on a GPU machine:  PYTHONPATH=. python3 benchmarks/prefill_attention.py [--o
                        [--only 'prefill 4096,1k chunk'] [--sweep_configs 64:3,64:4,128:2:nobarrier]
 On CPU, end to end:    PYTHONPATH=. python3 benchmarks/prefill_attention.py --tiny   (tiny shapes, interpreter)
 Times are medians of wall time per call over queued asynchronous calls (``_timing.time_ms``), XLA pre- and
-post-processing around the Pallas kernels included. Prints a markdown table.
+post-processing around the Pallas kernels included (the prefill kernel reads q / writes out in [T, Nq, D]
+itself; the one-warpgroup kernel's GQA packing runs in XLA). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -57,9 +59,10 @@ def parse_configs(text: str) -> list[rpf.PrefillAttentionConfig]:
 def cases(tiny: bool) -> list[tuple[str, list[int], list[int]]]:
     """(name, tokens already cached per sequence, new tokens per sequence)."""
     if tiny:
-        return [("causal prefill 32", [0], [32]), ("2 sequences 13 + 19", [0, 0], [13, 19]),
+        return [("causal prefill 32", [0], [32]), ("2 sequences 13 + 18 (q padded)", [0, 0], [13, 18]),
                 ("16-token chunk on a 48 prefix", [48], [16])]
     return [*((f"causal prefill {t}", [0], [t]) for t in (4096, 8192, 16384)),
+            ("causal prefill 4100 (q padded)", [0], [4100]),
             ("2 sequences 2045 + 2051 (boundary mid-tile)", [0, 0], [2045, 2051]),
             ("1k chunk on a 3k prefix", [3072], [1024])]
 
@@ -117,6 +120,14 @@ class Bench:
 
     def note(self, text: str):
         self.rows[-1]["note"] = (self.rows[-1]["note"] + "; " + text).strip("; ")
+
+    def emit(self, header: str, out: str | None):
+        """Prints ``header`` + the table, and writes it to ``out`` if given."""
+        text = header + self.table()
+        print(text)
+        if out:
+            with open(out, "w") as f:
+                f.write(text + "\n")
 
     def table(self) -> str:
         lines = ["| case | implementation | time (ms) | TFLOP/s | of bf16 matmul | vs cuDNN | note |",
@@ -185,14 +196,6 @@ def bench_case(bench: Bench, ceiling: float, name: str, before: list[int], new: 
                    lambda *a, config=config: rpf.ragged_prefill_attention(*a, sm_scale=SM_SCALE, config=config))
     kernel("ragged_paged_attention (one warpgroup) default",
            lambda *a: rpa.ragged_paged_attention(*a, sm_scale=SM_SCALE))
-    group_pad = rpa._padded_group(NUM_Q_HEADS, NUM_KV_HEADS)
-    padded = -(-total // (rpf.COMPUTE_WGS * rpf.ROWS // group_pad)) * (rpf.COMPUTE_WGS * rpf.ROWS // group_pad)
-    packed = rpa._pack_queries(args[0], NUM_KV_HEADS, group_pad, padded)
-    relayout = jax.jit(lambda q, packed, n: (
-        rpa._pack_queries(q, NUM_KV_HEADS, group_pad, padded),
-        rpa._unpack_output(packed, total, NUM_Q_HEADS, group_pad, jnp.arange(total) < n)))
-    bench.time(name, "(GQA pack q + unpack out in XLA: part of both kernels' times)", relayout,
-               (args[0], packed, args[-1]), 0.0, ceiling)
 
 
 def main(argv=None):

@@ -4,7 +4,9 @@ Random bf16 weights are made on the device (preset ``--model``), then each schem
 linear projections (``quant.transform``) inside a fresh ``LLM`` with greedy, EOS-ignoring generation.
 Decode speed is isolated from prefill and compilation by timing two generation lengths and dividing
 the extra tokens by the extra time. Also reports offline throughput (``--offline_batch`` prompts at
-once) for W8A8-fp8 against bf16. Not a test; record the table in benchmarks/RESULTS.md (card, jax).
+once) of ``--offline_schemes`` under each of ``--matmul_backends`` against the best bf16 (with "auto", W8A8
+decode steps of <= 128 tokens run ``pallas_kernels.w8a8_matmul``). Not a test; record the table in
+benchmarks/RESULTS.md (card, jax).
 
     PYTHONPATH=. python3 benchmarks/quant_decode.py --schemes=bf16,int8,fp8,int4,w8a8-fp8,w8a8-int8,q8_0,q4_0
 """
@@ -58,8 +60,8 @@ def decode_tokens_per_s(scheme, matmul_backend):
     return (FLAGS.long - FLAGS.short) / (t_long - t_short)
 
 
-def offline_tokens_per_s(scheme):
-    llm = _engine(scheme, FLAGS.offline_batch)
+def offline_tokens_per_s(scheme, matmul_backend):
+    llm = _engine(scheme, FLAGS.offline_batch, matmul_backend)
     prompts = [{"prompt_token_ids": list(range(10 + i, 10 + i + FLAGS.prompt_len))} for i in range(FLAGS.offline_batch)]
     _timed(llm, prompts[:2], FLAGS.short)
     elapsed, tokens = _timed(llm, prompts, FLAGS.long)
@@ -83,11 +85,16 @@ def main(argv):
     for (scheme, backend), tps in decode.items():
         print(f"| {scheme} | {backend} | {tps:.1f} | " + (f"{tps / base:.2f}x |" if base else "- |"))
     if FLAGS.offline_batch:
-        offline = {s: offline_tokens_per_s(s) for s in FLAGS.offline_schemes}
-        base = offline.get("bf16")
-        print(f"\n| scheme | offline tok/s ({FLAGS.offline_batch} prompts x {FLAGS.long} tokens) | vs bf16 |\n|---|---|---|")
-        for scheme, tps in offline.items():
-            print(f"| {scheme} | {tps:.1f} | {tps / base:.2f}x |" if base else f"| {scheme} | {tps:.1f} | - |")
+        offline = {}
+        for scheme in FLAGS.offline_schemes:
+            for backend in FLAGS.matmul_backends:
+                offline[scheme, backend] = offline_tokens_per_s(scheme, backend)
+                print(f"  offline {scheme} matmul_backend={backend}: {offline[scheme, backend]:.1f} tok/s", flush=True)
+        base = max((tps for (scheme, _), tps in offline.items() if scheme == "bf16"), default=None)
+        print(f"\n| scheme | matmul_backend | offline tok/s ({FLAGS.offline_batch} prompts x {FLAGS.long} tokens) "
+              "| vs the best bf16 |\n|---|---|---|---|")
+        for (scheme, backend), tps in offline.items():
+            print(f"| {scheme} | {backend} | {tps:.1f} | " + (f"{tps / base:.2f}x |" if base else "- |"))
 
 
 if __name__ == "__main__":

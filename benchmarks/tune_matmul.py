@@ -1,11 +1,13 @@
 """Tune the small-M (decode) matmul kernels on this GPU and write the tuning tables.
 
-Owns: sweeping ``matmul``'s, ``quantized_matmul``'s and ``int4_matmul``'s small-M configs (tile_n, tile_k,
-pipeline depth, split-K) at the GLM-4-9B projection shapes and decode token counts, timing each candidate
-the way a decoder calls it (``time_chained_ms``: distinct weights per call inside one program), and
-writing the best per (card, dtype, shape key) to ``pallas_kernels/tuning/<kernel>.json`` (merged with
-entries for other cards). Also prints each winner against XLA's dot (int4: dequantize + dot) at the
-same shape. dtypes: bfloat16, int8, float8_e4m3fn, int4-g64, int4-g128 (= int4).
+Owns: sweeping ``matmul``'s, ``quantized_matmul``'s, ``int4_matmul``'s and ``w8a8_matmul``'s small-M configs
+(tile_n, tile_k, pipeline depth, split-K) at the GLM-4-9B projection shapes and decode token counts, timing
+each candidate the way a decoder calls it (``time_chained_ms``: distinct weights per call inside one
+program), and writing the best per (card, dtype, shape key) to ``pallas_kernels/tuning/<kernel>.json``
+(merged with entries for other cards). Also prints each winner against XLA's dot (int4: dequantize + dot;
+W8A8: the model's XLA rule, per-token quantization + 8-bit dot on the [N, K] weight) at the same shape.
+dtypes: bfloat16, int8, float8_e4m3fn (weight-only), int4-g64, int4-g128 (= int4), w8a8-fp8, w8a8-int8
+(timed with the per-token activation quantization the model runs before the kernel).
 
 Run on a GPU:  PYTHONPATH=. python3 benchmarks/tune_matmul.py [--ms=1,16,64] [--dtypes=bfloat16,int8,float8_e4m3fn]
                [--shapes=qkv,o_proj,gate_up,down] [--write]
@@ -23,10 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from _timing import chain, copy_bandwidth, time_chained_ms, time_ms
+from autoglm_jax.quant.channel import STORAGE, quantize_activations, w8a8_product
 from pallas_kernels import int4_matmul as i4
 from pallas_kernels import matmul as mm
 from pallas_kernels import quantized_matmul as qm
 from pallas_kernels import tuning
+from pallas_kernels import w8a8_matmul as w8
 
 SHAPES = {"qkv": (4096, 4608), "o_proj": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096),
           "lm_head": (4096, 151552)}
@@ -38,15 +42,30 @@ def group_size(dtype: str) -> int:
     return int(dtype.removeprefix("int4").removeprefix("-g") or 128) if dtype.startswith("int4") else 0
 
 
+def w8a8_activations(dtype: str) -> str | None:
+    """The W8A8 activation type of ``dtype`` ("w8a8-fp8" -> "fp8"), None for the other dtypes."""
+    return dtype.removeprefix("w8a8-") if dtype.startswith("w8a8-") else None
+
+
+def weight_dtype(dtype: str) -> str:
+    """The weights' storage dtype name (W8A8: its 8-bit type)."""
+    return jnp.dtype(STORAGE[w8a8_activations(dtype)][0]).name if w8a8_activations(dtype) else dtype
+
+
 def itemsize(dtype: str) -> float:
     """Bytes the kernel streams per weight (int4: half a byte and the group's f32 scale)."""
-    return i4.weight_itemsize(group_size(dtype)) if group_size(dtype) else jnp.dtype(dtype).itemsize
+    return i4.weight_itemsize(group_size(dtype)) if group_size(dtype) else jnp.dtype(weight_dtype(dtype)).itemsize
+
+
+def activation_itemsize(dtype: str) -> int:
+    """Bytes per token element in the kernel's SMEM (W8A8: one)."""
+    return 1 if w8a8_activations(dtype) else 2
 
 
 def weights_for(dtype, k: int, n: int, count: int):
     """``count`` distinct weights as the kernel takes them: bf16 [K, N], narrow [N, K] + scales [N], or
     int4 codes [G, N, g] + scales and offsets [G, N]."""
-    out, g = [], group_size(dtype)
+    out, g, dtype = [], group_size(dtype), weight_dtype(dtype)
     for i in range(count):
         if g:
             kc, ks = jax.random.split(jax.random.key(i))
@@ -70,25 +89,28 @@ def heuristic_config(dtype: str, m: int, k: int, n: int) -> dict:
         config = i4.default_config(m, k, n, g)
         return dict(tile_n=config.tile_n, tile_k=config.tile_k, num_stages=config.num_stages,
                     num_k_splits=config.num_k_splits)
+    if w8a8_activations(dtype):
+        return w8.heuristic_config(m, k, n)
     return mm.small_m_heuristic(m, k, n, itemsize(dtype))
 
 
-def candidates(dtype: str, m: int, k: int, n: int, sweep: bool):
+def candidates(dtype: str, m: int, k: int, n: int, sweep: bool, stages_list=(2, 3, 4), splits_list=(1, 2, 3, 4, 6, 8)):
     """The heuristic's config, and with ``sweep`` every fitting (tile_n, tile_k, stages, splits) around it."""
     heuristic = heuristic_config(dtype, m, k, n)
     yield heuristic
     if not sweep:
         return
     tile_ks = (128, 256, 512) if group_size(dtype) else (128, 256)
-    for tile_n, tile_k, stages, splits in itertools.product((128,), tile_ks, (2, 3, 4), (1, 2, 3, 4, 6, 8)):
+    for tile_n, tile_k, stages, splits in itertools.product((128,), tile_ks, stages_list, splits_list):
         if k // tile_k < 2 * splits or tile_k % max(group_size(dtype), 1):  # >= 2 steps a split; whole groups
             continue
         fields = dict(tile_n=tile_n, tile_k=tile_k, num_stages=stages, num_k_splits=splits)
-        if fields != heuristic and mm.small_m_shape_error(m, k, n, mm.MatmulConfig(**fields), itemsize(dtype)) is None:
+        error = mm.small_m_shape_error(m, k, n, mm.MatmulConfig(**fields), itemsize(dtype), activation_itemsize(dtype))
+        if fields != heuristic and error is None:
             yield fields
 
 
-def tune_one(dtype: str, m: int, k: int, n: int, bandwidth_gbs: float | None, sweep: bool) -> dict:
+def tune_one(dtype: str, m: int, k: int, n: int, bandwidth_gbs: float | None, sweep: bool, **sweep_lists) -> dict:
     weight_bytes = k * n * itemsize(dtype)
     count = max(2, int(-(-2 * L2_BYTES // weight_bytes)))
     ws = weights_for(dtype, k, n, count)
@@ -96,6 +118,15 @@ def tune_one(dtype: str, m: int, k: int, n: int, bandwidth_gbs: float | None, sw
     if group_size(dtype):
         ours = lambda cfg: (lambda a, c, s, o: i4.int4_matmul(a, c, s, o, config=i4.Int4MatmulConfig(**cfg)))
         xla = lambda a, c, s, o: jnp.dot(a, i4.dequantize(c, s, o, jnp.bfloat16))
+    elif w8a8_activations(dtype):  # the model's calls: quantize the tokens, then the kernel / XLA's rule on [N, K]
+        act = w8a8_activations(dtype)
+
+        def ours(cfg):
+            def fn(a, w, s):
+                a_q, a_scale = quantize_activations(a, act)
+                return w8.w8a8_matmul(a_q, a_scale[:, 0], w, s, config=w8.W8A8MatmulConfig(**cfg))
+            return fn
+        xla = lambda a, w, s: w8a8_product(a, w, s, act, weights_nk=True).astype(jnp.bfloat16)
     elif dtype == "bfloat16":
         ours = lambda cfg: (lambda a, w: mm.matmul(a, w, config=mm.MatmulConfig(**cfg)))
         xla = lambda a, w: jnp.dot(a, w)
@@ -110,7 +141,7 @@ def tune_one(dtype: str, m: int, k: int, n: int, bandwidth_gbs: float | None, sw
             print(f"  {fields}: fails: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
             return None
 
-    configs = list(candidates(dtype, m, k, n, sweep))
+    configs = list(candidates(dtype, m, k, n, sweep, **sweep_lists))
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         programs = list(pool.map(compiled, configs))
     results = [(time_ms(p, a, ws, iterations=10) / len(ws), f) for p, f in zip(programs, configs) if p is not None]
@@ -141,25 +172,29 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="bfloat16,int8,float8_e4m3fn")
     parser.add_argument("--shapes", default="qkv,o_proj,gate_up,down")
     parser.add_argument("--sweep", action="store_true", help="time every candidate config, not only the heuristic's")
+    parser.add_argument("--stages", default="2,3,4", help="pipeline depths of the sweep")
+    parser.add_argument("--splits", default="1,2,3,4,6,8", help="split-K factors of the sweep")
     parser.add_argument("--write", action="store_true", help="write the winners to the tuning tables")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     kind = jax.devices()[0].device_kind
     bandwidth_gbs = copy_bandwidth() / 1e9
     print(f"{kind}, jax {jax.__version__}: copy bandwidth {bandwidth_gbs:,.0f} GB/s (read + write)", flush=True)
-    tables: dict[str, list[dict]] = {"matmul": [], "quantized_matmul": [], "int4_matmul": []}
+    tables: dict[str, list[dict]] = {"matmul": [], "quantized_matmul": [], "int4_matmul": [], "w8a8_matmul": []}
     report = []
     for dtype, name, m in itertools.product(args.dtypes.split(","), args.shapes.split(","), map(int, args.ms.split(","))):
         k, n = SHAPES[name]
-        r = tune_one(dtype, m, k, n, bandwidth_gbs, args.sweep)
+        r = tune_one(dtype, m, k, n, bandwidth_gbs, args.sweep, stages_list=tuple(map(int, args.stages.split(","))),
+                     splits_list=tuple(map(int, args.splits.split(","))))
         report.append(dict(dtype=dtype, shape=name, m=m, k=k, n=n, **r))
         g = group_size(dtype)
         if g:
             tables["int4_matmul"].append(dict(device_kind=kind, dtype="int4", shape=i4.shape_key(m, k, n, g),
                                               config=r["best"]))
             continue
-        kernel = "matmul" if dtype == "bfloat16" else "quantized_matmul"
-        tables[kernel].append(dict(device_kind=kind, dtype=dtype, shape=mm.shape_key(m, k, n), config=r["best"]))
+        kernel = "matmul" if dtype == "bfloat16" else "w8a8_matmul" if w8a8_activations(dtype) else "quantized_matmul"
+        tables[kernel].append(dict(device_kind=kind, dtype=weight_dtype(dtype), shape=mm.shape_key(m, k, n),
+                                   config=r["best"]))
     if args.write:
         for kernel, entries in tables.items():
             if entries:

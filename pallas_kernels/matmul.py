@@ -14,7 +14,9 @@ Two kernels, picked by M:
     where SMEM allows; partial sums (f32) are added and transposed in XLA. The same kernel takes
     int8 / fp8 weights [N, K] for ``quantized_matmul``, dequantized in registers, and group-scaled int4
     codes [G, N, g] for ``int4_matmul``: each group's dot goes to a fresh wgmma accumulator that is
-    added to a register accumulator scaled per output channel.
+    added to a register accumulator scaled per output channel. With 8-bit tokens of the weights' type
+    (``w8a8_matmul``: fp8 e4m3 x e4m3 with f32 accumulation, or int8 x int8 with int32 accumulation)
+    both wgmma operands come straight from SMEM, K-major, with no conversion.
   * large M (prefill): compute-bound. A persistent, warp-specialized kernel: one memory
     warpgroup streams (tile_m x tile_k, tile_k x 2*tile_n) tiles ``num_stages`` deep, two compute
     warpgroups each own a tile_m x tile_n accumulator; bf16 epilogue through SMEM and TMA.
@@ -88,9 +90,10 @@ def default_config(m: int, k: int, n: int, dtype) -> MatmulConfig:
 
 
 def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_smem: bool, group_size: int = 0):
-    # a_ref [Mp, K] bf16; w_ref [K, N] bf16, or [N, K] (weights_nk) bf16 | int8 | fp8, or with group_size
-    # g > 0 (group-scaled) [G, N, g] int4 codes followed by scale_ref [G, N] f32 (G = K / g);
-    # out_ref [S, N, Mp] f32 partial sums of out^T. scratch: out_smem [W, tile_n/W, Mp] f32 (W compute
+    # a_ref [Mp, K] bf16, or int8 | fp8 with w_ref of the same type (8-bit x 8-bit); w_ref [K, N] bf16, or
+    # [N, K] (weights_nk) bf16 | int8 | fp8, or with group_size g > 0 (group-scaled) [G, N, g] int4 codes
+    # followed by scale_ref [G, N] f32 (G = K / g); out_ref [S, N, Mp] partial sums of out^T in the
+    # accumulator type (f32; int32 for int8 x int8). scratch: out_smem [W, tile_n/W, Mp] of that type (W compute
     # warpgroups), and with dequant_via_smem a [W, tile_n/W, tile_k or g] bf16 tile for the dequantized weights.
     scale_ref, (out_ref, out_smem, *deq_smem) = (refs[0], refs[1:]) if group_size else (None, refs)
     tile_n, tile_k, splits = config.tile_n, config.tile_k, config.num_k_splits
@@ -107,7 +110,7 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
         """This warpgroup's [rows, tile_k] (group-scaled: [rows, g]) bf16 wgmma A operand."""
         if not weights_nk:  # [tile_k, tile_n] bf16: a transposed SMEM view
             return w_smem.at[:, pl.ds(wg * rows, rows)].T
-        if w_smem.dtype == jnp.bfloat16:
+        if w_smem.dtype == a_ref.dtype:  # bf16 x bf16, or 8-bit x 8-bit: K-major straight from SMEM
             return w_smem.at[pl.ds(wg * rows, rows)]
         w = w_smem[pl.ds(wg * rows, rows)]  # narrow, SMEM -> registers, dequantized there
         if w.dtype not in (jnp.int8, jnp.int4):  # Hopper converts fp8 only to f16/f32 (with this ptxas): go via f32
@@ -162,7 +165,7 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
             store(run_pipeline(jnp.zeros((rows, m_pad), jnp.float32)))
             return
 
-        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((rows, m_pad), jnp.float32))
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((rows, m_pad), out_ref.dtype))
         def acc_scope(acc_ref):
             run_pipeline(acc_ref)
             store(acc_ref[...])
@@ -193,13 +196,15 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
     )(*inputs)
 
 
-def small_m_heuristic(m: int, k: int, n: int, weight_itemsize: float, tile_ks: tuple[int, ...] | None = None) -> dict:
+def small_m_heuristic(m: int, k: int, n: int, weight_itemsize: float, tile_ks: tuple[int, ...] | None = None,
+                      activation_itemsize: int = 2) -> dict:
     """Untuned small-M tiles: 128 output channels per CTA (64 per compute warpgroup), 32 KiB weight
     steps (tile_k 128 for bf16, 256 for one-byte weights, where K allows), and the deepest pipeline
     (2-4 stages) that leaves room for two CTAs per SM - measured faster on an H100 than one CTA with a
     deeper pipeline (benchmarks/tune_matmul.py); split-K by ``tuning.split_k`` over those CTA slots.
     ``weight_itemsize``: bytes per weight, fractional for 4-bit codes (with their group scales);
-    ``tile_ks``: the tile_k candidates, widest first (default: the 32 KiB step, 128, 64)."""
+    ``tile_ks``: the tile_k candidates, widest first (default: the 32 KiB step, 128, 64);
+    ``activation_itemsize``: bytes per token element (1 for 8-bit tokens)."""
     tile_n = 128
     tile_ks = tile_ks or (int(32 * 1024 // (tile_n * weight_itemsize)), 128, 64)
     tile_k = next((t for t in tile_ks if k % t == 0), tile_ks[-1])
@@ -207,9 +212,10 @@ def small_m_heuristic(m: int, k: int, n: int, weight_itemsize: float, tile_ks: t
     fields = {}
     for stages in (4, 3, 2):
         fields = dict(tile_n=tile_n, tile_k=tile_k, num_stages=stages, num_k_splits=1)
-        if small_m_smem_bytes(MatmulConfig(**fields), m, weight_itemsize) <= TWO_CTA_SMEM_BUDGET:
+        if small_m_smem_bytes(MatmulConfig(**fields), m, weight_itemsize, activation_itemsize) <= TWO_CTA_SMEM_BUDGET:
             break
-    ctas_per_sm = 2 if small_m_smem_bytes(MatmulConfig(**fields), m, weight_itemsize) <= TWO_CTA_SMEM_BUDGET else 1
+    smem = small_m_smem_bytes(MatmulConfig(**fields), m, weight_itemsize, activation_itemsize)
+    ctas_per_sm = 2 if smem <= TWO_CTA_SMEM_BUDGET else 1
     fields["num_k_splits"] = tuning.split_k(pl.cdiv(n, tile_n), k // tile_k, step_bytes=tile_n * tile_k * weight_itemsize,
                                             partial_bytes_per_split=n * m_pad * 4, ctas_per_sm=ctas_per_sm)
     return fields
@@ -220,19 +226,19 @@ def small_m_m_pad(m: int) -> int:
     return pl.cdiv(m, _SMALL_M_ALIGN) * _SMALL_M_ALIGN
 
 
-def small_m_smem_bytes(config, m: int, weight_itemsize: int) -> int:
+def small_m_smem_bytes(config, m: int, weight_itemsize: float, activation_itemsize: int = 2) -> int:
     """SMEM one CTA of the small-M kernel needs on the GPU: the pipelined token and weight tiles and the
-    f32 output tile (narrow weights are dequantized in registers; only the interpreter adds a bf16 tile)."""
+    f32 / int32 output tile (narrow weights are dequantized in registers; only the interpreter adds a bf16 tile)."""
     m_pad = small_m_m_pad(m)
-    stages = config.num_stages * (m_pad * config.tile_k * 2 + config.tile_n * config.tile_k * weight_itemsize)
+    stages = config.num_stages * (m_pad * config.tile_k * activation_itemsize + config.tile_n * config.tile_k * weight_itemsize)
     return stages + config.tile_n * m_pad * 4
 
 
-def small_m_shape_error(m: int, k: int, n: int, config, weight_itemsize: int) -> str | None:
+def small_m_shape_error(m: int, k: int, n: int, config, weight_itemsize: float, activation_itemsize: int = 2) -> str | None:
     """Why the small-M kernel cannot run (M, K, N) with ``config`` (tiles, SMEM), or None when it can."""
     if config.tile_n % (64 * SMALL_M_COMPUTE_WGS):
         return f"{config.tile_n=} must be a multiple of 128 (two compute warpgroups of >= 64-row wgmmas)"
-    smem = small_m_smem_bytes(config, m, weight_itemsize)
+    smem = small_m_smem_bytes(config, m, weight_itemsize, activation_itemsize)
     if smem > SMEM_BUDGET:
         return f"{config=} needs {smem} bytes of SMEM > {SMEM_BUDGET} at {m=}"
     if n % config.tile_n:
@@ -247,6 +253,8 @@ def small_m_shape_error(m: int, k: int, n: int, config, weight_itemsize: int) ->
 def small_m_partial_sums(a, w, config, weights_nk: bool = False, group_scales=None):
     """a [M, K] bf16 with w [K, N] bf16 (or [N, K] bf16 | int8 | fp8 when ``weights_nk``) -> [S, N, Mp]
     float32 partial sums of (a @ w)^T over the config's S = num_k_splits K ranges (Mp = small_m_m_pad(M)).
+    8-bit x 8-bit: a [M, K] int8 | fp8 with w [N, K] of the same type (``weights_nk``; tile_k a multiple of
+    128, one 128-byte swizzled row) -> the partial sums in the accumulator type: float32 for fp8, int32 for int8.
     Group-scaled weights: w [G, N, g] int4 codes with ``group_scales`` [G, N] f32 (G = K / g groups
     of g consecutive K; tile_k a multiple of g) -> the partial sums of sum_g scale_g * (a_g @ w_g^T)^T.
     The kernel behind ``matmul`` (M <= SMALL_M_MAX), ``quantized_matmul`` and ``int4_matmul``; shapes
@@ -256,15 +264,16 @@ def small_m_partial_sums(a, w, config, weights_nk: bool = False, group_scales=No
     n = w.shape[1] if group_size else w.shape[0] if weights_nk else w.shape[1]
     m_pad, wgs = small_m_m_pad(m), SMALL_M_COMPUTE_WGS
     rows = config.tile_n // wgs
-    via_smem = (weights_nk or group_size) and w.dtype != jnp.bfloat16 and interpreting()
-    scratch = [plgpu.SMEM((wgs, rows, m_pad), jnp.float32, transforms=smem_transforms(m_pad, jnp.float32))]
+    acc_dtype = jnp.int32 if a.dtype == jnp.int8 else jnp.float32
+    via_smem = (weights_nk or group_size) and w.dtype != a.dtype and interpreting()
+    scratch = [plgpu.SMEM((wgs, rows, m_pad), acc_dtype, transforms=smem_transforms(m_pad, acc_dtype))]
     if via_smem:
         deq_k = group_size or config.tile_k
         scratch.append(plgpu.SMEM((wgs, rows, deq_k), jnp.bfloat16, transforms=smem_transforms(deq_k, jnp.bfloat16)))
     kernel = plgpu.kernel(
         functools.partial(_small_m_kernel, config=config, weights_nk=weights_nk or bool(group_size),
                           dequant_via_smem=via_smem, group_size=group_size),
-        out_type=jax.ShapeDtypeStruct((config.num_k_splits, n, m_pad), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((config.num_k_splits, n, m_pad), acc_dtype),
         scratch_types=tuple(scratch),
         grid=(n // config.tile_n, config.num_k_splits),
         grid_names=("n", "split"),

@@ -1,7 +1,8 @@
 """Ragged paged attention for Hopper (Mosaic GPU): prefill chunks and decode tokens in one launch.
 
 Owns: the attention kernel the model's attention dispatch calls, its jitted wrapper (argument
-checks, GQA head packing, split-K combine), a float32 pure-jnp reference and the tuning config.
+checks, split-K combine), the Q / O tile layout both ragged attention kernels use (``TileLayout``), a
+float32 pure-jnp reference and the tuning config.
 It does not own writing K/V into the cache (the model does that before calling this) nor building
 the metadata (``autoglm_jax.model.attention_metadata``).
 
@@ -9,22 +10,45 @@ Semantics: token ``t`` (of sequence ``seq_ids[t]``) attends to cache positions
 ``0..positions[t]`` of its sequence, read through ``page_table``; tokens ``t >= num_tokens`` are
 padding and produce zeros. Tokens are laid out sequence after sequence (``query_start_loc``).
 
-Kernel layout. GQA groups are packed into the rows of one tile so that each K/V page is read
-once per KV head, not once per query head: for KV head ``h`` the tile rows are
-``block_q`` consecutive flat tokens x ``R = 64 // block_q`` rows per token (the token's ``G = Nq // Nkv``
-query heads, zero-padded to R; 64 rows = one wgmma M). ``block_q`` defaults to ``64 // G_pad`` (``G``
-padded to a power of two: the densest packing, for prefill chunks) and to 1 for decode-only steps
-(one token per sequence), so that a CTA streams one sequence's K/V in one uninterrupted pipeline.
-One CTA (one warpgroup) owns one (token block, KV head, KV split). Because the tokens of a block may belong to several sequences
+Kernel layout. GQA groups share the rows of one tile so that each K/V page is read once per KV head,
+not once per query head: for KV head ``h`` (query heads ``h*G .. h*G + G - 1``) the 64 tile rows (one
+wgmma M) hold ``block_q`` consecutive flat tokens x ``G`` heads, ``R = 64 // block_q`` rows per token.
+``block_q`` defaults to ``64 // G_pad`` (``G`` padded to a power of two: the densest packing, for prefill
+chunks) and to 1 for decode-only steps (one token per sequence), so that a CTA streams one sequence's K/V
+in one uninterrupted pipeline. TMA copies move the rows straight between q / out [Tp, Nq, D] and the SMEM
+tile (``TileLayout``; SMEM row slices must be whole 8-row tiles, which fixes the row order):
+  * token-major, rows (token, head), when ``G % 8 == 0`` (GLM-4: G 16): one [G, D] copy per token,
+    ``q[t, h*G : h*G + G]``, into rows ``i*R ..`` (decode, block_q 1: one copy, rows G.. unused);
+  * head-major, rows (head, token), when ``G_pad <= 8`` and ``block_q % 8 == 0`` (Llama family, mixed
+    steps): one strided [block_q, D] copy per head, ``q[t0 : t0 + block_q, h*G + g]``, into rows ``g*block_q ..``;
+  * otherwise (G > 8 not a multiple of 8, or G % 8 != 0 with block_q < 8, e.g. Llama decode) XLA packs q
+    into [Nkv, Tp * R, D] (each token's group zero-padded to R rows) and unpacks the output.
+Rows no copy fills (pad heads, R > G) hold whatever SMEM held and are never stored; softmax is per row,
+so nothing of them reaches other rows. Rows of padding tokens (>= num_tokens) are zeroed before the
+output copies; q is padded only when T is not a multiple of block_q.
+One CTA owns one (token block, KV head, KV split). With ``consumer_warpgroups == 0`` (always for mixed
+steps) one warpgroup both issues the TMA copies and computes, as described next. Because the tokens of a block may belong to several sequences
 (a block of decode tokens holds ``block_q`` sequences), the CTA loops over the sequences that
 intersect its block; for each it copies the sequence's page-table row into SMEM (one bulk copy; the
 page ids of every TMA then come from SMEM, not from dependent global loads), streams that sequence's
 K/V blocks (``block_kv`` rows gathered from ``block_kv // page_size`` pages by TMA, ``num_stages``
 deep) and masks rows of other sequences. Split-K (``num_kv_splits > 1``) cuts each sequence's KV range into slices handled by
-different CTAs; their partial outputs and log-sum-exps are combined in XLA. That serves long
+different CTAs; their partial outputs and log-sum-exps ([S, Nkv, Tp * R(, D)] f32, tile rows) are combined
+in XLA into [T, Nq, D] (the rows taken to token order inside the combine's fusions). That serves long
 decode contexts with few sequences without a second kernel. The softmax probabilities P are the
 PV wgmma's register A operand on the GPU; the GPU interpreter cannot run a register A operand, so
 there P goes through an SMEM tile.
+
+Warp-specialized decode (``consumer_warpgroups`` 1 or 2, needs ``block_q = 1``; ``default_config(...,
+decode=True)`` picks it): one token per CTA, so the CTA's rows see keys ``0..positions[t]`` of one
+sequence and only the last KV block needs a mask. A TMA producer warpgroup copies Q and the sequence's
+page-table row into SMEM, then streams the split's K/V blocks into a ring of ``num_stages`` slots
+("full" barriers TMA -> consumer, "consumed" barriers consumer -> TMA; K is released right after QK^T),
+so a copy waits only for its slot, never for the current block's softmax + PV. With two consumer
+warpgroups, consumer c takes KV steps c, c + 2, ... (the slots = c mod 2: ``num_stages`` even, each
+slot's barrier phases all waited on by one warpgroup) with its own softmax state; consumer 1 hands
+(acc, m, l) to consumer 0 through an f32 SMEM tile and a barrier, which merges, normalizes and stores.
+Split-K partials leave through the same epilogue as in the one-warpgroup kernel.
 """
 
 from __future__ import annotations
@@ -47,18 +71,23 @@ ROWS = 64  # query rows per CTA: block_q tokens x G_pad heads = one wgmma M
 _MASK_VALUE = -1e30  # finite, so a row that sees only masked keys never produces NaN
 _LOG2E = math.log2(math.e)
 SMEM_BUDGET = 220 * 1024  # bytes; Hopper allows 227 KiB of dynamic SMEM per CTA
+_CONSUMER_REGISTERS, _PRODUCER_REGISTERS = 232, 40  # per thread with two consumers, as JAX's FA3 kernel sets them
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Tuning knobs. ``block_kv`` KV rows per pipeline step (a multiple of 64 and of page_size);
     ``num_stages`` TMA buffers in flight; ``num_kv_splits`` CTAs sharing one sequence's KV range;
-    ``block_q`` flat tokens per CTA (a power of two, at most 64 // G_pad; None = 64 // G_pad)."""
+    ``block_q`` flat tokens per CTA (a power of two, at most 64 // G_pad; None = 64 // G_pad);
+    ``consumer_warpgroups`` 0: one warpgroup issues the TMA copies and computes; 1 or 2: the
+    warp-specialized one-token-per-CTA kernel (needs ``block_q=1``) with a TMA producer warpgroup and
+    this many consumer warpgroups taking alternate KV blocks (``num_stages`` a multiple of it)."""
 
     block_kv: int = 64
     num_stages: int = 2
     num_kv_splits: int = 1
     block_q: int | None = None
+    consumer_warpgroups: int = 0
 
     def __post_init__(self):
         if self.block_q is not None and (self.block_q < 1 or self.block_q & (self.block_q - 1) or self.block_q > ROWS):
@@ -69,17 +98,27 @@ class AttentionConfig:
             raise ValueError(f"{self.num_stages=} must be >= 1")
         if self.num_kv_splits < 1:
             raise ValueError(f"{self.num_kv_splits=} must be >= 1")
+        if self.consumer_warpgroups not in (0, 1, 2):
+            raise ValueError(f"{self.consumer_warpgroups=} must be 0, 1 or 2")
+        if self.consumer_warpgroups and self.block_q != 1:
+            raise ValueError(f"{self.consumer_warpgroups=} (the warp-specialized decode kernel) needs block_q=1, "
+                             f"got {self.block_q=}")
+        if self.consumer_warpgroups and self.num_stages % self.consumer_warpgroups:
+            raise ValueError(f"{self.num_stages=} must be a multiple of {self.consumer_warpgroups=} (each consumer "
+                             "owns every consumer_warpgroups-th slot of the TMA ring)")
 
 
 def smem_bytes(config: AttentionConfig, head_dim: int, itemsize: int = 2, p_via_smem: bool | None = None,
                max_pages: int = 0) -> int:
-    """SMEM one CTA needs: Q tile, K/V stages, the P tile (interpreter only, None = as traced now), the
-    f32 split-K output tile and one page-table row of ``max_pages`` entries."""
+    """SMEM one CTA needs: Q tile, K/V stages, the P tile of each computing warpgroup (interpreter only,
+    None = as traced now), the f32 split-K output tile, the f32 merge tile of two consumer warpgroups and
+    one page-table row of ``max_pages`` entries."""
     p_via_smem = interpreting() if p_via_smem is None else p_via_smem
     kv = 2 * config.num_stages * config.block_kv * head_dim * itemsize
     split_out = (ROWS * head_dim + ROWS) * 4 if config.num_kv_splits > 1 else 0
-    p_tile = ROWS * config.block_kv * itemsize if p_via_smem else 0
-    return ROWS * head_dim * itemsize + kv + p_tile + split_out + 4 * math.prod(page_table_tile(max_pages))
+    merge = (ROWS * head_dim + 2 * ROWS) * 4 if config.consumer_warpgroups > 1 else 0
+    p_tile = max(1, config.consumer_warpgroups) * ROWS * config.block_kv * itemsize if p_via_smem else 0
+    return ROWS * head_dim * itemsize + kv + p_tile + split_out + merge + 4 * math.prod(page_table_tile(max_pages))
 
 
 def page_table_tile(max_pages: int) -> tuple[int, int]:
@@ -113,6 +152,58 @@ def _padded_group(num_q_heads: int, num_kv_heads: int) -> int:
     return 1 << (group - 1).bit_length()
 
 
+def head_major(num_q_heads: int, num_kv_heads: int, block_q: int | None = None) -> bool | None:
+    """Row order of a 64-row Q tile of ``block_q`` tokens (None = 64 // G_pad) read straight from q
+    (module docstring): False token-major (G % 8 == 0), True head-major (G_pad <= 8 and block_q a multiple
+    of 8), None when neither fits whole 8-row SMEM tiles (then q is packed by XLA)."""
+    group, group_pad = num_q_heads // num_kv_heads, _padded_group(num_q_heads, num_kv_heads)
+    block_q = ROWS // group_pad if block_q is None else block_q
+    if group % 8 == 0:
+        return False
+    return True if group_pad <= 8 and block_q % 8 == 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLayout:
+    """Where the rows of a 64-row Q / O tile of ``block_q`` tokens x ``group`` query heads (one KV head) live
+    in GMEM (module docstring, "Kernel layout"). ``head_major`` as ``head_major()`` returns it: False / True
+    for q and out [Tp, Nq, D] read and written in place, None for the packed operand [Nkv, Tp * R, D]."""
+
+    block_q: int
+    group: int
+    head_major: bool | None
+
+    @property
+    def rows_per_token(self) -> int:  # R: token i's rows start at i * R (token-major and packed)
+        return ROWS // self.block_q
+
+    @property
+    def num_copies(self) -> int:  # TMA copies per tile (arrivals on its barrier)
+        return self.group if self.head_major else 1 if self.head_major is None else self.block_q
+
+    def copies(self, ref, tok0, kv_head):
+        """(GMEM slice of ref, rows of the tile) of each TMA copy between the tile of tokens tok0 ..
+        tok0 + block_q - 1 and ref ([Tp, Nq, D], or [Nkv, Tp * R, D] when packed)."""
+        head0 = kv_head * self.group
+        if self.head_major is None:
+            return [(ref.at[kv_head, pl.ds(tok0 * self.rows_per_token, ROWS)], slice(None))]
+        if self.head_major:  # rows (head, token): one strided [block_q, D] copy per head
+            return [(ref.at[pl.ds(tok0, self.block_q), head0 + g], pl.ds(g * self.block_q, self.block_q))
+                    for g in range(self.group)]
+        return [(ref.at[tok0 + t, pl.ds(head0, self.group)], pl.ds(t * self.rows_per_token, self.group))
+                for t in range(self.block_q)]  # rows (token, head): one [G, D] copy per token
+
+    def row_tokens(self, cols: int):
+        """[64, cols] int32 (WGMMA layout): the tile's token (0 .. block_q - 1) of each row; rows no copy
+        fills (pad heads, R > G) map to some token and hold garbage that stays in its row."""
+        rows = plgpu.broadcasted_iota(jnp.int32, (ROWS, cols), 0, layout=plgpu.Layout.WGMMA)
+        return lax.rem(rows, self.block_q) if self.head_major else lax.div(rows, self.rows_per_token)
+
+
+def tile_layout(num_q_heads: int, num_kv_heads: int, block_q: int) -> TileLayout:
+    return TileLayout(block_q, num_q_heads // num_kv_heads, head_major(num_q_heads, num_kv_heads, block_q))
+
+
 def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                    page_size: int, max_context: int, dtype, decode: bool = False) -> AttentionConfig:
     """Tuned config for this shape on the current card, else a heuristic (never fails). ``decode``: every
@@ -128,10 +219,13 @@ def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_di
     if decode:
         # H100, GLM-4 heads (benchmarks/kernels.py, RESULTS "Decode attention, one token per CTA"): split
         # only up to one wave of CTAs (batch 64 x 4k: no split, 0.78 of the copy bandwidth; 3 splits
-        # 0.71), down to one KV block per split for a single sequence; two stages of 128 rows beat three.
+        # 0.71), down to one KV block per split for a single sequence. One warpgroup: two stages of 128
+        # rows beat three (0.82). Warp-specialized (TMA producer + one consumer): the deepest ring that fits,
+        # since the producer no longer waits for the softmax + PV of the current block (not yet measured).
         splits = max(1, min(tuning.num_sms() // num_ctas, pl.cdiv(max_context, block_kv)))
-        for stages in (2, 1):
-            config = AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits, block_q=1)
+        for consumers, stages in ((1, 3), (1, 2), (0, 2), (0, 1)):
+            config = AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits, block_q=1,
+                                     consumer_warpgroups=consumers)
             if smem_bytes(config, head_dim, max_pages=max_context // page_size) <= SMEM_BUDGET:
                 return config
     # Enough CTAs to fill the card twice, but keep >= 4 KV blocks per split.
@@ -205,6 +299,87 @@ def _check_config(config: AttentionConfig, q, k_cache, page_table):
                          "page-table row); fewer stages or smaller block_kv")
 
 
+def _qk(q_smem, k_block, block_kv: int):
+    """S = Q K^T: q_smem [64, D] x k_block [block_kv, D] -> [64, block_kv] f32 (WGMMA layout)."""
+    def compute_qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_block.T)
+        return acc_ref[...]
+
+    return pl.run_scoped(compute_qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
+
+
+def _softmax_step(s, m_i, l_i, acc):
+    """Online softmax (base 2) over one block of scaled, masked scores s [64, block_kv]: the row max m_i and
+    sum l_i [64] updated, acc [64, D] rescaled; returns (p [64, block_kv] f32, m_new, l_new, acc)."""
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    l_i = l_i * alpha + p.sum(axis=1)
+    return p, m_new, l_i, acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+
+def _accumulate_pv(acc, p, v_block, p_smem, under_wgmma=lambda: None):
+    """acc [64, D] + p [64, block_kv] @ v_block [block_kv, D]; ``under_wgmma()`` runs while the wgmma does.
+    On the GPU (p_smem None) P is the wgmma's register A operand, accumulated in place; the GPU interpreter
+    has no register-A wgmma (nor ACC.init), so there P goes through p_smem [64, block_kv] into a fresh
+    accumulator."""
+    if p_smem is None:
+        p16 = p.astype(v_block.dtype)
+
+        def compute_pv_in_place(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_block)
+            under_wgmma()
+
+        return pl.run_state(compute_pv_in_place)(plgpu.ACC.init(acc))
+    p_smem[...] = p.astype(p_smem.dtype)
+    plgpu.commit_smem()
+
+    def compute_pv(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem, v_block)
+        under_wgmma()
+        return acc_ref[...]
+
+    return acc + pl.run_scoped(compute_pv, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def _store_output(out_refs, acc, m_i, l_i, q_smem, out_smem, lse_smem, *, layout: TileLayout, tok0, num_tokens,
+                  kv_head, split):
+    """Normalize acc [64, D] by l_i, zero the rows of padding tokens (>= num_tokens) and copy the tile of
+    tokens tok0.. to the output: in q's dtype through the Q tile (no longer needed) by ``layout``'s copies,
+    or f32 with its log-sum-exp (base 2) to the split's packed rows [S, Nkv, Tp * R] for the combine."""
+    l_safe = jnp.maximum(l_i, 1e-30)  # rows no sequence touched (padding) have l == 0
+    out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+    out = jnp.where(layout.row_tokens(acc.shape[1]) < num_tokens - tok0, out, 0.0)
+    if len(out_refs) == 1:
+        (out_ref,) = out_refs
+        q_smem[...] = out.astype(q_smem.dtype)
+        plgpu.commit_smem()
+        for gmem, tile_rows in layout.copies(out_ref, tok0, kv_head):
+            plgpu.copy_smem_to_gmem(q_smem.at[tile_rows], gmem)
+    else:
+        out_ref, lse_ref = out_refs
+        rows = pl.ds(tok0 * layout.rows_per_token, ROWS)
+        out_smem[...] = out
+        lse_smem[...] = m_i + jnp.log2(l_safe)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[split, kv_head, rows])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, kv_head, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _initial_state(head_dim: int):
+    """(acc [64, D], row max m [64], row sum l [64]) before the first KV block, in WGMMA layouts."""
+    m_i = plgpu.layout_cast(jnp.full((ROWS,), _MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = plgpu.layout_cast(jnp.full((ROWS, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    return acc, m_i, l_i
+
+
+def _split_range(kv_blocks, split, num_splits: int):
+    """[lo, hi): the KV blocks of split ``split`` of ``num_splits`` over ``kv_blocks`` blocks."""
+    return (lax.div(split * kv_blocks, jnp.int32(num_splits)), lax.div((split + 1) * kv_blocks, jnp.int32(num_splits)))
+
+
 def _attention_kernel(
     layer_ref,      # [1] int32 (GMEM)
     num_tokens_ref,  # [1] int32
@@ -212,19 +387,19 @@ def _attention_kernel(
     positions_ref,  # [Tp] int32
     qsl_ref,        # [B + 1] int32
     page_table_ref,  # [B, rows, cols] int32 (MP zero-padded to rows * cols, see page_table_tile)
-    q_ref,          # [Nkv, Tp * G_pad, D]: rows (token, head-in-group)
+    q_ref,          # [Tp, Nq, D], or packed [Nkv, Tp * R, D] (layout.head_major None)
     k_ref,          # [L, P, page_size, Nkv, D]
     v_ref,          # [L, P, page_size, Nkv, D]
-    *out_refs,      # splits == 1: out [Nkv, Tp*G_pad, D] (q dtype); else out [S, Nkv, Tp*G_pad, D] f32, lse [S, Nkv, Tp*G_pad] f32
+    *out_refs,      # splits == 1: out as q_ref (q dtype); else out [S, Nkv, Tp * R, D] f32, lse [S, Nkv, Tp * R] f32
     config: AttentionConfig,
-    block_q: int,
-    rows_per_token: int,
+    layout: TileLayout,
     sm_scale: float,
-    p_via_smem: bool,
     max_pages: int,
 ):
     *out_refs, scratch = out_refs
-    q_smem, k_smem, v_smem, p_smem, out_smem, lse_smem, pt_smem, q_barrier, pt_barrier, k_barriers, v_barriers = scratch
+    # p_smem [1, 64, block_kv] (interpreter only, else None); out_smem / lse_smem (split-K only); merge tiles unused.
+    (q_smem, k_smem, v_smem, p_smem, out_smem, lse_smem, _, _, _, pt_smem, q_barrier, pt_barrier, k_barriers,
+     v_barriers, *_) = scratch
     num_splits, num_stages, block_kv = config.num_kv_splits, config.num_stages, config.block_kv
     page_size = k_ref.shape[2]
     pages_per_block = block_kv // page_size
@@ -232,9 +407,11 @@ def _attention_kernel(
     head_dim = q_ref.shape[-1]
     q_block, kv_head, split = lax.axis_index("q_block"), lax.axis_index("kv_head"), lax.axis_index("split")
     layer, num_tokens = layer_ref[0], num_tokens_ref[0]
+    block_q = layout.block_q
     tok0 = q_block * block_q
 
-    plgpu.copy_gmem_to_smem(q_ref.at[kv_head, pl.ds(q_block * ROWS, ROWS)], q_smem, q_barrier)
+    for gmem, tile_rows in layout.copies(q_ref, tok0, kv_head):
+        plgpu.copy_gmem_to_smem(gmem, q_smem.at[tile_rows], q_barrier)
     plgpu.barrier_wait(q_barrier)
 
     # Sequences intersecting this token block (tokens are ordered by sequence; padding excluded).
@@ -243,7 +420,7 @@ def _attention_kernel(
     num_seqs = jnp.where(tok0 < num_tokens, seq_ids_ref[last_tok] - first_seq + 1, 0)
 
     wgmma_layout = plgpu.Layout.WGMMA
-    row_token = lax.div(plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=wgmma_layout), rows_per_token)
+    row_token = layout.row_tokens(block_kv)
     col = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=wgmma_layout)
     qk_scale = sm_scale * _LOG2E  # softmax in base 2
 
@@ -253,9 +430,7 @@ def _attention_kernel(
         end = jnp.minimum(qsl_ref[seq + 1], tok0 + block_q) - tok0
         first_pos = positions_ref[tok0 + first]
         kv_end = first_pos + (end - first)                    # keys 0..kv_end-1 are visible to some row
-        kv_blocks = pl.cdiv(kv_end, jnp.int32(block_kv))
-        lo = lax.div(split * kv_blocks, jnp.int32(num_splits))
-        hi = lax.div((split + 1) * kv_blocks, jnp.int32(num_splits))
+        lo, hi = _split_range(pl.cdiv(kv_end, jnp.int32(block_kv)), split, num_splits)
         num_steps = hi - lo
         # The sequence's page-table row, once into SMEM: each TMA issue then reads its page id from SMEM
         # instead of waiting on a global load.
@@ -277,71 +452,152 @@ def _attention_kernel(
             acc, m_i, l_i = carry
             slot = lax.rem(step, jnp.int32(num_stages))
             plgpu.barrier_wait(k_barriers.at[slot])
-
-            def compute_qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-                return acc_ref[...]
-
-            qk = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
+            qk = _qk(q_smem, k_smem.at[slot], block_kv)
             kv_pos = col + (lo + step) * block_kv
             visible = (row_token >= first) & (row_token < end) & (kv_pos <= row_token + (first_pos - first))
-            s_ij = jnp.where(visible, qk * qk_scale, _MASK_VALUE)
-            m_new = jnp.maximum(m_i, s_ij.max(axis=1))
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s_ij - lax.broadcast_in_dim(m_new, s_ij.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p, m_new, l_i, acc = _softmax_step(jnp.where(visible, qk * qk_scale, _MASK_VALUE), m_i, l_i, acc)
             plgpu.barrier_wait(v_barriers.at[slot])
-
-            if p_via_smem:
-                # The GPU interpreter has no register-A wgmma (nor ACC.init): P goes through SMEM
-                # into a fresh accumulator.
-                p_smem[...] = p.astype(p_smem.dtype)
-                plgpu.commit_smem()
-
-                def compute_pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-                    return acc_ref[...]
-
-                acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
-            else:
-                p16 = p.astype(v_smem.dtype)
-
-                def compute_pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+            acc = _accumulate_pv(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[0])
             pl.when(step + num_stages < num_steps)(lambda: issue(step + num_stages, slot))
             return acc, m_new, l_i
 
         return lax.fori_loop(0, num_steps, kv_body, carry)
 
-    m_i = plgpu.layout_cast(jnp.full((ROWS,), _MASK_VALUE, jnp.float32), wgmma_layout.reduce(1))
-    l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), wgmma_layout.reduce(1))
-    acc = plgpu.layout_cast(jnp.full((ROWS, head_dim), 0.0, jnp.float32), wgmma_layout)
-    acc, m_i, l_i = lax.fori_loop(0, num_seqs, seq_body, (acc, m_i, l_i))
+    acc, m_i, l_i = lax.fori_loop(0, num_seqs, seq_body, _initial_state(head_dim))
+    _store_output(out_refs, acc, m_i, l_i, q_smem, out_smem, lse_smem, layout=layout, tok0=tok0, num_tokens=num_tokens,
+                  kv_head=kv_head, split=split)
 
-    l_safe = jnp.maximum(l_i, 1e-30)  # rows no sequence touched (padding) have l == 0
-    out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-    rows = pl.ds(q_block * ROWS, ROWS)
-    if num_splits == 1:
-        (out_ref,) = out_refs
-        q_smem[...] = out.astype(q_smem.dtype)  # Q is no longer needed: reuse its buffer
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[kv_head, rows])
-    else:
-        out_ref, lse_ref = out_refs
-        out_smem[...] = out
-        lse_smem[...] = m_i + jnp.log2(l_safe)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[split, kv_head, rows])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, kv_head, rows])
-    plgpu.wait_smem_to_gmem(0)
+
+def _decode_kernel(
+    layer_ref,      # [1] int32 (GMEM)
+    num_tokens_ref,  # [1] int32
+    seq_ids_ref,    # [Tp] int32
+    positions_ref,  # [Tp] int32
+    qsl_ref,        # [B + 1] int32 (unused: one token per CTA, its positions say what it sees)
+    page_table_ref,  # [B, rows, cols] int32
+    q_ref,          # as _attention_kernel's (block_q = 1, R = 64)
+    k_ref,          # [L, P, page_size, Nkv, D]
+    v_ref,          # [L, P, page_size, Nkv, D]
+    *out_refs,      # as _attention_kernel's
+    config: AttentionConfig,
+    layout: TileLayout,
+    sm_scale: float,
+    max_pages: int,
+):
+    """Warp-specialized, one token per CTA: warpgroup ``consumers`` streams the token's K/V blocks of its
+    split into the ring; consumer c takes steps c, c + consumers, ... (so it alone uses the slots = c mod
+    consumers and waits on every phase of their barriers); consumer 1 hands its softmax state to consumer 0
+    through SMEM, which merges and stores the output."""
+    del qsl_ref
+    *out_refs, scratch = out_refs
+    # p_smem [consumers, 64, block_kv] (interpreter only); out/lse_smem split-K only; merge_* two consumers only.
+    (q_smem, k_smem, v_smem, p_smem, out_smem, lse_smem, merge_acc, merge_m, merge_l, pt_smem, q_barrier, pt_barrier,
+     k_full, v_full, k_consumed, v_consumed, merged) = scratch
+    consumers, stages, block_kv = config.consumer_warpgroups, config.num_stages, config.block_kv
+    page_size, head_dim = k_ref.shape[2], q_ref.shape[-1]
+    pages_per_block = block_kv // page_size
+    pt_cols = jnp.int32(pt_smem.shape[1])
+    wg = lax.axis_index("wg")
+    token, kv_head, split = lax.axis_index("q_block"), lax.axis_index("kv_head"), lax.axis_index("split")
+    layer, position, num_tokens = layer_ref[0], positions_ref[token], num_tokens_ref[0]  # keys 0..position visible
+    kv_blocks = jnp.where(token < num_tokens, pl.cdiv(position + 1, jnp.int32(block_kv)), 0)
+    lo, hi = _split_range(kv_blocks, split, config.num_kv_splits)
+    num_steps = hi - lo
+
+    @pl.when(wg == consumers)
+    def _producer():
+        if consumers > 1:
+            plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+        for gmem, tile_rows in layout.copies(q_ref, token, kv_head):
+            plgpu.copy_gmem_to_smem(gmem, q_smem.at[tile_rows], q_barrier)
+
+        @pl.when(num_steps > 0)
+        def _stream():
+            plgpu.copy_gmem_to_smem(page_table_ref.at[seq_ids_ref[token]], pt_smem, pt_barrier)
+            plgpu.barrier_wait(pt_barrier)
+
+            @pl.loop(0, num_steps)
+            def _issue(g):  # gather KV block lo + g into slot g mod stages once its consumer released it
+                slot = lax.rem(g, jnp.int32(stages))
+                pages = []
+                for j in range(pages_per_block):
+                    page_idx = jnp.minimum((lo + g) * pages_per_block + j, max_pages - 1)
+                    pages.append(pt_smem[lax.div(page_idx, pt_cols), lax.rem(page_idx, pt_cols)])
+                for ref, smem, full, consumed in ((k_ref, k_smem, k_full, k_consumed), (v_ref, v_smem, v_full, v_consumed)):
+                    pl.when(g >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+                    for j, page in enumerate(pages):
+                        plgpu.copy_gmem_to_smem(ref.at[layer, page, :, kv_head],
+                                                smem.at[slot, pl.ds(j * page_size, page_size)], full.at[slot])
+
+            for s in range(stages):  # observe the release of the last blocks (every barrier phase is waited on)
+                g = num_steps - stages + s
+
+                @pl.when(g >= 0)
+                def _():
+                    plgpu.barrier_wait(k_consumed.at[lax.rem(g, jnp.int32(stages))])
+                    plgpu.barrier_wait(v_consumed.at[lax.rem(g, jnp.int32(stages))])
+
+    @pl.when(wg < consumers)
+    def _consumer():
+        if consumers > 1:
+            plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
+        # This warpgroup's steps i -> g = wg + i * consumers; the first `unmasked` see every key of their block.
+        my_steps = lax.div(jnp.maximum(num_steps - wg, 0) + consumers - 1, jnp.int32(consumers))
+        full_blocks = lax.div(position + 1, jnp.int32(block_kv))
+        unmasked = jnp.minimum(lax.div(jnp.maximum(full_blocks - lo - wg, 0) + consumers - 1, jnp.int32(consumers)),
+                               my_steps)
+        qk_scale = sm_scale * _LOG2E  # softmax in base 2
+        k_slot = lambda i: k_full.at[lax.rem(wg + i * consumers, jnp.int32(stages))]  # full barrier of step i's K
+        plgpu.barrier_wait(q_barrier)
+        pl.when(my_steps > 0)(lambda: plgpu.barrier_wait(k_slot(0)))
+
+        def step(i, carry, masked: bool):  # its K block was awaited by the step before (under its PV wgmma)
+            acc, m_i, l_i = carry
+            g = wg + i * consumers
+            slot = lax.rem(g, jnp.int32(stages))
+            qk = _qk(q_smem, k_smem.at[slot], block_kv)
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            s = qk * qk_scale
+            if masked:  # the last block: keys past the position (>= 1 key of it is visible)
+                kv_pos = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + (lo + g) * block_kv
+                s = jnp.where(kv_pos <= position, s, _MASK_VALUE)
+            p, m_new, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+            plgpu.barrier_wait(v_full.at[slot])
+            wait_next_k = lambda: pl.when(i + 1 < my_steps)(lambda: plgpu.barrier_wait(k_slot(i + 1)))
+            acc = _accumulate_pv(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg], wait_next_k)
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l_i
+
+        state = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), _initial_state(head_dim))
+        acc, m_i, l_i = lax.fori_loop(unmasked, my_steps, functools.partial(step, masked=True), state)
+        store = functools.partial(_store_output, out_refs, q_smem=q_smem, out_smem=out_smem, lse_smem=lse_smem,
+                                  layout=layout, tok0=token, num_tokens=num_tokens, kv_head=kv_head, split=split)
+        if consumers == 1:
+            store(acc, m_i, l_i)
+            return
+
+        @pl.when(wg == 1)
+        def _hand_over():
+            merge_acc[...] = acc
+            merge_m[...] = m_i
+            merge_l[...] = l_i
+            plgpu.barrier_arrive(merged)
+
+        @pl.when(wg == 0)
+        def _merge():
+            plgpu.barrier_wait(merged)
+            m_other = plgpu.load(merge_m, layout=plgpu.Layout.WGMMA.reduce(1))
+            m_new = jnp.maximum(m_i, m_other)
+            alpha, beta = jnp.exp2(m_i - m_new), jnp.exp2(m_other - m_new)
+            l_new = l_i * alpha + plgpu.load(merge_l, layout=plgpu.Layout.WGMMA.reduce(1)) * beta
+            acc_new = (acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                       + plgpu.load(merge_acc, layout=plgpu.Layout.WGMMA) * lax.broadcast_in_dim(beta, acc.shape, [0]))
+            store(acc_new, m_new, l_new)
 
 
 def _pack_queries(q, num_kv_heads: int, rows_per_token: int, padded_tokens: int):
     """[T, Nq, D] -> [Nkv, Tp * R, D]: rows (token, head in group), each token's group zero-padded to
-    ``rows_per_token`` (R) rows, padding tokens zero."""
+    ``rows_per_token`` (R) rows, padding tokens zero. Only for groups no tile layout reads in place."""
     num_tokens, num_q_heads, head_dim = q.shape
     group = num_q_heads // num_kv_heads
     q = q.reshape(num_tokens, num_kv_heads, group, head_dim)
@@ -349,19 +605,24 @@ def _pack_queries(q, num_kv_heads: int, rows_per_token: int, padded_tokens: int)
     return q.transpose(1, 0, 2, 3).reshape(num_kv_heads, padded_tokens * rows_per_token, head_dim)
 
 
-def _unpack_output(out, num_tokens: int, num_q_heads: int, rows_per_token: int, valid):
-    """[Nkv, Tp * R, D] -> [T, Nq, D] with padding tokens zeroed."""
-    num_kv_heads, _, head_dim = out.shape
-    group = num_q_heads // num_kv_heads
-    out = out.reshape(num_kv_heads, -1, rows_per_token, head_dim)[:, :num_tokens, :group]
-    out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim)
-    return jnp.where(valid[:, None, None], out, 0)
+def _rows_to_tokens(x, layout: TileLayout, num_tokens: int):
+    """Tile rows -> tokens: x [S, Nkv, Tp * R, ...] (rows in ``layout``'s order) -> [S, T, Nq, ...]."""
+    splits, num_kv_heads, _, *rest = x.shape
+    block_q, rows_per_token = layout.block_q, layout.rows_per_token
+    head_axis = 3 if layout.head_major else 4  # (block, head, token) or (token, head) rows
+    x = x.reshape(splits, num_kv_heads, -1, *((rows_per_token, block_q) if layout.head_major else
+                                              (block_q, rows_per_token)), *rest)
+    x = jnp.moveaxis(lax.slice_in_dim(x, 0, layout.group, axis=head_axis), (1, head_axis), (3, 4))
+    return x.reshape(splits, -1, num_kv_heads * layout.group, *rest)[:, :num_tokens]
 
 
-def _combine_splits(out, lse):
-    """Merge split-K partials: out [S, Nkv, R, D] f32 (normalized), lse [S, Nkv, R] (base 2)."""
-    lse_max = lse.max(axis=0)
-    weights = jnp.exp2(lse - lse_max[None])
+def _combine_splits(out, lse, layout: TileLayout, num_tokens: int):
+    """Merge split-K partials out [S, Nkv, Tp * R, D] f32 (normalized), lse [S, Nkv, Tp * R] (base 2) into
+    [T, Nq, D] f32. The rows are taken to token order on the way in (transposes and slices XLA can fuse into
+    the reductions as producers: a max over S, then the weighted sums and their quotient), so no relayout
+    follows the sums (not yet checked in a GPU profile)."""
+    out, lse = _rows_to_tokens(out, layout, num_tokens), _rows_to_tokens(lse, layout, num_tokens)
+    weights = jnp.exp2(lse - lse.max(axis=0)[None])
     return (weights[..., None] * out).sum(axis=0) / weights.sum(axis=0)[..., None]
 
 
@@ -391,50 +652,69 @@ def ragged_paged_attention(
                                 page_table.shape[1] * page_size, q.dtype, decode=decode_only)
     check_shapes(q, k_cache, v_cache, seq_ids, positions, page_table, context_lens, query_start_loc)
     _check_config(config, q, k_cache, page_table)
-    block_q = tokens_per_cta(config, num_q_heads, num_kv_heads)
-    rows_per_token = ROWS // block_q
+    layout = tile_layout(num_q_heads, num_kv_heads, tokens_per_cta(config, num_q_heads, num_kv_heads))
     p_via_smem = interpreting()
-    padded = pl.cdiv(num_tok, block_q) * block_q
-    num_q_blocks = padded // block_q
-    total_rows = padded * rows_per_token
-    q_packed = _pack_queries(q, num_kv_heads, rows_per_token, padded)
+    padded = pl.cdiv(num_tok, layout.block_q) * layout.block_q
+    num_q_blocks = padded // layout.block_q
+    total_rows = padded * layout.rows_per_token
+    if layout.head_major is None:  # no in-place tile layout (G > 8 not a multiple of 8, or G % 8 with block_q < 8)
+        q_in = _pack_queries(q, num_kv_heads, layout.rows_per_token, padded)
+    else:  # q read in place, padded only when T is not a multiple of block_q
+        q_in = jnp.pad(q, ((0, padded - num_tok), (0, 0), (0, 0))) if padded != num_tok else q
 
     splits = config.num_kv_splits
     if splits == 1:
-        out_type = jax.ShapeDtypeStruct((num_kv_heads, total_rows, head_dim), q.dtype)
+        out_type = jax.ShapeDtypeStruct(q_in.shape, q.dtype)
     else:
         out_type = (jax.ShapeDtypeStruct((splits, num_kv_heads, total_rows, head_dim), jnp.float32),
                     jax.ShapeDtypeStruct((splits, num_kv_heads, total_rows), jnp.float32))
-    stages = config.num_stages
+    stages, block_kv, consumers = config.num_stages, config.block_kv, config.consumer_warpgroups
     max_pages = page_table.shape[1]
     pt_rows, pt_cols = page_table_tile(max_pages)
+    tile = lambda dtype, *shape: plgpu.SMEM(shape, dtype, transforms=smem_transforms(shape[-1], dtype))
+    copies = block_kv // page_size  # TMA copies per K (or V) block
     scratch = (
-        plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=smem_transforms(head_dim, q.dtype)),
-        plgpu.SMEM((stages, config.block_kv, head_dim), q.dtype, transforms=smem_transforms(head_dim, q.dtype)),
-        plgpu.SMEM((stages, config.block_kv, head_dim), q.dtype, transforms=smem_transforms(head_dim, q.dtype)),
-        plgpu.SMEM((ROWS, config.block_kv), q.dtype, transforms=smem_transforms(config.block_kv, q.dtype)) if p_via_smem else None,
-        plgpu.SMEM((ROWS, head_dim), jnp.float32, transforms=smem_transforms(head_dim, jnp.float32)) if splits > 1 else None,
+        tile(q.dtype, ROWS, head_dim),
+        tile(q.dtype, stages, block_kv, head_dim),
+        tile(q.dtype, stages, block_kv, head_dim),
+        tile(q.dtype, max(1, consumers), ROWS, block_kv) if p_via_smem else None,
+        tile(jnp.float32, ROWS, head_dim) if splits > 1 else None,
         plgpu.SMEM((ROWS,), jnp.float32) if splits > 1 else None,
+        tile(jnp.float32, ROWS, head_dim) if consumers > 1 else None,  # consumer 1's acc, m, l for consumer 0
+        plgpu.SMEM((ROWS,), jnp.float32) if consumers > 1 else None,
+        plgpu.SMEM((ROWS,), jnp.float32) if consumers > 1 else None,
         plgpu.SMEM((pt_rows, pt_cols), jnp.int32),
+        plgpu.Barrier(num_arrivals=layout.num_copies, num_barriers=1),  # Q copies
         plgpu.Barrier(num_barriers=1),
-        plgpu.Barrier(num_barriers=1),
-        plgpu.Barrier(num_arrivals=config.block_kv // page_size, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=config.block_kv // page_size, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # K full
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # V full
     )
+    if consumers:
+        scratch += (plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # K consumed
+                    plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V consumed
+                    plgpu.Barrier(num_arrivals=1) if consumers > 1 else None)  # consumer 1's state in SMEM
+        body = functools.partial(_decode_kernel, config=config, layout=layout, sm_scale=sm_scale, max_pages=max_pages)
+        threads = dict(num_threads=consumers + 1, thread_name="wg")
+    else:
+        body = functools.partial(_attention_kernel, config=config, layout=layout, sm_scale=sm_scale,
+                                 max_pages=max_pages)
+        threads = {}
     kernel = plgpu.kernel(
-        functools.partial(_attention_kernel, config=config, block_q=block_q, rows_per_token=rows_per_token,
-                          sm_scale=sm_scale, p_via_smem=p_via_smem, max_pages=max_pages),
+        body,
         out_type=out_type,
         scratch_types=(scratch,),
         grid=(num_q_blocks, num_kv_heads, splits),
         grid_names=("q_block", "kv_head", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        **threads,
     )
     result = kernel(*kernel_metadata(layer, num_tokens, seq_ids, positions, query_start_loc, page_table, padded),
-                    q_packed, k_cache, v_cache)
-    out = result if splits == 1 else _combine_splits(*result)
-    valid = jnp.arange(num_tok) < num_tokens
-    return _unpack_output(out, num_tok, num_q_heads, rows_per_token, valid).astype(q.dtype)
+                    q_in, k_cache, v_cache)  # padding tokens' rows are zeros (in the kernel)
+    if splits > 1:
+        return _combine_splits(*result, layout, num_tok).astype(q.dtype)
+    if layout.head_major is None:
+        return _rows_to_tokens(result[None], layout, num_tok)[0]
+    return result[:num_tok] if padded != num_tok else result
 
 
 def ragged_paged_attention_reference(q, k_cache, v_cache, layer, seq_ids, positions, page_table,

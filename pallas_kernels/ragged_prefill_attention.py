@@ -3,16 +3,27 @@
 Owns: the prefill attention kernel, its jitted wrapper and its tuning config (``PrefillAttentionConfig``,
 ``default_config``, ``supports``). Semantics and argument list are those of
 ``ragged_paged_attention.ragged_paged_attention`` (the model's dispatch picks this kernel for large
-token buckets); it reuses that module's argument checks, GQA head packing / unpacking and float32
-reference. It does not own writing K/V into the cache nor building the metadata.
+token buckets); it reuses that module's argument checks, metadata operands and float32 reference. It does
+not own writing K/V into the cache nor building the metadata.
 
 Semantics: token ``t`` (of sequence ``seq_ids[t]``) attends to cache positions ``0..positions[t]``
 of its sequence, read through ``page_table``; tokens ``t >= num_tokens`` are padding and produce
 zeros. Tokens are laid out sequence after sequence (``query_start_loc``) and the positions of one
 sequence's tokens in a step are consecutive (as ``AttentionMetadata.build`` lays them out).
 
-Kernel layout. Query rows are packed (token, head in GQA group) as in ``ragged_paged_attention``:
-for KV head ``h`` a 64-row tile is ``block_q = 64 / G_pad`` consecutive tokens x ``G_pad`` heads.
+Kernel layout (``rpa.TileLayout``, shared with the paged kernel). The kernel reads q and writes out in the
+model's [T, Nq, D] layout (no XLA relayout around it). For KV head ``h`` (query heads ``h*G .. h*G + G - 1``,
+``G`` padded to a power of two ``G_pad``) a 64-row Q tile holds ``block_q = 64 / G_pad`` consecutive tokens
+x ``G_pad`` heads, gathered by TMA straight from q (SMEM row slices must be whole 8-row tiles, which fixes the
+row order):
+  * token-major, rows (token, head), when ``G % 8 == 0`` (GLM-4: G 16, block_q 4): one [G, D] copy per token,
+    ``q[t, h*G : h*G + G]`` (contiguous) into rows ``i*G_pad ..``;
+  * head-major, rows (head, token), when ``G_pad <= 8`` (Llama family: G 1..8, block_q 8..64): one strided
+    [block_q, D] copy per head, ``q[t0 : t0 + block_q, h*G + g]``, into rows ``g*block_q ..``.
+Other groups (G > 8 and not a multiple of 8) are not supported (``supports``). Rows of pad heads
+(G < G_pad) are never loaded nor stored (softmax is per row, so whatever they hold stays in them). The output
+leaves through the same SMEM tile by the same copies, rows of padding tokens (>= num_tokens) set to zero
+first. When T is not a multiple of a CTA's 2 x block_q tokens the wrapper pads q and slices the output.
 One CTA owns (2 x block_q tokens, one KV head) and runs three warpgroups:
   * two compute warpgroups, each with one 64-row Q tile [64, D] in SMEM, its softmax state
     (row max / sum, base 2) and output accumulator [64, D] f32 in registers (WGMMA layout);
@@ -125,6 +136,7 @@ def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_di
 def supports(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, page_size: int) -> bool:
     """Whether a model's attention shapes fit this kernel with its heuristic config."""
     return (rpa.supports(num_q_heads, num_kv_heads, head_dim, dtype, page_size)
+            and rpa.head_major(num_q_heads, num_kv_heads) is not None
             and config_error(_heuristic_config(head_dim, page_size), head_dim, page_size) is None)
 
 
@@ -135,15 +147,14 @@ def _prefill_kernel(
     positions_ref,   # [Tp] int32
     qsl_ref,         # [B + 1] int32
     page_table_ref,  # [B, rows, cols] int32 (MP zero-padded to rows * cols, see rpa.page_table_tile)
-    q_ref,           # [Nkv, Tp * G_pad, D]: rows (token, head in group)
+    q_ref,           # [Tp, Nq, D]
     k_ref,           # [L, P, page_size, Nkv, D]
     v_ref,           # [L, P, page_size, Nkv, D]
-    out_ref,         # [Nkv, Tp * G_pad, D]
+    out_ref,         # [Tp, Nq, D]
     scratch,
     *,
     config: PrefillAttentionConfig,
-    block_q: int,
-    group_pad: int,
+    layout: rpa.TileLayout,  # Q / O tile rows (token-major or head-major, never packed)
     num_q_blocks: int,
     sm_scale: float,
     max_pages: int,
@@ -152,7 +163,7 @@ def _prefill_kernel(
     # p_smem [2, 64, block_kv] (interpreter only, else None); pt_smem [rows, cols] int32; barriers as named.
     (q_smem, k_smem, v_smem, p_smem, pt_smem, q_barriers, pt_barrier, k_full, v_full, k_consumed, v_consumed,
      schedule) = scratch
-    stages, block_kv = config.num_stages, config.block_kv
+    stages, block_kv, block_q = config.num_stages, config.block_kv, layout.block_q
     page_size, head_dim = k_ref.shape[2], q_ref.shape[-1]
     pt_cols = jnp.int32(pt_smem.shape[1])
     copies = max(1, block_kv // page_size)  # TMA copies per K (or V) block
@@ -239,11 +250,14 @@ def _prefill_kernel(
         # third on a 2-core machine (a deadlock).
         total_steps = lax.fori_loop(0, num_seqs, lambda i, total: total + seq_span(i)[-1], jnp.int32(0))
         q_tile = q_smem.at[wg]
-        rows = pl.ds((q_block * COMPUTE_WGS + wg) * ROWS, ROWS)
-        plgpu.copy_gmem_to_smem(q_ref.at[kv_head, rows], q_tile, q_barriers.at[wg])
+        tile_tok0 = tok0 + wg * block_q  # the tile's first token
+
+        for gmem, tile_rows in layout.copies(q_ref, tile_tok0, kv_head):
+            plgpu.copy_gmem_to_smem(gmem, q_tile.at[tile_rows], q_barriers.at[wg])
         plgpu.barrier_wait(q_barriers.at[wg])
 
         wgmma_layout = plgpu.Layout.WGMMA
+
         qk_scale = sm_scale * rpa._LOG2E  # softmax in base 2
         bcast_rows = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
 
@@ -329,8 +343,7 @@ def _prefill_kernel(
 
             def masked_visible(block):  # built per masked block: two [64, block_kv] iotas held across the
                 # loop would cost 2 x 64 registers a thread beside the accumulators
-                row_token = lax.div(plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=wgmma_layout),
-                                    group_pad)
+                row_token = layout.row_tokens(block_kv)
                 kv_pos = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=wgmma_layout) + block * block_kv
                 return (row_token >= lo) & (row_token < hi) & (kv_pos <= row_token + pos0)
 
@@ -352,10 +365,13 @@ def _prefill_kernel(
         acc, m_i, l_i, _ = lax.fori_loop(0, num_seqs, seq_body, (acc, m_i, l_i, jnp.int32(0)))
         pl.when(wg == 0)(sync_schedule)
 
-        l_safe = jnp.maximum(l_i, 1e-30)  # padding rows may have l == 0 (the wrapper zeroes them)
-        q_tile[...] = (acc / bcast_rows(l_safe, acc.shape)).astype(q_tile.dtype)  # Q is no longer needed
+        l_safe = jnp.maximum(l_i, 1e-30)  # padding rows may have l == 0
+        out = acc / bcast_rows(l_safe, acc.shape)
+        out = jnp.where(layout.row_tokens(head_dim) + tile_tok0 < num_tokens, out, 0.0)  # padding tokens: zeros
+        q_tile[...] = out.astype(q_tile.dtype)  # Q is no longer needed
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_tile, out_ref.at[kv_head, rows])
+        for gmem, tile_rows in layout.copies(out_ref, tile_tok0, kv_head):
+            plgpu.copy_smem_to_gmem(q_tile.at[tile_rows], gmem)
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -386,12 +402,14 @@ def ragged_prefill_attention(
     error = config_error(config, head_dim, page_size, max_pages)
     if error is not None:
         raise ValueError(error)
-    group_pad = rpa._padded_group(num_q_heads, num_kv_heads)
-    block_q = ROWS // group_pad
+    block_q = ROWS // rpa._padded_group(num_q_heads, num_kv_heads)
+    layout = rpa.tile_layout(num_q_heads, num_kv_heads, block_q)
+    if layout.head_major is None:
+        raise ValueError(f"{num_q_heads=} / {num_kv_heads=}: a GQA group > 8 heads must be a multiple of 8")
     tile_tokens = COMPUTE_WGS * block_q
     num_q_blocks = pl.cdiv(num_tok, tile_tokens)
-    padded = num_q_blocks * tile_tokens
-    q_packed = rpa._pack_queries(q, num_kv_heads, group_pad, padded)
+    padded = num_q_blocks * tile_tokens  # tokens the CTAs cover; q is padded only when T is not a multiple
+    q_in = jnp.pad(q, ((0, padded - num_tok), (0, 0), (0, 0))) if padded != num_tok else q
 
     stages, block_kv = config.num_stages, config.block_kv
     copies = max(1, block_kv // page_size)
@@ -403,7 +421,7 @@ def ragged_prefill_attention(
         tile(stages, block_kv, head_dim),
         tile(COMPUTE_WGS, ROWS, block_kv) if interpreting() else None,
         plgpu.SMEM((pt_rows, pt_cols), jnp.int32),
-        plgpu.Barrier(num_barriers=COMPUTE_WGS),
+        plgpu.Barrier(num_arrivals=layout.num_copies, num_barriers=COMPUTE_WGS),  # Q copies
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
@@ -412,9 +430,9 @@ def ragged_prefill_attention(
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     )
     kernel = plgpu.kernel(
-        functools.partial(_prefill_kernel, config=config, block_q=block_q, group_pad=group_pad,
-                          num_q_blocks=num_q_blocks, sm_scale=sm_scale, max_pages=max_pages),
-        out_type=jax.ShapeDtypeStruct((num_kv_heads, padded * group_pad, head_dim), q.dtype),
+        functools.partial(_prefill_kernel, config=config, layout=layout, num_q_blocks=num_q_blocks, sm_scale=sm_scale,
+                          max_pages=max_pages),
+        out_type=jax.ShapeDtypeStruct((padded, num_q_heads, head_dim), q.dtype),
         scratch_types=(scratch,),
         grid=(num_q_blocks, num_kv_heads),
         grid_names=("q_block", "kv_head"),
@@ -423,6 +441,5 @@ def ragged_prefill_attention(
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )
     out = kernel(*rpa.kernel_metadata(layer, num_tokens, seq_ids, positions, query_start_loc, page_table, padded),
-                 q_packed, k_cache, v_cache)
-    valid = jnp.arange(num_tok) < num_tokens
-    return rpa._unpack_output(out, num_tok, num_q_heads, group_pad, valid).astype(q.dtype)
+                 q_in, k_cache, v_cache)
+    return out[:num_tok] if padded != num_tok else out

@@ -19,8 +19,8 @@ from autoglm_jax.checkpoint.loader import load_model
 from autoglm_jax.engine.config import EngineConfig
 from autoglm_jax.model.decoder import DecoderLayers
 from autoglm_jax.model.layers import linear
-from autoglm_jax.model.matmul_backend import (PallasChannelWeight, PallasInt4Weight, PallasWeight, apply_matmul_backend,
-                                              wrap_weight)
+from autoglm_jax.model.matmul_backend import (PallasChannelWeight, PallasInt4Weight, PallasW8A8Weight, PallasWeight,
+                                              apply_matmul_backend, wrap_weight)
 from autoglm_jax.quant.channel import quantize_channel
 from autoglm_jax.quant.int4 import Int4Weight, quantize_int4
 from pallas_kernels import int4_matmul as i4mm
@@ -277,7 +277,7 @@ def test_matmul_backend_setting_is_validated():
     assert isinstance(model.layers.down.get_value(), PallasWeight)
 
 
-def test_auto_wraps_only_weight_only_int8_fp8_int4_weights_and_only_on_gpu():
+def test_auto_wraps_only_quantized_weights_and_only_on_gpu():
     _, float_model, _ = load_model("tiny-llama", jnp.float32)
     _, int8_model, _ = load_model("tiny-llama", jnp.float32, quantization="int8")  # the default: "auto", on CPU
     assert not isinstance(int8_model.layers.down.get_value(), PallasChannelWeight)
@@ -292,7 +292,8 @@ def test_auto_wraps_only_weight_only_int8_fp8_int4_weights_and_only_on_gpu():
     assert isinstance(int4_model.layers.down.get_value(), PallasInt4Weight)
     _, w8a8_model, _ = load_model("tiny-llama", jnp.float32, quantization="w8a8-int8")
     with gpu_interpret():
-        assert apply_matmul_backend(w8a8_model, "auto") == 0  # no kernel for W8A8: XLA rule
+        assert apply_matmul_backend(w8a8_model, "auto") == 4  # W8A8: the 8-bit x 8-bit kernel's [N, K] wrapper
+    assert isinstance(w8a8_model.layers.down.get_value(), PallasW8A8Weight)
     _, mesh_model, _ = load_model("tiny-llama", jnp.float32, quantization=None, matmul_backend="auto", mesh=None)
     assert isinstance(mesh_model.layers.down.get_value(), jax.Array)
 

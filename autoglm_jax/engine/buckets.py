@@ -1,7 +1,11 @@
 """The bucket ladder: the only shapes the jitted steps ever see.
 
 Owns: rounding a step's sizes up to a precompiled shape. Ladder (documented, all compiled by warmup):
-  - decode calls: batch rows B in powers of two 1, 2, 4, ... up to max_batch_size (T = B);
+  - decode calls: batch rows B = 1, then powers of two from ``MIN_MULTI_ROW_DECODE`` (8) up to
+    max_batch_size (T = B). A decode step reads every weight once whatever its rows, so 2-7 rows padded
+    to 8 cost what 8 do (padding rows are skipped by the attention kernel); dropping the 2- and 4-row
+    programs saves two of the ladder's compilations at every cold start (13 -> 11 programs at
+    max_batch_size 64, the start-up target of issue 5);
   - mixed/prefill steps: flat tokens T in powers of two from 16 up to max_num_batched_tokens, with
     B = min(T, max_batch_size) rows;
   - the page-table width is fixed at ceil(max_sequence_length / page_size) (kernels loop only over a
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 MIN_TOKEN_BUCKET = 16
+MIN_MULTI_ROW_DECODE = 8
 
 
 def _powers_of_two(low: int, high: int) -> tuple[int, ...]:
@@ -31,7 +36,8 @@ class BucketLadder:
 
     @property
     def decode_batches(self) -> tuple[int, ...]:
-        return _powers_of_two(1, self.max_batch_size)
+        multi_row = _powers_of_two(min(MIN_MULTI_ROW_DECODE, self.max_batch_size), self.max_batch_size)
+        return tuple(sorted({1, *multi_row}))
 
     @property
     def token_buckets(self) -> tuple[int, ...]:

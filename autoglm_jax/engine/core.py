@@ -2,12 +2,15 @@
 
 Owns: wiring model, tokenizer, scheduler, runner and output state together; request validation;
 n > 1 fan-out and seeds. ``LLM`` drives it in a loop; ``AutoGLMEngine`` drives it from a thread.
+On one device the start-up compiles the step programs from the weights' abstract values while the
+weights load (``serving_model_shapes``), so it takes about the longer of the two, not their sum.
 It is not thread-safe: one caller at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import numbers
@@ -19,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autoglm_jax.checkpoint.loader import load_model, model_config_of
+from autoglm_jax.checkpoint.loader import load_model, model_config_of, resolve_model_source
 from autoglm_jax.engine.config import EngineConfig
 from autoglm_jax.engine.executable_cache import resolve_executable_cache
 from autoglm_jax.model.attention import resolve_attention_backend
@@ -53,6 +56,33 @@ def resolve_async_scheduling(setting: bool | None) -> bool:
     """The engine arg ``async_scheduling``: None = on, on every backend. Its outputs equal one step at a
     time (tests/engine/test_async_scheduling.py), so CPU runs, CI included, take the GPU's code path."""
     return True if setting is None else setting
+
+
+def serving_model_shapes(cfg: EngineConfig, model_config, dtype, attention_backend: str, scan_layers: bool):
+    """The model ``load_model`` gives and the runner serves (quantized, matmul backend applied, unstacked
+    when not ``scan_layers``) as abstract values only (``nnx.eval_shape``): shapes, dtypes and graph for
+    compiling the step programs before the weights exist. One device only."""
+    from flax import nnx
+
+    from autoglm_jax.checkpoint.loader import build_model
+    from autoglm_jax.model.matmul_backend import apply_matmul_backend
+    from autoglm_jax.quant.transform import apply_quantization
+
+    def build():
+        model = build_model(model_config, None, dtype, attention_backend, cfg.seed)
+        if cfg.quantization is not None:
+            apply_quantization(model, cfg.quantization)
+        apply_matmul_backend(model, cfg.matmul_backend)
+        if not scan_layers:
+            model.layers.unstack()
+        return model
+
+    return nnx.eval_shape(build)
+
+
+def param_bytes(model) -> int:
+    """Bytes of a model's parameters, from their shapes and dtypes (the model may be abstract)."""
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(model))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,13 +190,23 @@ class EngineCore:
             mesh = engine_mesh(cfg.tensor_parallel_size, cfg.data_parallel_size)
         self.mesh = mesh
         enable_compilation_cache(cfg.compilation_cache_dir)
+        start = time.perf_counter()
         self.dtype = resolve_dtype(cfg.dtype)
-        backend = resolve_attention_backend(cfg.attention_backend, model_config_of(cfg.model), self.dtype,
-                                            cfg.page_size)
-        self.model_config, model, source = load_model(cfg.model, self.dtype, backend, cfg.seed,
-                                                      progress=cfg.show_progress, mesh=mesh,
-                                                      quantization=cfg.quantization,
-                                                      matmul_backend=cfg.matmul_backend)
+        self.model_config = model_config_of(cfg.model)
+        backend = resolve_attention_backend(cfg.attention_backend, self.model_config, self.dtype, cfg.page_size)
+        scan_layers = resolve_scan_layers(cfg.scan_layers)
+        load = functools.partial(load_model, cfg.model, self.dtype, backend, cfg.seed, progress=cfg.show_progress,
+                                 mesh=mesh, quantization=cfg.quantization, matmul_backend=cfg.matmul_backend)
+        # One device: the step programs compile from the weights' abstract values while the weights load
+        # (start-up takes the longer of the two, not their sum). A tensor-parallel runner needs the weights
+        # first, and an Orbax checkpoint may hold quantized weights (their scheme per weight, e.g. calibrated)
+        # that the abstract model cannot know before they are read.
+        source = resolve_model_source(cfg.model)
+        overlap = mesh is None and source.kind != "orbax"
+        if overlap:
+            model = serving_model_shapes(cfg, self.model_config, self.dtype, backend, scan_layers)
+        else:
+            self.model_config, model, source = load()
         self.tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg.tokenizer, source)
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self.model_config.eos_token_ids
         self.eos_token_ids = eos or self.model_config.eos_token_ids
@@ -180,7 +220,7 @@ class EngineCore:
         num_pages = cfg.num_pages or plan_num_pages(
             plan_config, device=plan_device, page_size=cfg.page_size, cache_dtype=self.dtype, max_batch_size=cfg.max_batch_size,
             max_sequence_length=self.max_sequence_length, max_num_batched_tokens=sched_config.max_num_batched_tokens,
-            memory_fraction=cfg.memory_fraction)
+            memory_fraction=cfg.memory_fraction, pending_bytes=param_bytes(model) if overlap else 0)
         self.allocator = PageAllocator(num_pages, cfg.page_size)
         self.scheduler = Scheduler(sched_config, self.allocator)
         self.runner = ModelRunner(
@@ -188,8 +228,10 @@ class EngineCore:
             max_num_batched_tokens=sched_config.max_num_batched_tokens, max_sequence_length=self.max_sequence_length,
             page_size=cfg.page_size, num_pages=num_pages, cache_dtype=self.dtype,
             decode_steps_per_call=cfg.decode_steps_per_call, max_logprobs=cfg.max_logprobs,
-            eos_token_ids=self.eos_token_ids, mesh=mesh, scan_layers=resolve_scan_layers(cfg.scan_layers),
+            eos_token_ids=self.eos_token_ids, mesh=mesh, scan_layers=scan_layers,
             executable_cache_dir=resolve_executable_cache(cfg.executable_cache, cfg.compilation_cache_dir))
+        # seconds to the weights on the device (after a tensor-parallel load: with the runner built)
+        self.weights_seconds = self._load_while_compiling(load, cfg.warmup) if overlap else time.perf_counter() - start
         del model
         self.requests: dict[str, RequestState] = {}
         self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}
@@ -198,13 +240,32 @@ class EngineCore:
         self.metrics = EngineMetrics(time.monotonic())
         self.async_scheduling = resolve_async_scheduling(cfg.async_scheduling)
         self._in_flight: _StepInFlight | None = None  # async scheduling: dispatched, tokens not read yet
-        self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0
+        self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0  # after the weights
         if cfg.warmup:
             message = f"warmup compiled {self.runner.num_traces} step variants in {self.warmup_seconds:.1f} s"
             if cfg.show_progress:
                 print(f"[autoglm] {message}", file=sys.stderr)
             else:
                 log.info(message)
+
+    def _load_while_compiling(self, load, compile_first: bool) -> float:
+        """Loads the weights (``load()``: config, model, source) into the runner made from their abstract
+        values, its step programs compiling in the background meanwhile when ``compile_first``; returns
+        the seconds the weights took."""
+        start = time.perf_counter()
+        if compile_first:
+            self.runner.start_compiling()
+        try:
+            config, model, _ = load()
+        except BaseException:
+            self.runner.cancel_compiling()
+            raise
+        if config != self.model_config:
+            self.runner.cancel_compiling()
+            raise ValueError(f"the loaded model's config differs from the one read before loading: {config} "
+                             f"vs {self.model_config}")
+        self.runner.bind_weights(model)
+        return time.perf_counter() - start
 
     # ------------------------------------------------------------------ requests
     def new_request_id(self) -> str:

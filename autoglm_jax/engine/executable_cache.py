@@ -3,7 +3,8 @@
 Owns: the fingerprint of one step program (everything that decides its code: the source of this
 package and of ``pallas_kernels`` with their tuning tables, jax / jaxlib versions, the platform version
 (CUDA), the device kind and count, the model's graph definition and the abstract values - shape, dtype, sharding - of every
-argument) and saving / loading serialized executables under ``<dir>/<fingerprint>.exe``. It does not
+argument; ``abstract_arguments`` gives those values, which programs are also lowered from, before any
+weight exists) and saving / loading serialized executables under ``<dir>/<fingerprint>.exe``. It does not
 own which programs exist (``ModelRunner.warmup``) or calling them.
 
 JAX's persistent compilation cache already skips XLA compilation on a second start, but not tracing
@@ -47,6 +48,40 @@ def source_digest() -> str:
 def _abstract(x) -> str:
     sharding = getattr(x, "sharding", None)
     return f"{getattr(x, 'shape', ())}:{getattr(x, 'dtype', type(x).__name__)}:{sharding}"
+
+
+def is_abstract(tree) -> bool:
+    """True when every leaf of ``tree`` is a ``jax.ShapeDtypeStruct`` (an ``nnx.eval_shape`` model's state)."""
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def abstract_arguments(tree):
+    """``tree`` with every jax array or ShapeDtypeStruct leaf as the ShapeDtypeStruct a program is lowered
+    for: shape, dtype, weak type and sharding, a missing sharding (``jax.eval_shape`` output) being the
+    default device's, where such arrays are made. Programs lowered from these take the real arrays; two
+    trees are the same arguments exactly when their abstract trees compare equal. Other leaves (numpy
+    inputs) are kept."""
+    default = None
+
+    def abstract(x):
+        nonlocal default
+        if not isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+            return x
+        sharding = x.sharding
+        if sharding is None:
+            default = default or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sharding = default
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type)
+
+    return jax.tree.map(abstract, tree)
+
+
+def same_arguments(a, b) -> bool:
+    """Whether a program lowered for ``a`` takes ``b``: same tree, and leaves with equal abstract values."""
+    leaves_a, tree_a = jax.tree.flatten(abstract_arguments(a))
+    leaves_b, tree_b = jax.tree.flatten(abstract_arguments(b))
+    return tree_a == tree_b and leaves_a == leaves_b
 
 
 def fingerprint(name: str, graphdef, args: tuple, static: dict) -> str:

@@ -26,8 +26,10 @@ def activation_reserve_bytes(config: ModelConfig, max_num_batched_tokens: int) -
 
 def plan_num_pages(config: ModelConfig, *, page_size: int, cache_dtype, max_batch_size: int,
                    max_sequence_length: int, max_num_batched_tokens: int, memory_fraction: float,
-                   device=None) -> int:
-    """Number of KV pages (including the scratch page 0) that fit the device's free memory."""
+                   device=None, pending_bytes: int = 0) -> int:
+    """Number of KV pages (including the scratch page 0) that fit the device's free memory.
+    ``pending_bytes``: device memory still to be taken before the pool (weights not loaded yet, sized
+    from their abstract shapes), counted as in use."""
     per_page = KVCache.bytes_per_page(config, page_size, cache_dtype)
     pages_per_sequence = -(-max_sequence_length // page_size)
     device = device or jax.devices()[0]
@@ -35,7 +37,7 @@ def plan_num_pages(config: ModelConfig, *, page_size: int, cache_dtype, max_batc
     if not stats or "bytes_limit" not in stats:
         wanted = max_batch_size * pages_per_sequence + 1
         return max(2, min(wanted, CPU_KV_BUDGET_BYTES // per_page))
-    free = stats["bytes_limit"] * memory_fraction - stats.get("bytes_in_use", 0)
+    free = stats["bytes_limit"] * memory_fraction - stats.get("bytes_in_use", 0) - pending_bytes
     free -= DeviceState.slot_state_bytes(config, max_batch_size) + activation_reserve_bytes(config, max_num_batched_tokens)
     pages = int(free // per_page)
     if pages < pages_per_sequence + 1:

@@ -3,6 +3,8 @@ returns each sequence's sampled tokens (and logprobs) as host data.
 
 Owns: the device state (params split once, KV pools + sampler slots, donated each call), the
 compiled functions of the bucket ladder and ``warmup()``. It makes no scheduling decisions.
+Start-up: a runner made from the model's abstract values compiles its ladder from them
+(``start_compiling``, in the background) while the weights load, then takes them (``bind_weights``).
 
 ``execute`` is ``collect(dispatch(...))``: ``dispatch`` only enqueues the step (JAX async dispatch)
 and returns a ``StepHandle``; ``collect`` blocks until its tokens are on the host. Async scheduling
@@ -23,8 +25,9 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -34,7 +37,8 @@ from flax import nnx
 
 from autoglm_jax.config import ModelConfig
 from autoglm_jax.engine.buckets import BucketLadder
-from autoglm_jax.engine.executable_cache import ExecutableCache, fingerprint
+from autoglm_jax.engine.executable_cache import (ExecutableCache, abstract_arguments, fingerprint, is_abstract,
+                                                  same_arguments)
 from autoglm_jax.engine.device_state import TOKEN_NOT_COUNTED, TOKEN_OUTPUT, TOKEN_PROMPT, DeviceState
 from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from autoglm_jax.engine.step_functions import DecodeInput, StepInput, decode_loop, mixed_step
@@ -94,6 +98,24 @@ class RowRequest(NamedTuple):
     stop_ids: tuple[int, ...]      # eos (unless ignore_eos) + stop_token_ids, for on-device stops
 
 
+@dataclasses.dataclass
+class ProgramTiming:
+    """Seconds one warmup program took: traced and lowered (serially, holding the GIL), then compiled."""
+
+    key: tuple             # (kind, argument shapes...) as ``ModelRunner._program_key``
+    lower_s: float
+    compile_s: float = 0.0
+
+
+def summarize_timings(timings: list[ProgramTiming]) -> str:
+    """'trace+lower 12.3 s in all, compile max 30.1 s (mixed 512)' for a warmup log line."""
+    if not timings:
+        return "nothing traced"
+    slowest = max(timings, key=lambda t: t.compile_s)
+    return (f"trace+lower {sum(t.lower_s for t in timings):.1f} s in all, compile max {slowest.compile_s:.1f} s "
+            f"({slowest.key[0]} {slowest.key[1][0] if slowest.key[1] else ''})")
+
+
 @dataclasses.dataclass(frozen=True)
 class StepHandle:
     """A dispatched step: its device outputs (maybe still being computed) and what ``collect`` needs."""
@@ -115,45 +137,86 @@ class ModelRunner:
                  max_num_batched_tokens: int, max_sequence_length: int, page_size: int, num_pages: int,
                  cache_dtype, decode_steps_per_call: int, max_logprobs: int, eos_token_ids=(), mesh=None,
                  scan_layers: bool = True, executable_cache_dir: str | None = None):
-        """``mesh``: a ("tp",) jax Mesh to serve a tensor-parallel model (``autoglm_jax.parallel``) over;
-        None = the model's one device. ``scan_layers=False`` unstacks the model's layer weights in place
-        (``DecoderLayers.unstack``) so the steps run the layers unrolled over per-layer buffers.
-        ``executable_cache_dir``: where ``warmup`` saves the compiled step programs and loads them from
-        on the next start, skipping tracing (``executable_cache``; one device only, not over a mesh)."""
+        """``model``: the model with its weights, or its abstract form (``nnx.eval_shape``, already
+        unstacked when ``scan_layers=False``): then no device memory is touched, ``start_compiling``
+        compiles the ladder from shapes alone, and ``bind_weights`` brings the weights and the KV pool.
+        ``mesh``: a ("tp",) jax Mesh to serve a tensor-parallel model (``autoglm_jax.parallel``) over;
+        None = the model's one device (the only case that may start abstract). ``scan_layers=False``
+        unstacks the model's layer weights in place (``DecoderLayers.unstack``) so the steps run the
+        layers unrolled over per-layer buffers. ``executable_cache_dir``: where warmup saves the compiled
+        step programs and loads them from on the next start, skipping tracing (``executable_cache``;
+        one device only, not over a mesh)."""
         self.config = model_config
         self.mesh = mesh
+        self.scan_layers = scan_layers
         if not scan_layers:
             model.layers.unstack()
         self.graphdef, self.params = nnx.split(model)  # split once; never per step
+        self.has_weights = not is_abstract(self.params)
         self.ladder = BucketLadder(max_batch_size, max_num_batched_tokens)
         self.max_batch_size = max_batch_size
         self.page_size = page_size
         self.num_pages = num_pages
+        self.cache_dtype = cache_dtype
         self.max_pages_per_sequence = -(-max_sequence_length // page_size)
         self.decode_steps_per_call = decode_steps_per_call
         self.num_logprobs = max_logprobs
         self.eos_token_ids = tuple(eos_token_ids)
-        mixed_fn, decode_fn = functools.partial(mixed_step, self.graphdef), functools.partial(decode_loop, self.graphdef)
         if mesh is None:
-            self.state = DeviceState.create(model_config, num_pages, page_size, max_batch_size, cache_dtype)
+            make_state = functools.partial(DeviceState.create, model_config, num_pages, page_size, max_batch_size,
+                                           cache_dtype)
+            self.state = make_state() if self.has_weights else jax.eval_shape(make_state)  # the pool after the weights
+            self._make_steps(functools.partial(mixed_step, self.graphdef), functools.partial(decode_loop, self.graphdef))
         else:
             from autoglm_jax.parallel.sharded_steps import tensor_parallel_parts
 
+            if not self.has_weights:
+                raise ValueError("a tensor-parallel runner needs the model's weights (an abstract model has none)")
             self.state, mixed_fn, decode_fn = tensor_parallel_parts(
                 self.graphdef, self.params, model_config, mesh, num_pages=num_pages, page_size=page_size,
                 num_slots=max_batch_size, cache_dtype=cache_dtype)
+            self._make_steps(mixed_fn, decode_fn)
         self.slot_tokens = self._zero_slot_tokens()  # [max_batch_size] int32: the last step's output
         self.slot_inputs = SlotInputs(max_batch_size, self.max_pages_per_sequence, self.eos_token_ids, STOP_IDS_WIDTH)
         self.num_traces = 0
+        self.executable_cache = (ExecutableCache(executable_cache_dir) if executable_cache_dir and mesh is None
+                                 else None)
+        self.num_loaded_executables = 0
+        self.compile_timings: list[ProgramTiming] = []  # one per program traced by the last compile
+        self.compile_seconds = 0.0  # the last compile_programs call, loads included
+        self._compiling: Future | None = None  # start_compiling's background compile
+        self._stop_compiling = threading.Event()
+
+    def _make_steps(self, mixed_fn, decode_fn) -> None:
         self._mixed = jax.jit(self._counted(mixed_fn), static_argnames=("num_logprobs",), donate_argnums=(1,))
         self._decode = jax.jit(self._counted(decode_fn), static_argnames=("max_steps", "num_logprobs"),
                                donate_argnums=(1,))
         # Warmed-up programs by (kind, argument shapes): called directly, so a program loaded from the
         # executable cache is never traced; shapes not warmed up go through the jitted functions.
         self._executables: dict[tuple, object] = {}
-        self.executable_cache = (ExecutableCache(executable_cache_dir) if executable_cache_dir and mesh is None
-                                 else None)
-        self.num_loaded_executables = 0
+
+    def bind_weights(self, model: nnx.Module) -> None:
+        """Gives a runner made from the abstract model its weights (unstacked here when ``scan_layers`` is
+        off) and allocates the KV pool. Programs compiled meanwhile are kept when the weights have the
+        abstract graph, shapes, dtypes and shardings they were compiled for; otherwise (a checkpoint whose
+        weights differ, e.g. quantized) they are dropped, with a warning, and warmup compiles again."""
+        if self.has_weights:
+            raise ValueError("this runner has its weights already")
+        if not self.scan_layers:
+            model.layers.unstack()
+        graphdef, params = nnx.split(model)
+        if is_abstract(params):
+            raise ValueError("bind_weights needs the model with its weights, got an abstract model")
+        if graphdef != self.graphdef or not same_arguments(params, self.params):
+            log.warning("the loaded weights differ from the abstract model the step programs were compiled "
+                        "for (graph, shapes or dtypes); compiling again")
+            self.cancel_compiling()
+            self.graphdef = graphdef
+            self._make_steps(functools.partial(mixed_step, graphdef), functools.partial(decode_loop, graphdef))
+        self.params = params
+        self.state = DeviceState.create(self.config, self.num_pages, self.page_size, self.max_batch_size,
+                                        self.cache_dtype)
+        self.has_weights = True
 
     def _zero_slot_tokens(self) -> jax.Array:
         """Placed like the state and the step outputs that replace it, so every call of a bucket has one
@@ -174,32 +237,64 @@ class ModelRunner:
         return traced
 
     # ------------------------------------------------------------------ warmup
-    def warmup(self, compile_threads: int | None = None) -> float:
-        """Compiles every bucket of the ladder with empty (all-padding) inputs, then runs each once;
-        returns seconds. A program found in the executable cache is loaded, not traced (the loads run in
-        parallel). The others are traced and lowered in this thread, one after another, each compiled
-        (XLA releases the GIL) in ``compile_threads`` threads (default: one per CPU, at most one per
-        program) while the next is traced, then saved to the cache. Steps then call these programs
-        directly, so the runs below compile nothing."""
-        start = time.perf_counter()
-        mixed = [self._empty_step_input(tokens) for tokens in self.ladder.token_buckets]
-        decode = [self._empty_decode_input(rows) for rows in self.ladder.decode_batches]
-        programs = [("mixed", self._mixed, inp, {"num_logprobs": self.num_logprobs}) for inp in mixed]
-        programs += [("decode", self._decode, inp, {"max_steps": self.decode_steps_per_call,
-                                                     "num_logprobs": self.num_logprobs}) for inp in decode]
-        programs = [(kind, fn, (self.params, self.state, self._replicated(inp)), static, self._program_key(kind, inp))
+    def start_compiling(self, compile_threads: int | None = None) -> None:
+        """Starts ``compile_programs`` in a background thread: it needs only the abstract values of the
+        weights and the KV pool, so it runs while the weights load (``bind_weights``); ``warmup`` waits for it."""
+        if self._compiling is not None:
+            raise ValueError("start_compiling was called already")
+        pool = ThreadPoolExecutor(1, thread_name_prefix="warmup-trace")
+        self._compiling = pool.submit(self.compile_programs, compile_threads)
+        pool.shutdown(wait=False)
+
+    def finish_compiling(self) -> None:
+        """Waits for ``start_compiling``'s background compile (re-raising its error), if one was started."""
+        if self._compiling is not None:
+            compiling, self._compiling = self._compiling, None
+            compiling.result()
+
+    def cancel_compiling(self) -> None:
+        """Stops ``start_compiling``'s background compile after the program it is tracing (the weights
+        failed to load, or differ from the abstract model); waits for its compilations in flight. What
+        it compiled is not used, so an error of it is logged, not raised."""
+        self._stop_compiling.set()
+        try:
+            self.finish_compiling()
+        except Exception:
+            log.exception("the cancelled background compile failed")
+        finally:
+            self._stop_compiling.clear()
+
+    def compile_programs(self, compile_threads: int | None = None) -> int:
+        """Compiles every bucket of the ladder from abstract arguments (no weight values, no KV pool
+        needed); returns how many were traced. A program found in the executable cache is loaded, not
+        traced (the loads run in parallel). The others are traced and lowered in this thread, one after
+        another, each compiled (XLA releases the GIL) in ``compile_threads`` threads (default: one per
+        CPU, at most one per program) while the next is traced, then saved to the cache. Steps then call
+        these programs directly. ``compile_timings`` records each traced program's seconds and
+        ``compile_seconds`` the whole call's."""
+        began = time.perf_counter()
+        params, state = abstract_arguments(self.params), abstract_arguments(self.state)
+        programs = [("mixed", self._mixed, self._empty_step_input(tokens), {"num_logprobs": self.num_logprobs})
+                    for tokens in self.ladder.token_buckets]
+        programs += [("decode", self._decode, self._empty_decode_input(rows),
+                      {"max_steps": self.decode_steps_per_call, "num_logprobs": self.num_logprobs})
+                     for rows in self.ladder.decode_batches]
+        programs = [(kind, fn, (params, state, self._replicated(inp)), static, self._program_key(kind, inp))
                     for kind, fn, inp, static in programs]
         fingerprints = [None] * len(programs)
         loaded = [None] * len(programs)
         workers = max(1, min(len(programs), compile_threads or os.cpu_count() or 1))
+        self.compile_timings = []
         with ThreadPoolExecutor(workers, thread_name_prefix="warmup") as pool:
             if self.executable_cache is not None:  # loading releases the GIL: all programs at once
                 fingerprints = [fingerprint(kind, self.graphdef, args, static) for kind, _, args, static, _ in programs]
                 loaded = list(pool.map(self.executable_cache.load, fingerprints))
 
-            def compile_one(key, fp, lowered):
+            def compile_one(timing: ProgramTiming, fp, lowered):
+                start = time.perf_counter()
                 compiled = lowered.compile()
-                self._executables[key] = compiled
+                timing.compile_s = time.perf_counter() - start
+                self._executables[timing.key] = compiled
                 if fp is not None:
                     self.executable_cache.save(fp, compiled)
 
@@ -208,19 +303,38 @@ class ModelRunner:
                 if executable is not None:
                     self._executables[key] = executable
                     self.num_loaded_executables += 1
-                else:
-                    pending.append(pool.submit(compile_one, key, fp, fn.lower(*args, **static)))
+                    continue
+                if self._stop_compiling.is_set():
+                    break
+                start = time.perf_counter()
+                lowered = fn.lower(*args, **static)
+                self.compile_timings.append(timing := ProgramTiming(key, time.perf_counter() - start))
+                pending.append(pool.submit(compile_one, timing, fp, lowered))
             for future in pending:
                 future.result()
+        self.compile_seconds = time.perf_counter() - began
+        return len(pending)
+
+    def warmup(self, compile_threads: int | None = None) -> float:
+        """Compiles the ladder (``compile_programs``, or waits for ``start_compiling``'s), then runs each
+        program once with empty (all-padding) inputs; returns seconds. Needs the weights."""
+        if not self.has_weights:
+            raise ValueError("warmup needs the weights: call bind_weights first")
+        start = time.perf_counter()
+        if self._compiling is not None:
+            self.finish_compiling()
+        else:
+            self.compile_programs(compile_threads)
         compiled_at = time.perf_counter()
-        for inp in mixed:
-            self._run_mixed(inp)
-        for inp in decode:
-            self._run_decode(inp)
+        for tokens in self.ladder.token_buckets:
+            self._run_mixed(self._empty_step_input(tokens))
+        for rows in self.ladder.decode_batches:
+            self._run_decode(self._empty_decode_input(rows))
         jax.block_until_ready(self.state)
         end = time.perf_counter()
-        log.info("warmup: %d programs loaded from the executable cache, %d traced and compiled, in %.1f s; "
-                 "first runs %.1f s", self.num_loaded_executables, len(pending), compiled_at - start, end - compiled_at)
+        log.info("warmup: %d programs loaded from the executable cache, %d traced and compiled (%s), %.1f s "
+                 "after warmup began; first runs %.1f s", self.num_loaded_executables, len(self.compile_timings),
+                 summarize_timings(self.compile_timings), compiled_at - start, end - compiled_at)
         return end - start
 
     def _empty_step_input(self, token_bucket: int) -> StepInput:

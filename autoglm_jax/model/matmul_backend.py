@@ -1,15 +1,21 @@
 """The engine arg ``matmul_backend`` as a transform over weights: "pallas" wraps the model's projections,
-"auto" (the default) only its weight-only int8 / fp8 / int4 ones and only on a GPU, "xla" none.
+"auto" (the default) only its int8 / fp8 / int4 ones (weight-only and W8A8) and only on a GPU, "xla" on a
+GPU only its W8A8 ones, into their [N, K] layout with no kernel.
 
 Owns: ``PallasWeight`` (a float weight whose ``linear`` runs ``pallas_kernels.matmul``),
 ``PallasChannelWeight`` (a weight-only int8 / fp8 ``quant.ChannelWeight`` stored out-feature major for
-``pallas_kernels.quantized_matmul``), ``PallasInt4Weight`` (a group-wise ``quant.int4.Int4Weight`` in
-``pallas_kernels.int4_matmul``'s layout), their ``linear`` rules, and ``apply_matmul_backend``, which swaps
-them in for the decoder layers' qkv / o / gate_up / down weights and an untied lm_head of a built
-model. Layers never branch on the backend: ``model.layers.linear`` dispatches on the weight's type. It
-does not own the kernels or quantizing weights (``autoglm_jax.quant``); W8A8 and GGUF-block weights, and
-int4 ones whose groups the kernel does not take (group size not 64 / 128, or not dividing K), keep their
-XLA rules.
+``pallas_kernels.quantized_matmul``), ``PallasW8A8Weight`` (a W8A8 ChannelWeight stored out-feature major
+for ``pallas_kernels.w8a8_matmul`` at decode sizes and XLA's 8-bit GEMM otherwise), ``PallasInt4Weight`` (a
+group-wise ``quant.int4.Int4Weight`` in ``pallas_kernels.int4_matmul``'s layout), their ``linear`` rules,
+and ``apply_matmul_backend``, which swaps them in for the decoder layers' qkv / o / gate_up / down weights
+and an untied lm_head of a built model. Layers never branch on the backend: ``model.layers.linear``
+dispatches on the weight's type. It does not own the kernels or quantizing weights (``autoglm_jax.quant``;
+the checkpoint keeps W8A8 weights [K, N]); GGUF-block weights, and int4 ones whose groups the kernel does
+not take (group size not 64 / 128, or not dividing K), keep their XLA rules.
+
+W8A8 on a GPU is wrapped by every backend: XLA compiles its 8-bit dot to cuBLASLt, which wants the weight
+K-major and otherwise transposes the whole weight on every call (benchmarks/w8a8_gemm.py: 10x slower at
+GLM-4's gate_up), so the [N, K] layout is made once at load time; "xla" then keeps only the XLA rule.
 
 Every leaf of a wrapper carries the weight's leading axes (e.g. the stacked layer axis L), so slicing
 the leaves - ``lax.scan`` over stacked layers, or ``DecoderLayers.unstack`` splitting each leaf into
@@ -17,10 +23,10 @@ per-layer buffers - gives the wrapper of one layer's weight. Shapes come from th
 never from metadata.
 
 A rule runs its kernel only when the target is a GPU (the default backend, or the abstract H100 that
-``pallas_kernels._interpret.gpu_interpret`` installs on CPU), the activations are bfloat16, the weight
-is one layer's 2-D matrix and the kernel's ``supports`` takes (M, K, N, output dtype); otherwise it is
-exactly the XLA rule, so no shape ever fails. Numerics match the XLA rule up to summation order: float32
-accumulation, and where a bias follows or float32 is asked for (lm_head's logits) the kernel returns its
+``pallas_kernels._interpret.gpu_interpret`` installs on CPU), the activations are bfloat16 (W8A8: any
+float, quantized per token first), the weight is one layer's 2-D matrix and the kernel's ``supports`` takes
+(M, K, N, output dtype); otherwise it is exactly the XLA rule, so no shape ever fails. Numerics match the
+XLA rule up to summation order: float32 accumulation, and where a bias follows or float32 is asked for (lm_head's logits) the kernel returns its
 float32 sums, rounded once after the bias. The kernels return float32 only for M <= 128 (decode), so
 a biased projection (GLM's qkv) or lm_head over more rows runs in XLA.
 """
@@ -35,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from autoglm_jax.model.layers import linear
-from autoglm_jax.quant.channel import ChannelWeight
+from autoglm_jax.quant.channel import ChannelWeight, quantize_activations, w8a8_product
 from autoglm_jax.quant.int4 import Int4Weight
 
 MATMUL_BACKENDS = ("auto", "xla", "pallas")
@@ -80,6 +86,27 @@ class PallasChannelWeight(_WholeWeight):
     def as_channel_weight(self) -> ChannelWeight:
         """The same weight in ``quant.channel``'s [..., K, N] layout (a transpose XLA folds into the dot)."""
         return ChannelWeight(jnp.swapaxes(self.values_t, -1, -2), self.scales)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values_t", "scales"],
+                   meta_fields=["activations", "use_kernel"])
+@dataclasses.dataclass(frozen=True)
+class PallasW8A8Weight(_WholeWeight):
+    """A W8A8 ChannelWeight stored out-feature major: values_t [..., N, K] float8_e4m3fn | int8, scales
+    [..., N] float32, activations "fp8" | "int8" (the per-token activation type, as in the ChannelWeight).
+    ``use_kernel``: decode sizes run ``pallas_kernels.w8a8_matmul`` ("auto" / "pallas"); False ("xla")
+    keeps XLA's 8-bit GEMM on the [N, K] layout for every size."""
+
+    values_t: jax.Array
+    scales: jax.Array
+    activations: str = "fp8"
+    use_kernel: bool = True
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The float weight's shape [..., K, N]."""
+        *lead, n, k = self.values_t.shape
+        return (*lead, k, n)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scales", "offsets", "in_scales"],
@@ -177,6 +204,26 @@ def _linear_pallas_channel(weight: PallasChannelWeight, x: jax.Array, bias: jax.
 
 
 @linear.register
+def _linear_w8a8(weight: PallasW8A8Weight, x: jax.Array, bias: jax.Array | None = None, out_dtype=None) -> jax.Array:
+    """x [..., K] quantized per token @ weight [N, K]^T (+ bias [N]) -> [..., N]: the W8A8 kernel at decode
+    sizes (M <= 128) on a GPU, else the W8A8 rule as XLA's GEMM on the [N, K] layout (``w8a8_product``)."""
+    from pallas_kernels import matmul as bf16_matmul
+    from pallas_kernels import w8a8_matmul as w8mm
+
+    values_t = weight.values_t
+    n, k = values_t.shape[-2:]
+    m = x.size // k if k else 0
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if not (weight.use_kernel and values_t.ndim == 2 and m <= bf16_matmul.SMALL_M_MAX and targets_gpu()
+            and w8mm.supports(m, k, n, values_t.dtype, jnp.float32)):
+        y = w8a8_product(x, values_t, weight.scales, weight.activations, weights_nk=True)
+        return _finish(y, bias, out_dtype)
+    x_q, x_scales = quantize_activations(x.reshape(m, k), weight.activations)  # [M, K] 8-bit, [M, 1] f32
+    y = w8mm.w8a8_matmul(x_q, x_scales[:, 0], values_t, weight.scales, out_dtype=jnp.float32)
+    return _finish(y.reshape(*x.shape[:-1], n), bias, out_dtype)
+
+
+@linear.register
 def _linear_pallas_int4(weight: PallasInt4Weight, x: jax.Array, bias: jax.Array | None = None,
                         out_dtype=None) -> jax.Array:
     """x [..., K] @ dequant(weight) [K, N] (+ bias [N]) -> [..., N]: the int4 kernel, else the Int4Weight rule."""
@@ -195,27 +242,37 @@ def _linear_pallas_int4(weight: PallasInt4Weight, x: jax.Array, bias: jax.Array 
 
 
 def wrap_quantized_weight(weight):
-    """``wrap_weight`` for weight-only int8 / fp8 / int4 weights only (the "auto" backend on a GPU)."""
+    """``wrap_weight`` for int8 / fp8 (weight-only and W8A8) and int4 weights only (the "auto" backend on a GPU)."""
     return wrap_weight(weight) if isinstance(weight, (ChannelWeight, Int4Weight)) else weight
+
+
+def wrap_w8a8_layout(weight):
+    """A W8A8 ChannelWeight -> PallasW8A8Weight with XLA's rule only (the "xla" backend on a GPU); else unchanged."""
+    if isinstance(weight, ChannelWeight) and weight.activations is not None:
+        return PallasW8A8Weight(jnp.swapaxes(weight.values, -1, -2), weight.scales, weight.activations, use_kernel=False)
+    return weight
 
 
 def wrap_weight(weight):
     """The Pallas form of one weight: float array -> PallasWeight, weight-only ChannelWeight ->
-    PallasChannelWeight, Int4Weight in groups the kernel takes -> PallasInt4Weight; anything else (W8A8,
-    other int4 groups, GGUF blocks, already wrapped) unchanged."""
+    PallasChannelWeight, W8A8 ChannelWeight -> PallasW8A8Weight, Int4Weight in groups the kernel takes ->
+    PallasInt4Weight; anything else (other int4 groups, GGUF blocks, already wrapped) unchanged."""
     from pallas_kernels.int4_matmul import GROUP_SIZES
 
     if isinstance(weight, jax.Array) and jnp.issubdtype(weight.dtype, jnp.floating):
         return PallasWeight(weight)
     if isinstance(weight, ChannelWeight) and weight.activations is None:
         return PallasChannelWeight(jnp.swapaxes(weight.values, -1, -2), weight.scales)
+    if isinstance(weight, ChannelWeight):
+        return PallasW8A8Weight(jnp.swapaxes(weight.values, -1, -2), weight.scales, weight.activations)
     if isinstance(weight, Int4Weight) and weight.group_size in GROUP_SIZES and weight.shape[-2] % weight.group_size == 0:
         return _kernel_int4_layout(weight)
     return weight
 
 
 def _is_weight(node) -> bool:
-    return isinstance(node, (jax.Array, ChannelWeight, Int4Weight, PallasWeight, PallasChannelWeight, PallasInt4Weight))
+    return isinstance(node, (jax.Array, ChannelWeight, Int4Weight, PallasWeight, PallasChannelWeight, PallasW8A8Weight,
+                             PallasInt4Weight))
 
 
 def check_matmul_backend(backend: str) -> None:
@@ -225,17 +282,19 @@ def check_matmul_backend(backend: str) -> None:
 
 def apply_matmul_backend(model: nnx.Module, backend: str) -> int:
     """Swaps the decoder projections (and an untied lm_head) of ``model`` in place for ``backend``'s
-    weight types; returns how many Params changed ("xla": none). A Param may hold one stacked weight or a
-    tuple of per-layer ones. Each old weight is dropped as its wrapped form is stored (a weight-only
-    int8 / fp8 weight is transposed to [..., N, K] first, an int4 one regrouped to [..., G, N, g]: one such
-    weight extra at the peak, in bytes for int4).
-    "auto": on a GPU (``targets_gpu``) only weight-only int8 / fp8 / int4 weights are wrapped - there the
-    int8 / fp8 kernel is 1.3x XLA's dequantize-and-dot at batch-1 decode, while for bf16 weights XLA's GEMV
-    is as fast (benchmarks/RESULTS.md, "Small-M matmul kernels"); off a GPU nothing is."""
+    weight types; returns how many Params changed. A Param may hold one stacked weight or a tuple of
+    per-layer ones. Each old weight is dropped as its wrapped form is stored (an int8 / fp8 weight is
+    transposed to [..., N, K] first, an int4 one regrouped to [..., G, N, g]: one such weight extra at the
+    peak, in bytes for int4).
+    "auto": on a GPU (``targets_gpu``) only int8 / fp8 (weight-only and W8A8) and int4 weights are wrapped -
+    there the int8 / fp8 kernel is 1.3x XLA's dequantize-and-dot at batch-1 decode, while for bf16 weights
+    XLA's GEMV is as fast (benchmarks/RESULTS.md, "Small-M matmul kernels"); off a GPU nothing is.
+    "xla": on a GPU only W8A8 weights, into their [N, K] layout with XLA's rule (see the module
+    docstring); off a GPU nothing is."""
     check_matmul_backend(backend)
-    if backend == "xla" or (backend == "auto" and not targets_gpu()):
+    if backend != "pallas" and not targets_gpu():
         return 0
-    wrap = wrap_quantized_weight if backend == "auto" else wrap_weight
+    wrap = {"auto": wrap_quantized_weight, "xla": wrap_w8a8_layout, "pallas": wrap_weight}[backend]
     changed = 0
     for path, node in list(nnx.iter_graph(model)):
         is_projection = path[:1] == ("layers",) and set(path) & set(PROJECTIONS)
@@ -243,7 +302,7 @@ def apply_matmul_backend(model: nnx.Module, backend: str) -> int:
             continue
         old = node.get_value()
         new = jax.tree.map(wrap, old, is_leaf=_is_weight)
-        if backend == "auto" and all(a is b for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))):
+        if backend != "pallas" and all(a is b for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))):
             continue
         node.set_value(new)
         changed += 1

@@ -110,6 +110,20 @@ def quantize_activations(x: jax.Array, storage: str) -> tuple[jax.Array, jax.Arr
     return (jnp.round(scaled) if storage == "int8" else scaled).astype(dtype), scales
 
 
+def w8a8_product(x: jax.Array, values: jax.Array, scales: jax.Array, activations: str,
+                 weights_nk: bool = False) -> jax.Array:
+    """The W8A8 rule without bias: x [..., K] quantized per token (``quantize_activations``), an 8-bit x
+    8-bit dot with values [K, N] (int32 accumulation for int8, float32 for fp8), then both scales
+    (scales [N]) in float32 -> [..., N] float32. ``weights_nk``: values are stored [N, K] (out-feature major,
+    as ``model.matmul_backend`` keeps them on a GPU: the layout XLA's cuBLASLt 8-bit GEMM reads without a
+    per-call transpose); the same sums."""
+    xq, x_scales = quantize_activations(x, activations)
+    acc = jnp.int32 if activations == "int8" else jnp.float32
+    contracted = values.ndim - 1 if weights_nk else values.ndim - 2
+    y = jax.lax.dot_general(xq, values, (((x.ndim - 1,), (contracted,)), ((), ())), preferred_element_type=acc)
+    return y.astype(jnp.float32) * x_scales * scales
+
+
 @linear.register
 def _linear_channel(weight: ChannelWeight, x: jax.Array, bias: jax.Array | None = None, out_dtype=None) -> jax.Array:
     """x [..., K] @ weight [K, N] (+ bias [N]) -> [..., N] in out_dtype (default x.dtype)."""
@@ -118,10 +132,7 @@ def _linear_channel(weight: ChannelWeight, x: jax.Array, bias: jax.Array | None 
         y = jnp.dot(x, weight.values.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
         y = y * weight.scales
     else:
-        xq, x_scales = quantize_activations(x, weight.activations)
-        acc = jnp.int32 if weight.activations == "int8" else jnp.float32
-        y = jnp.dot(xq, weight.values, preferred_element_type=acc).astype(jnp.float32)
-        y = y * x_scales * weight.scales
+        y = w8a8_product(x, weight.values, weight.scales, weight.activations)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(out_dtype or x.dtype)

@@ -17,10 +17,14 @@ import collections
 import dataclasses
 import glob
 import os
+import re
 import tempfile
 from typing import Callable
 
 import jax
+
+
+_KIND_SUFFIX = re.compile(r"(\.\d+)+(\.clone)?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,17 @@ class DeviceProfile:
     def top(self, n: int = 10) -> list[tuple[str, float, int]]:
         ranked = sorted(self.per_op.items(), key=lambda kv: -kv[1][0])[:n]
         return [(name, ms, calls) for name, (ms, calls) in ranked]
+
+    def by_kind(self) -> "DeviceProfile":
+        """The same profile with ops merged by kind: the HLO instance suffix dropped
+        (``gemm_fusion_dot.321`` and ``gemm_fusion_dot.247`` -> ``gemm_fusion_dot``), so an unrolled
+        model's per-layer copies of one op add up."""
+        merged: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+        for name, (ms, calls) in self.per_op.items():
+            kind = _KIND_SUFFIX.sub("", name)
+            merged[kind][0] += ms
+            merged[kind][1] += calls
+        return dataclasses.replace(self, per_op={k: (v[0], v[1]) for k, v in merged.items()})
 
     def format(self, n: int = 10) -> str:
         if not self.num_devices:

@@ -1,7 +1,10 @@
 """Ragged paged attention vs its float32 reference (interpreter on CPU, compiled on GPU).
 
 Freshly drawn random Q/K/V and page orders for every case; the interpreter NaN-fills every
-buffer it allocates, so an unwritten output row fails ``assert_close``.
+buffer it allocates, so an unwritten output row fails ``assert_close``, and the Q of padding tokens is NaN
+(their outputs must still be zeros, and no other row may see them). The three Q / O tile layouts are
+covered: token-major (G % 8 == 0, incl. decode G 16 with 48 unused rows), head-major (G_pad <= 8, incl. pad
+heads) and the XLA-packed fallback (G 12; G 1-4 with fewer than 8 tokens per CTA).
 """
 
 from __future__ import annotations
@@ -41,13 +44,22 @@ def make_case(seq_lens_before, query_lens, *, num_q_heads, num_kv_heads, head_di
             meta.context_lens, meta.query_start_loc, meta.num_tokens)
 
 
-def check(args, config, kernel_context, what):
-    head_dim = args[0].shape[-1]
+def poison_padding(args):
+    """args with the Q of padding tokens (>= num_tokens) NaN."""
+    q, num_tokens = args[0], int(args[-1])
+    return (q.at[num_tokens:].set(jnp.nan), *args[1:])
+
+
+def check(args, config, kernel_context, what, decode_only=False):
+    """Kernel (padding tokens' Q poisoned) vs the reference; padding tokens must give exact zeros."""
+    head_dim, num_tokens = args[0].shape[-1], int(args[-1])
+    args = poison_padding(args)
     with kernel_context():
-        out = rpa.ragged_paged_attention(*args, sm_scale=head_dim ** -0.5, config=config)
+        out = rpa.ragged_paged_attention(*args, sm_scale=head_dim ** -0.5, config=config, decode_only=decode_only)
     ref = rpa.ragged_paged_attention_reference(*args, sm_scale=head_dim ** -0.5)
     assert out.dtype == args[0].dtype and out.shape == args[0].shape
     assert_close(out, ref, what=what)
+    assert np.all(np.asarray(out[num_tokens:], np.float32) == 0.0), f"{what}: padding tokens must give zeros"
 
 
 CASES = {
@@ -61,11 +73,12 @@ CASES = {
 @pytest.mark.parametrize("case,heads,page_size", [
     ("decode_only", (4, 4), 16), ("decode_only", (16, 2), 32),
     ("single_long_prefill", (4, 2), 32), ("single_long_prefill", (16, 2), 16),
-    ("mixed_mid_sequence_chunks", (4, 4), 32), ("mixed_mid_sequence_chunks", (4, 2), 16),
-    ("mixed_mid_sequence_chunks", (16, 2), 16),
+    ("mixed_mid_sequence_chunks", (4, 4), 32), ("mixed_mid_sequence_chunks", (8, 2), 16),
+    ("mixed_mid_sequence_chunks", (16, 2), 16), ("mixed_mid_sequence_chunks", (24, 2), 16),
 ])
 def test_matches_reference(case, heads, page_size, kernel_context):
-    """Decode-only / long prefill / mixed batches; GQA ratios 1, 2, 8; pages 16 and 32."""
+    """Decode-only / long prefill / mixed batches; GQA ratios 1, 2, 4 (head-major), 8 (token-major), 12 (packed);
+    pages 16 and 32. Mixed: 4 sequences in 28 tokens (not a multiple of block_q 16 / 8 / 4), several per CTA."""
     before, new, bucket, max_pages = CASES[case]
     num_q_heads, num_kv_heads = heads
     seed = zlib.crc32(f"{case}{heads}{page_size}".encode())
@@ -91,16 +104,40 @@ def test_odd_group_and_default_config(kernel_context):
     check(args, None, kernel_context, "group3 default config")
 
 
-@pytest.mark.parametrize("block_q,heads", [(1, (32, 2)), (2, (16, 2)), (1, (4, 4))])
+@pytest.mark.parametrize("block_q,heads", [(1, (32, 2)), (2, (16, 2)), (1, (4, 4)), (8, (9, 3))])
 def test_fewer_tokens_per_cta(block_q, heads, kernel_context):
-    """block_q below the densest packing: each token's head group padded to 64 // block_q rows; with
+    """block_q below the densest packing, split-K: a token's rows start every 64 // block_q rows (token-major
+    G 16 / 8, packed G 1) or the heads' rows every block_q (head-major G 3: rows 24.. unused); with
     block_q = 1 every CTA streams a single sequence (the decode layout). Mixed chunks included, so a
-    block of 2 tokens can straddle two sequences."""
+    block of 2 tokens can straddle two sequences; 10 tokens are not a multiple of block_q 8."""
     num_q_heads, num_kv_heads = heads
     args = make_case([45, 0, 130, 7], [1, 5, 1, 2], num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                      head_dim=64, page_size=16, token_bucket=10, max_pages=10, seed=block_q * 100 + num_q_heads)
     config = rpa.AttentionConfig(block_kv=64, num_stages=2, num_kv_splits=2, block_q=block_q)
     check(args, config, kernel_context, f"block_q={block_q} heads={heads}")
+
+
+# Decode batch for the warp-specialized kernel: contexts 38, 1, 128 (two full 64-row blocks), 64, 201, 6 and
+# 2 padding tokens; with 3 splits some splits (and the second consumer of a split) get no KV block.
+WS_DECODE_BEFORE = [37, 0, 127, 63, 200, 5]
+
+
+@pytest.mark.parametrize("consumers,stages,splits,block_kv,heads,page_size", [
+    (1, 2, 1, 64, (16, 2), 16), (1, 3, 2, 128, (4, 2), 32), (2, 2, 1, 64, (32, 2), 32), (2, 4, 3, 64, (4, 4), 16),
+    (1, 2, 2, 64, (32, 2), 16),
+])
+def test_warp_specialized_decode(consumers, stages, splits, block_kv, heads, page_size, kernel_context):
+    """TMA producer warpgroup + 1 or 2 consumer warpgroups (alternate KV blocks, merged through SMEM), with
+    split-K; contexts of 1 key, exact multiples of the block and ragged ends; padding tokens (NaN Q) give
+    zeros. Q / O token-major in place (G 8, G 16: rows G.. of the tile unused) or packed (G 2, 1)."""
+    num_q_heads, num_kv_heads = heads
+    seed = zlib.crc32(f"ws{consumers}{stages}{splits}{block_kv}{heads}{page_size}".encode())
+    args = make_case(WS_DECODE_BEFORE, [1] * len(WS_DECODE_BEFORE), num_q_heads=num_q_heads,
+                     num_kv_heads=num_kv_heads, head_dim=64, page_size=page_size, token_bucket=8,
+                     max_pages=-(-208 // page_size), seed=seed)
+    config = rpa.AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits, block_q=1,
+                                 consumer_warpgroups=consumers)
+    check(args, config, kernel_context, f"{config} heads={heads}", decode_only=True)
 
 
 def test_wide_page_table(kernel_context):
@@ -115,6 +152,7 @@ def test_decode_steps_default_to_one_token_per_cta(kernel_context):
     decode = rpa.default_config(64, 32, 2, 128, 16, 4096, jnp.bfloat16, decode=True)
     mixed = rpa.default_config(64, 32, 2, 128, 16, 4096, jnp.bfloat16)
     assert rpa.tokens_per_cta(decode, 32, 2) == 1 and rpa.tokens_per_cta(mixed, 32, 2) == 4
+    assert decode.consumer_warpgroups >= 1 and mixed.consumer_warpgroups == 0  # warp-specialized decode only
     args = make_case([300, 17, 64], [1, 1, 1], num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=16,
                      token_bucket=3, max_pages=20, seed=5, num_layers=1)
     with kernel_context():
@@ -122,28 +160,32 @@ def test_decode_steps_default_to_one_token_per_cta(kernel_context):
     assert_close(out, rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5), what="decode default config")
 
 
-@pytest.mark.parametrize("tokens,num_seqs,max_pages", [(64, 64, 256), (1, 1, 1024), (2048, 64, 300)])
-def test_register_p_path_lowers_for_cuda(tokens, num_seqs, max_pages):
+WS_TWO_CONSUMERS = rpa.AttentionConfig(block_kv=128, num_stages=2, num_kv_splits=2, block_q=1, consumer_warpgroups=2)
+
+
+@pytest.mark.parametrize("tokens,num_seqs,max_pages,config,heads", [
+    (64, 64, 256, None, (32, 2)), (1, 1, 1024, None, (32, 2)), (2048, 64, 300, None, (32, 2)),
+    (64, 64, 256, WS_TWO_CONSUMERS, (32, 2)),
+    (8, 8, 300, rpa.AttentionConfig(block_kv=64, num_stages=4, num_kv_splits=8, block_q=1, consumer_warpgroups=2),
+     (32, 2)),
+    (100, 4, 64, None, (28, 4)),
+])
+def test_register_p_path_lowers_for_cuda(tokens, num_seqs, max_pages, config, heads):
     """Outside the interpreter P is the PV wgmma's register A operand (no SMEM tile); Mosaic GPU's layout
     inference and lowering (which run here, on CPU) must take it for the default decode / prefill configs,
-    and the page-table row's copy into SMEM for wide tables (> 256 entries: tiled rows of 256)."""
-    args = (jax.ShapeDtypeStruct((tokens, 32, 128), jnp.bfloat16),
-            *[jax.ShapeDtypeStruct((1, 2048, 16, 2, 128), jnp.bfloat16)] * 2,
+    and the page-table row's copy into SMEM for wide tables (> 256 entries: tiled rows of 256); two consumer
+    warpgroups add register budgets and the f32 merge tile's WGMMA-layout load. Q / O copies: token-major
+    (GLM-4, G 16), head-major (Qwen2-7B, G 7: strided [8, D] copies, q padded to 104 tokens)."""
+    num_q_heads, num_kv_heads = heads
+    args = (jax.ShapeDtypeStruct((tokens, num_q_heads, 128), jnp.bfloat16),
+            *[jax.ShapeDtypeStruct((1, 2048, 16, num_kv_heads, 128), jnp.bfloat16)] * 2,
             jax.ShapeDtypeStruct((), jnp.int32), *[jax.ShapeDtypeStruct((tokens,), jnp.int32)] * 2,
             jax.ShapeDtypeStruct((num_seqs, max_pages), jnp.int32), jax.ShapeDtypeStruct((num_seqs,), jnp.int32),
             jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
-    traced = rpa.ragged_paged_attention.trace(*args, sm_scale=128 ** -0.5, decode_only=tokens <= num_seqs)
+    traced = rpa.ragged_paged_attention.trace(*args, sm_scale=128 ** -0.5, decode_only=tokens <= num_seqs,
+                                              config=config)
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
-
-
-def test_padding_tokens_are_zero(kernel_context):
-    args = make_case([5], [3], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16,
-                     token_bucket=8, max_pages=2, seed=3)
-    with kernel_context():
-        out = rpa.ragged_paged_attention(*args, sm_scale=0.125, config=rpa.AttentionConfig())
-    assert np.all(np.asarray(out[3:], np.float32) == 0.0)
-    assert np.all(np.isfinite(np.asarray(out, np.float32)))
 
 
 def test_rejects_bad_shapes():
@@ -169,6 +211,12 @@ def test_rejects_bad_shapes():
         rpa.ragged_paged_attention(*args, sm_scale=1.0, config=rpa.AttentionConfig(block_kv=256, num_stages=4))
     with pytest.raises(ValueError, match="dtype"):
         rpa.ragged_paged_attention(q.astype(jnp.float32), *args[1:], sm_scale=1.0)
+    with pytest.raises(ValueError, match="needs block_q=1"):
+        rpa.AttentionConfig(consumer_warpgroups=1)
+    with pytest.raises(ValueError, match="multiple of self.consumer_warpgroups"):
+        rpa.AttentionConfig(num_stages=3, block_q=1, consumer_warpgroups=2)
+    with pytest.raises(ValueError, match="must be 0, 1 or 2"):
+        rpa.AttentionConfig(block_q=1, consumer_warpgroups=3)
 
 
 @pytest.mark.gpu
@@ -179,6 +227,21 @@ def test_glm4_decode_batch64_long_context():
                      page_size=16, token_bucket=64, max_pages=256, seed=11, num_layers=1)
     out = rpa.ragged_paged_attention(*args, sm_scale=128 ** -0.5)
     assert_close(out, rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5), what="decode 64x4k")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [
+    None, WS_TWO_CONSUMERS, rpa.AttentionConfig(block_kv=128, num_stages=2, block_q=1, consumer_warpgroups=2),
+    rpa.AttentionConfig(block_kv=64, num_stages=4, block_q=1, consumer_warpgroups=2),
+    rpa.AttentionConfig(block_kv=128, num_stages=2, block_q=1)])
+def test_glm4_decode_steps_batch64(config):
+    """A decode step (decode_only) of 64 sequences x 3-4k context, GLM-4 heads: the decode default (warp-
+    specialized), two consumer warpgroups with and without split-K, and the one-warpgroup kernel."""
+    lens = np.random.default_rng(1).integers(3000, 4096, 64)
+    args = make_case(lens - 1, np.ones(64, np.int64), num_q_heads=32, num_kv_heads=2, head_dim=128,
+                     page_size=16, token_bucket=64, max_pages=256, seed=13, num_layers=1)
+    out = rpa.ragged_paged_attention(*args, sm_scale=128 ** -0.5, config=config, decode_only=True)
+    assert_close(out, rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5), what=f"decode {config}")
 
 
 @pytest.mark.gpu

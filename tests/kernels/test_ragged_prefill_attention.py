@@ -2,7 +2,9 @@
 its register-P GPU path lowered for CUDA on CPU, and its argument checks.
 
 Freshly drawn random Q/K/V and page orders for every case; the interpreter NaN-fills every buffer it
-allocates, so an unwritten output row fails ``assert_close``.
+allocates, so an unwritten output row fails ``assert_close``, and the Q of padding tokens is NaN (their
+outputs must still be zeros, and no other row may see them). Both Q tile row orders are covered:
+token-major (G % 8 == 0) and head-major (G_pad <= 8), with T a multiple of a CTA's tokens or not.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ CASES = {
     "single_tokens_skip": ([3, 200], [1, 1], (4, 2), 64, 16, 8, 14, Config(block_kv=64, num_stages=2)),
     # Only padding: every CTA has an empty schedule.
     "no_tokens": ([5], [0], (4, 2), 64, 16, 16, 1, Config(block_kv=64, num_stages=2)),
+    # GLM-4 heads, 21 tokens (not a multiple of the CTA's 8: q padded to 24), 2 of them padding.
+    "glm4_tokens_not_tile_multiple": ([0, 9], [13, 6], (32, 2), 64, 16, 21, 2, Config(block_kv=64, num_stages=2)),
+    # Group 6 (padded to 8; head-major, pad-head rows never loaded), 30 tokens of which 3 padding (CTA: 16).
+    "group6_head_major": ([4], [27], (12, 2), 64, 16, 30, 3, Config(block_kv=64, num_stages=2)),
+    # Group 24 (padded to 32; token-major [24, D] copies), 2 tokens a warpgroup, 11 tokens (CTA: 4).
+    "group24_token_major": ([0], [10], (48, 2), 64, 16, 11, 1, Config(block_kv=64, num_stages=2)),
 }
 
 
@@ -56,8 +64,9 @@ def test_matches_reference(case, kernel_context):
     before, new, (num_q_heads, num_kv_heads), head_dim, page_size, bucket, max_pages, config = CASES[case]
     args = make_case(before, new, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                      page_size=page_size, token_bucket=bucket, max_pages=max_pages, seed=zlib.crc32(case.encode()))
-    out = check(args, config, kernel_context, case)
     total = sum(new)
+    args = (args[0].at[total:].set(jnp.nan), *args[1:])  # padding tokens' Q poisoned
+    out = check(args, config, kernel_context, case)
     assert np.all(np.asarray(out[total:], np.float32) == 0.0), "padding tokens must give zeros"
 
 
@@ -89,11 +98,14 @@ def _abstract_args(num_tokens, num_q_heads, num_kv_heads, head_dim, page_size, m
     (4096, (32, 2), 128, 16, 1024, Config(block_kv=128, num_stages=2, schedule_barrier=False)),
     (1024, (8, 2), 64, 64, None, Config(block_kv=64, num_stages=4)),
     (512, (4, 1), 256, 256, None, None),                                  # block of a page, head dim 256
+    (4100, (32, 2), 128, 16, None, None),                # GLM-4, T not a multiple of the CTA's 8 tokens
+    (2048, (28, 4), 128, 16, None, None),                # Qwen2-7B: group 7 (padded to 8), head-major
 ])
 def test_register_p_path_lowers_for_cuda(num_tokens, heads, head_dim, page_size, max_pages, config):
     """Outside the interpreter P is the register A operand of the PV wgmma (accumulated in place):
-    Mosaic GPU's lowering (run here, on CPU) must take it, and the page-table row's copy into SMEM for a
-    1024-column table (tiled [4, 256]: one async copy takes at most 256 elements a dimension)."""
+    Mosaic GPU's lowering (run here, on CPU) must take it, the page-table row's copy into SMEM for a
+    1024-column table (tiled [4, 256]: one async copy takes at most 256 elements a dimension), and the Q / O
+    TMA copies of both tile row orders (token-major G 16, head-major G 4 and 7 with pad heads, q padded)."""
     args = _abstract_args(num_tokens, *heads, head_dim, page_size, max_pages)
     traced = rpf.ragged_prefill_attention.trace(*args, sm_scale=head_dim ** -0.5, config=config)
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
@@ -102,6 +114,8 @@ def test_register_p_path_lowers_for_cuda(num_tokens, heads, head_dim, page_size,
 
 def test_config_and_supports():
     assert rpf.supports(32, 2, 128, jnp.bfloat16, 16)
+    assert rpf.supports(9, 3, 64, jnp.bfloat16, 16) and rpf.supports(48, 2, 128, jnp.bfloat16, 16)  # G 3, G 24
+    assert not rpf.supports(24, 2, 128, jnp.bfloat16, 16)  # G 12: neither Q tile row order fits 8-row tiles
     assert rpf.supports(4, 1, 256, jnp.float16, 256)
     assert not rpf.supports(32, 2, 512, jnp.bfloat16, 16)  # Q tiles + 2 K/V stages exceed SMEM
     assert not rpf.supports(32, 2, 128, jnp.float32, 16)
@@ -134,16 +148,29 @@ def test_rejects_bad_arguments():
                                      config=Config(block_kv=128, num_stages=3))
     with pytest.raises(ValueError, match="at most 65536 pages"):
         rpf.ragged_prefill_attention(*args[:6], jnp.zeros((1, 65537), jnp.int32), *args[7:], sm_scale=1.0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        rpf.ragged_prefill_attention(jnp.zeros((8, 24, 64), q.dtype), *args[1:], sm_scale=1.0)
     with pytest.raises(ValueError, match="must divide one another"):
         k = jnp.zeros((1, 2, 48, 2, 64), q.dtype)
         rpf.ragged_prefill_attention(q, k, k, *args[3:], sm_scale=1.0, config=Config(block_kv=128))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("before,new", [([0], [2048]), ([0, 700], [1000, 1048])])
-def test_glm4_prefill_2k_gpu(before, new):
+@pytest.mark.parametrize("before,new,bucket", [([0], [2048], 2048), ([0, 700], [1000, 1048], 2048),
+                                               ([0, 700], [1000, 1043], 2053)])  # 2053: q padded, 10 padding
+def test_glm4_prefill_2k_gpu(before, new, bucket):
     """GLM-4 heads, page 16, default config: one 2k prefill; a 1000-token prefill beside a chunk on a prefix."""
     args = make_case(before, new, num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=16,
-                     token_bucket=2048, max_pages=(max(before) + 2048) // 16, seed=21, num_layers=1)
+                     token_bucket=bucket, max_pages=(max(before) + 2048) // 16, seed=21, num_layers=1)
     out = rpf.ragged_prefill_attention(*args, sm_scale=128 ** -0.5)
     assert_close(out, rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5), what=f"prefill {new}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(32, 8), (28, 4), (9, 3)])
+def test_head_major_prefill_1k_gpu(heads):
+    """Llama-family groups (4, 7, 3: head-major Q tiles), a 1000-token prefill beside a chunk on a prefix."""
+    args = make_case([0, 300], [500, 500], num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=64, page_size=16,
+                     token_bucket=1024, max_pages=50, seed=22, num_layers=1)
+    out = rpf.ragged_prefill_attention(*args, sm_scale=64 ** -0.5)
+    assert_close(out, rpa.ragged_paged_attention_reference(*args, sm_scale=64 ** -0.5), what=f"heads {heads}")

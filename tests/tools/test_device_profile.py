@@ -23,3 +23,15 @@ def test_profile_reads_back_the_ops_of_a_traced_call():
     assert any("sin" in name for name, _, calls in summary.top(20))
     gpu = profile_device(lambda: f(x))  # no GPU plane on a CPU run: says so instead of inventing numbers
     assert gpu.num_devices == 0 and "not measured" in gpu.format()
+
+
+def test_by_kind_merges_the_instances_of_one_op():
+    from autoglm_jax.tools.device_profile import DeviceProfile
+
+    profile = DeviceProfile(10.0, 8.0, 6, 1, {"gemm_fusion_dot.321": (3.0, 2), "gemm_fusion_dot.247": (1.0, 2),
+                                              "cond.7.clone": (0.5, 1), "command_buffer_11": (2.0, 1),
+                                              "fusion": (1.5, 1)})
+    merged = profile.by_kind().per_op
+    assert merged == {"gemm_fusion_dot": (4.0, 4), "cond": (0.5, 1), "command_buffer_11": (2.0, 1),
+                      "fusion": (1.5, 1)}
+    assert profile.by_kind().busy_ms == 8.0 and profile.by_kind().top(1)[0] == ("gemm_fusion_dot", 4.0, 4)
