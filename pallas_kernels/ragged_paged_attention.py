@@ -220,8 +220,9 @@ def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_di
         # H100, GLM-4 heads (benchmarks/kernels.py, RESULTS "Decode attention, one token per CTA"): split
         # only up to one wave of CTAs (batch 64 x 4k: no split, 0.78 of the copy bandwidth; 3 splits
         # 0.71), down to one KV block per split for a single sequence. One warpgroup: two stages of 128
-        # rows beat three (0.82). Warp-specialized (TMA producer + one consumer): the deepest ring that fits,
-        # since the producer no longer waits for the softmax + PV of the current block (not yet measured).
+        # rows beat three (0.82). Warp-specialized (TMA producer + one consumer), the deepest ring that fits
+        # (benchmarks/attention_ab.py, RESULTS "Session 6"): as fast as the best config at 64 x 4k (0.93 of
+        # the copy bandwidth with the wrapper), 12% less kernel time than one warpgroup at 32 x 4k.
         splits = max(1, min(tuning.num_sms() // num_ctas, pl.cdiv(max_context, block_kv)))
         for consumers, stages in ((1, 3), (1, 2), (0, 2), (0, 1)):
             config = AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits, block_q=1,

@@ -50,8 +50,8 @@ def paged_attention_xla(q, k_cache, v_cache, layer, md: AttentionMetadata, sm_sc
 
 
 # Token buckets from which a step that is not decode-only runs the warp-specialized prefill kernel (two
-# compute warpgroups share each K/V block; H100: 0.91-0.94x cuDNN at 4k-16k-token prefills, 1.9x the
-# one-warpgroup kernel on a 1k chunk over a 3k prefix). Smaller mixed buckets keep the one-warpgroup
+# compute warpgroups share each K/V block; H100: 1.05-1.07x cuDNN at a 4k-token prefill, 0.97-0.98x at 16k,
+# 2x the one-warpgroup kernel on a 1k chunk over a 3k prefix). Smaller mixed buckets keep the one-warpgroup
 # kernel (unmeasured there: mostly single decode tokens).
 PREFILL_KERNEL_MIN_TOKENS = 512
 
