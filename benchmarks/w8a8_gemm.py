@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from autoglm_jax.quant.channel import quantize_activations
+from autoglm_jax.quant.channel import quantize_activations, w8a8_product
 from benchmarks._timing import time_chained_ms
 from benchmarks.tune_matmul import SHAPES
 from pallas_kernels import w8a8_matmul as w8mm
@@ -40,13 +40,9 @@ def bf16_kn(x, w):
 
 
 def _w8a8(storage: str, nk: bool):
-    acc = jnp.int32 if storage == "int8" else jnp.float32
-    dims = (((1,), (1,)), ((), ())) if nk else (((1,), (0,)), ((), ()))
-
+    """The model's W8A8 XLA rule (``quant.channel.w8a8_product``) with the weight [N, K] (nk) or [K, N]."""
     def fn(x, w, scales):
-        xq, x_scales = quantize_activations(x, storage)
-        y = jax.lax.dot_general(xq, w, dims, preferred_element_type=acc).astype(jnp.float32)
-        return (y * x_scales * scales).astype(x.dtype)
+        return w8a8_product(x, w, scales, storage, weights_nk=nk).astype(x.dtype)
     return fn
 
 

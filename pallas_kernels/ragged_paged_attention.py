@@ -319,7 +319,7 @@ def _softmax_step(s, m_i, l_i, acc):
     return p, m_new, l_i, acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
 
-def _accumulate_pv(acc, p, v_block, p_smem, under_wgmma=lambda: None):
+def accumulate_pv(acc, p, v_block, p_smem, under_wgmma=lambda: None):
     """acc [64, D] + p [64, block_kv] @ v_block [block_kv, D]; ``under_wgmma()`` runs while the wgmma does.
     On the GPU (p_smem None) P is the wgmma's register A operand, accumulated in place; the GPU interpreter
     has no register-A wgmma (nor ACC.init), so there P goes through p_smem [64, block_kv] into a fresh
@@ -343,7 +343,7 @@ def _accumulate_pv(acc, p, v_block, p_smem, under_wgmma=lambda: None):
     return acc + pl.run_scoped(compute_pv, plgpu.ACC(acc.shape, jnp.float32))
 
 
-def _store_output(out_refs, acc, m_i, l_i, q_smem, out_smem, lse_smem, *, layout: TileLayout, tok0, num_tokens,
+def store_output(out_refs, acc, m_i, l_i, q_smem, out_smem, lse_smem, *, layout: TileLayout, tok0, num_tokens,
                   kv_head, split):
     """Normalize acc [64, D] by l_i, zero the rows of padding tokens (>= num_tokens) and copy the tile of
     tokens tok0.. to the output: in q's dtype through the Q tile (no longer needed) by ``layout``'s copies,
@@ -368,7 +368,19 @@ def _store_output(out_refs, acc, m_i, l_i, q_smem, out_smem, lse_smem, *, layout
     plgpu.wait_smem_to_gmem(0)
 
 
-def _initial_state(head_dim: int):
+def wait_last_releases(k_consumed, v_consumed, num_steps, stages: int) -> None:
+    """The TMA producer's last act: wait for the consumers' release of the last ``stages`` of its
+    ``num_steps`` K / V blocks, so every phase of the ring's "consumed" barriers is waited on."""
+    for s in range(stages):
+        g = num_steps - stages + s
+
+        @pl.when(g >= 0)
+        def _():
+            plgpu.barrier_wait(k_consumed.at[lax.rem(g, jnp.int32(stages))])
+            plgpu.barrier_wait(v_consumed.at[lax.rem(g, jnp.int32(stages))])
+
+
+def initial_state(head_dim: int):
     """(acc [64, D], row max m [64], row sum l [64]) before the first KV block, in WGMMA layouts."""
     m_i = plgpu.layout_cast(jnp.full((ROWS,), _MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -458,14 +470,14 @@ def _attention_kernel(
             visible = (row_token >= first) & (row_token < end) & (kv_pos <= row_token + (first_pos - first))
             p, m_new, l_i, acc = _softmax_step(jnp.where(visible, qk * qk_scale, _MASK_VALUE), m_i, l_i, acc)
             plgpu.barrier_wait(v_barriers.at[slot])
-            acc = _accumulate_pv(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[0])
+            acc = accumulate_pv(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[0])
             pl.when(step + num_stages < num_steps)(lambda: issue(step + num_stages, slot))
             return acc, m_new, l_i
 
         return lax.fori_loop(0, num_steps, kv_body, carry)
 
-    acc, m_i, l_i = lax.fori_loop(0, num_seqs, seq_body, _initial_state(head_dim))
-    _store_output(out_refs, acc, m_i, l_i, q_smem, out_smem, lse_smem, layout=layout, tok0=tok0, num_tokens=num_tokens,
+    acc, m_i, l_i = lax.fori_loop(0, num_seqs, seq_body, initial_state(head_dim))
+    store_output(out_refs, acc, m_i, l_i, q_smem, out_smem, lse_smem, layout=layout, tok0=tok0, num_tokens=num_tokens,
                   kv_head=kv_head, split=split)
 
 
@@ -530,13 +542,7 @@ def _decode_kernel(
                         plgpu.copy_gmem_to_smem(ref.at[layer, page, :, kv_head],
                                                 smem.at[slot, pl.ds(j * page_size, page_size)], full.at[slot])
 
-            for s in range(stages):  # observe the release of the last blocks (every barrier phase is waited on)
-                g = num_steps - stages + s
-
-                @pl.when(g >= 0)
-                def _():
-                    plgpu.barrier_wait(k_consumed.at[lax.rem(g, jnp.int32(stages))])
-                    plgpu.barrier_wait(v_consumed.at[lax.rem(g, jnp.int32(stages))])
+            wait_last_releases(k_consumed, v_consumed, num_steps, stages)
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -565,13 +571,13 @@ def _decode_kernel(
             p, m_new, l_i, acc = _softmax_step(s, m_i, l_i, acc)
             plgpu.barrier_wait(v_full.at[slot])
             wait_next_k = lambda: pl.when(i + 1 < my_steps)(lambda: plgpu.barrier_wait(k_slot(i + 1)))
-            acc = _accumulate_pv(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg], wait_next_k)
+            acc = accumulate_pv(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg], wait_next_k)
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l_i
 
-        state = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), _initial_state(head_dim))
+        state = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), initial_state(head_dim))
         acc, m_i, l_i = lax.fori_loop(unmasked, my_steps, functools.partial(step, masked=True), state)
-        store = functools.partial(_store_output, out_refs, q_smem=q_smem, out_smem=out_smem, lse_smem=lse_smem,
+        store = functools.partial(store_output, out_refs, q_smem=q_smem, out_smem=out_smem, lse_smem=lse_smem,
                                   layout=layout, tok0=token, num_tokens=num_tokens, kv_head=kv_head, split=split)
         if consumers == 1:
             store(acc, m_i, l_i)

@@ -233,13 +233,7 @@ def _prefill_kernel(
             return lax.fori_loop(0, num_blocks, block_body, g)
 
         total_steps = lax.fori_loop(0, num_seqs, seq_body, jnp.int32(0))
-        for s in range(stages):  # observe the release of the last blocks (every barrier phase is waited on)
-            g = total_steps - stages + s
-
-            @pl.when(g >= 0)
-            def _():
-                plgpu.barrier_wait(k_consumed.at[lax.rem(g, jnp.int32(stages))])
-                plgpu.barrier_wait(v_consumed.at[lax.rem(g, jnp.int32(stages))])
+        rpa.wait_last_releases(k_consumed, v_consumed, total_steps, stages)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute_warpgroup():
@@ -263,23 +257,6 @@ def _prefill_kernel(
 
         def wait_next_k(g):  # wait for the K block of step g + 1 (if any) before it is needed
             pl.when(g + 1 < total_steps)(lambda: plgpu.barrier_wait(k_full.at[lax.rem(g + 1, jnp.int32(stages))]))
-
-        def pv(acc, p, g, slot):  # acc + p [64, block_kv] @ v block [block_kv, D]; the next K is awaited under it
-            if p_smem is None:  # P as the register A operand, accumulated in place
-                def compute_pv_in_place(acc_ref):
-                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-                    wait_next_k(g)
-
-                return pl.run_state(compute_pv_in_place)(plgpu.ACC.init(acc))
-            p_smem[wg] = p  # the interpreter: P through SMEM into a fresh accumulator
-            plgpu.commit_smem()
-
-            def compute_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
-                wait_next_k(g)
-                return acc_ref[...]
-
-            return acc + pl.run_scoped(compute_pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
 
         def wait_v(slot):  # end of softmax: let the other warpgroup's wgmma go first, then wait for V
             if config.schedule_barrier:
@@ -317,7 +294,9 @@ def _prefill_kernel(
             if config.schedule_barrier:  # softmax done before the barrier (as JAX's FA3 kernel orders it)
                 acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
             wait_v(slot)
-            acc = pv(acc, p, g, slot)
+            # acc + P V; the next K is awaited under the wgmma
+            acc = rpa.accumulate_pv(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg],
+                                    lambda: wait_next_k(g))
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l_i
 
@@ -357,22 +336,13 @@ def _prefill_kernel(
             pl.loop(own_blocks, num_blocks)(lambda block: skip_step(g + block))
             return (*state[:3], g + num_blocks)
 
-        m_i = plgpu.layout_cast(jnp.full((ROWS,), rpa._MASK_VALUE, jnp.float32), wgmma_layout.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), wgmma_layout.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((ROWS, head_dim), 0.0, jnp.float32), wgmma_layout)
         pl.when(wg == 1)(sync_schedule)  # offset the two warpgroups by half a step
         pl.when(total_steps > 0)(lambda: plgpu.barrier_wait(k_full.at[0]))  # the first step's K
-        acc, m_i, l_i, _ = lax.fori_loop(0, num_seqs, seq_body, (acc, m_i, l_i, jnp.int32(0)))
+        acc, m_i, l_i, _ = lax.fori_loop(0, num_seqs, seq_body, (*rpa.initial_state(head_dim), jnp.int32(0)))
         pl.when(wg == 0)(sync_schedule)
-
-        l_safe = jnp.maximum(l_i, 1e-30)  # padding rows may have l == 0
-        out = acc / bcast_rows(l_safe, acc.shape)
-        out = jnp.where(layout.row_tokens(head_dim) + tile_tok0 < num_tokens, out, 0.0)  # padding tokens: zeros
-        q_tile[...] = out.astype(q_tile.dtype)  # Q is no longer needed
-        plgpu.commit_smem()
-        for gmem, tile_rows in layout.copies(out_ref, tile_tok0, kv_head):
-            plgpu.copy_smem_to_gmem(q_tile.at[tile_rows], gmem)
-        plgpu.wait_smem_to_gmem(0)
+        # normalized, padding tokens zeroed, out through the Q tile (no longer needed) by the layout's copies
+        rpa.store_output((out_ref,), acc, m_i, l_i, q_tile, None, None, layout=layout, tok0=tile_tok0,
+                         num_tokens=num_tokens, kv_head=kv_head, split=None)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config"))

@@ -149,7 +149,7 @@ def load_model(model: str | None, dtype=jnp.bfloat16, attention_backend: str = "
     matmul kernels (``autoglm_jax.model.matmul_backend``); "auto" only the quantized ones (weight-only
     int8 / fp8 / int4, W8A8), on a GPU and without a mesh; "xla" leaves them as they are, except that on a GPU
     W8A8 weights are stored out-feature major for XLA's 8-bit GEMM (no weight transpose per call)."""
-    from autoglm_jax.model.matmul_backend import apply_matmul_backend, check_matmul_backend
+    from autoglm_jax.model.matmul_backend import check_matmul_backend
 
     check_matmul_backend(matmul_backend)
     if quantization is not None and mesh is not None:
@@ -161,9 +161,19 @@ def load_model(model: str | None, dtype=jnp.bfloat16, attention_backend: str = "
     source = resolve_model_source(model)
     config, params = load_params(source, dtype, progress)
     model_ = build_model(config, params, dtype, attention_backend, seed, mesh)
+    transform_model(model_, quantization, matmul_backend)
+    return config, model_, source
+
+
+def transform_model(model: CausalLM, quantization: str | None, matmul_backend: str) -> CausalLM:
+    """The weight transforms ``load_model`` applies after building, in place and in order: the quantization
+    scheme (if any), then the matmul backend's weight wrappers. Also run on an abstract model
+    (``nnx.eval_shape``) to know the served weights' shapes before loading them."""
+    from autoglm_jax.model.matmul_backend import apply_matmul_backend
+
     if quantization is not None:
         from autoglm_jax.quant.transform import apply_quantization
 
-        apply_quantization(model_, quantization)
-    apply_matmul_backend(model_, matmul_backend)
-    return config, model_, source
+        apply_quantization(model, quantization)
+    apply_matmul_backend(model, matmul_backend)
+    return model

@@ -64,15 +64,11 @@ def serving_model_shapes(cfg: EngineConfig, model_config, dtype, attention_backe
     compiling the step programs before the weights exist. One device only."""
     from flax import nnx
 
-    from autoglm_jax.checkpoint.loader import build_model
-    from autoglm_jax.model.matmul_backend import apply_matmul_backend
-    from autoglm_jax.quant.transform import apply_quantization
+    from autoglm_jax.checkpoint.loader import build_model, transform_model
 
     def build():
-        model = build_model(model_config, None, dtype, attention_backend, cfg.seed)
-        if cfg.quantization is not None:
-            apply_quantization(model, cfg.quantization)
-        apply_matmul_backend(model, cfg.matmul_backend)
+        model = transform_model(build_model(model_config, None, dtype, attention_backend, cfg.seed),
+                                cfg.quantization, cfg.matmul_backend)
         if not scan_layers:
             model.layers.unstack()
         return model
