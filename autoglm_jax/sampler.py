@@ -49,6 +49,7 @@ class SamplingTensors:
     seed: jax.Array                # [B] uint32: low 32 bits of the request's seed
     step: jax.Array                # [B] int32: tokens the request has generated so far
     min_tokens: jax.Array          # [B] int32
+    want_logprobs: jax.Array       # [B] bool: the row's request asks for logprobs (ranks / top-N computed only then)
     stop_token_ids: jax.Array      # [B, S] int32: EOS + stop_token_ids of rows with step < min_tokens; -1 pad
 
     @property
@@ -100,6 +101,7 @@ class HostRows:
             "seed": np.zeros(batch_bucket, np.uint32),
             "step": np.zeros(batch_bucket, np.int32),
             "min_tokens": np.zeros(batch_bucket, np.int32),
+            "want_logprobs": np.zeros(batch_bucket, bool),
         }
         self.stop_lists: list[list[int]] = [[] for _ in range(batch_bucket)]
 
@@ -115,6 +117,7 @@ class HostRows:
         f["seed"][b] = int(seed) & 0xFFFFFFFF
         f["step"][b] = step
         f["min_tokens"][b] = p.min_tokens
+        f["want_logprobs"][b] = p.logprobs is not None
         if step < p.min_tokens:
             self.stop_lists[b] = list(dict.fromkeys([*eos_token_ids, *p.stop_token_ids]))
 
@@ -140,6 +143,7 @@ class HostRows:
 class SamplerOutput:
     token_ids: jax.Array      # [B] int32: the sampled tokens
     logprob: jax.Array        # [B] f32: raw logprob of the sampled token
+    # rank and top-N: 0 for every row unless some row of the batch asks for logprobs (want_logprobs)
     rank: jax.Array           # [B] int32: 1-based rank of the sampled token under the raw logprobs
     top_logprobs: jax.Array   # [B, N] f32: the N largest raw logprobs, descending
     top_token_ids: jax.Array  # [B, N] int32: their token ids
@@ -249,10 +253,11 @@ def sample(
     prompt_mask [B, V] bool; num_logprobs: static N (0 = only the sampled token's logprob/rank).
 
     Jit with ``static_argnames="num_logprobs"``. When every row is greedy a ``lax.cond`` skips the
-    temperature / filter / random path entirely.
+    temperature / filter / random path entirely; when no row wants logprobs another skips the ranks and
+    the top-N (full-vocabulary passes per row).
     """
-    logits = logits.astype(jnp.float32)
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    logits = raw = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(raw, axis=-1)  # [B]: raw logprobs = raw - log_z, materialized only for ranks / top-N
     logits = apply_min_tokens(logits, tensors)
     logits = apply_penalties(logits, output_counts, prompt_mask, tensors)
     greedy = tensors.temperature < SAMPLING_EPS
@@ -262,7 +267,15 @@ def sample(
         lambda x: _sample_random_rows(x, tensors, greedy),
         logits,
     )
-    logprob, rank, top, top_ids = gather_logprobs(raw_logprobs, token_ids, num_logprobs)
+    # The sampled token's logprob always (cumulative_logprob); its rank and the top-N only when some row
+    # asks for logprobs: a full-vocabulary count and top-k per row per step otherwise wasted (as vLLM).
+    logprob = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - log_z
+    rows = logits.shape[0]
+    rank, top, top_ids = jax.lax.cond(
+        jnp.any(tensors.want_logprobs),
+        lambda: gather_logprobs(raw - log_z[:, None], token_ids, num_logprobs)[1:],
+        lambda: (jnp.zeros((rows,), jnp.int32), jnp.zeros((rows, num_logprobs), jnp.float32),
+                 jnp.zeros((rows, num_logprobs), jnp.int32)))
     return SamplerOutput(token_ids=token_ids, logprob=logprob, rank=rank, top_logprobs=top, top_token_ids=top_ids)
 
 

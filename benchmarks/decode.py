@@ -58,6 +58,10 @@ flags.DEFINE_integer("profile_steps", 6, "--engine: engine steps traced for the 
 flags.DEFINE_integer("profile_top", 5, "--engine: the most expensive device ops printed from the trace.")
 flags.DEFINE_bool("profile_by_kind", False, "--engine: merge the printed ops by kind (gemm_fusion_dot.N -> "
                   "gemm_fusion_dot), e.g. with XLA_FLAGS=--xla_gpu_enable_command_buffer= to see every kernel.")
+flags.DEFINE_integer("max_logprobs", 0, "Runner mode: top logprobs every decode step computes (the engine's "
+                     "max_logprobs; 20 by default there, 0 here).")
+flags.DEFINE_bool("profile_runner", False, "Runner mode: also trace one call per shape and print its --profile_top ops "
+                  "(by kind with --profile_by_kind) and idle gaps.")
 flags.DEFINE_string("dtype", "bfloat16", "--engine: weights/activations/KV dtype (float32 for a CPU smoke run).")
 
 
@@ -85,7 +89,7 @@ def run_backend(config: ModelConfig, backend: str, scan_layers: bool, batches, c
     runner = ModelRunner(model, config, max_batch_size=max(batches), max_num_batched_tokens=max(batches),
                          max_sequence_length=pages_per_seq * FLAGS.page_size, page_size=FLAGS.page_size,
                          num_pages=max(batches) * pages_per_seq + 1, cache_dtype=jnp.bfloat16,
-                         decode_steps_per_call=FLAGS.steps, max_logprobs=0, scan_layers=scan_layers)
+                         decode_steps_per_call=FLAGS.steps, max_logprobs=FLAGS.max_logprobs, scan_layers=scan_layers)
     # never time on zeros; the zeroed pool is donated, so the random one takes its place (no second pool)
     fill = jax.jit(lambda a, key: jax.random.normal(key, a.shape, a.dtype), donate_argnums=0)
     kv = runner.state.kv
@@ -109,6 +113,9 @@ def run_backend(config: ModelConfig, backend: str, scan_layers: bool, batches, c
             ms_step = statistics.median(times) / FLAGS.steps * 1e3
             kv_bytes = batch * (context + FLAGS.steps / 2) * per_token_kv
             roofline_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
+            if FLAGS.profile_runner:
+                profile = profile_device(lambda r=runner, i=inp: r._run_decode(i), warmup=0)
+                print((profile.by_kind() if FLAGS.profile_by_kind else profile).format(FLAGS.profile_top), flush=True)
             label = backend + (" scan" if scan_layers else "")
             rows.append((label, batch, context, batch / ms_step * 1e3, ms_step, roofline_ms / ms_step, compile_s))
             print(f"{label:11s} batch {batch:4d} ctx {context:5d}: {batch / ms_step * 1e3:9.1f} tok/s "

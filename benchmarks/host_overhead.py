@@ -40,6 +40,7 @@ from absl import app, flags
 
 from autoglm_jax.default_model import default_model_path
 from autoglm_jax.engine.core import EngineCore
+from autoglm_jax.engine.step_log import FetchClock
 from autoglm_jax.sampling_params import SamplingParams
 
 FLAGS = flags.FLAGS
@@ -59,24 +60,6 @@ flags.DEFINE_string("profile_prefix", None, "With --profile, also save each regi
 DECODE_PARAMS = SamplingParams(temperature=0.0, max_tokens=500, min_tokens=500, ignore_eos=True)
 ADMITTED_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, min_tokens=1, ignore_eos=True)
 DETOKENIZED_PARAMS = SamplingParams(temperature=1.0, max_tokens=500, min_tokens=500, ignore_eos=True)
-
-
-class DeviceWait:
-    """Wall and thread-CPU seconds the host spends in ``runner._fetch`` (waiting for a step's tokens)."""
-
-    def __init__(self, runner):
-        self.seconds = self.cpu_seconds = 0.0
-        fetch = runner._fetch
-
-        def timed(out):
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            try:
-                return fetch(out)
-            finally:
-                self.seconds += time.perf_counter() - start
-                self.cpu_seconds += time.thread_time() - start_cpu
-
-        runner._fetch = timed
 
 
 def random_prompts(rng: np.random.Generator, count: int, length: int, vocab: int) -> list[dict]:
@@ -105,19 +88,19 @@ def fill_batch(core: EngineCore, rng, num_queued: int, queued_tokens: int, param
         core.step()
 
 
-def measure(core: EngineCore, wait: DeviceWait, num_steps: int, profile: bool):
+def measure(core: EngineCore, wait: FetchClock, num_steps: int, profile: bool):
     """Per step: (wall ms, blocked-on-device ms, host CPU ms, tokens generated); the checksum of the
     tokens; with ``profile``, the profile (thread CPU time) of as many more steps after the timed ones."""
     rows, checksum = [], 0
     for _ in range(num_steps):
-        generated, waited, waited_cpu = core.metrics.total_generated_tokens, wait.seconds, wait.cpu_seconds
+        generated, waited, waited_cpu = core.metrics.total_generated_tokens, wait.blocked_s, wait.cpu_s
         start, start_cpu = time.perf_counter(), time.thread_time()
         outputs = core.step()
         wall, cpu = time.perf_counter() - start, time.thread_time() - start_cpu
         for out in outputs:
             ids = out.outputs[0].token_ids
             checksum = zlib.crc32(np.asarray(ids[-8:], np.int32).tobytes(), checksum)
-        rows.append((wall * 1e3, (wait.seconds - waited) * 1e3, (cpu - (wait.cpu_seconds - waited_cpu)) * 1e3,
+        rows.append((wall * 1e3, (wait.blocked_s - waited) * 1e3, (cpu - (wait.cpu_s - waited_cpu)) * 1e3,
                      core.metrics.total_generated_tokens - generated))
     profiler = None
     if profile:
@@ -166,7 +149,7 @@ def main(argv):
     core = EngineCore(settings)
     print(f"engine ({FLAGS.model}, {jax.default_backend()}) built and warmed up in {time.perf_counter() - start:.1f} s",
           flush=True)
-    tokenizer, wait, rng = core.tokenizer, DeviceWait(core.runner), np.random.default_rng(0)
+    tokenizer, wait, rng = core.tokenizer, FetchClock(core.runner), np.random.default_rng(0)
     results, profiles = [], []
     running = core.config.max_batch_size
 

@@ -11,9 +11,11 @@ Engine settings come from --config (a JSON/YAML file of EngineConfig fields, e.g
 best_config.json) and the engine flags below.
 
     .venv/bin/python benchmarks/serving.py --model=tiny-llama --num_requests=16 --input_len=32 --output_len=16
-    # issue 5 on one GPU: the offline target, then the seed's table (modes x fixed/mixed x rates)
+    # issue 5 on one GPU: the offline target (--step_log: where its time goes, per engine call), then the
+    # seed's table (modes x fixed/mixed x rates)
     python3 benchmarks/serving.py --model=glm-4-9b-0414 --max_batch_size=256 --max_num_batched_tokens=2048 \
-        --max_sequence_length=2048 --num_requests=1000 --input_len=1000 --output_len=1000 --json=serving.json
+        --max_sequence_length=2048 --num_requests=1000 --input_len=1000 --output_len=1000 --json=serving.json \
+        [--step_log]
     python3 benchmarks/serving.py --model=glm-4-9b-0414 --max_batch_size=256 --max_num_batched_tokens=2048 \
         --max_sequence_length=2048 --batching_modes --workloads=fixed,mixed --num_requests=256 \
         --online_num_requests=128 --input_len=512 --output_len=256 --request_rates=inf,8,32 --deadline_s=400 \
@@ -60,6 +62,9 @@ flags.DEFINE_bool("ablate_queued_multistep", False, "Also run every (workload, r
                   "decode policy of before: one decode step per call whenever a request waits (even one that "
                   "cannot join the full batch).")
 flags.DEFINE_list("merge", None, "Results files to put in one table / plot (no benchmark runs).")
+flags.DEFINE_bool("step_log", False, "Log every engine call of the offline runs (``EngineCore.enable_step_log``) and "
+                  "print where the run's wall time went: mixed (prefill) vs decode calls, ms per call and per "
+                  "decode step, host time; stored as the row's 'step_log' in --json.")
 
 # The seed's three rows, in its order: (name, EngineConfig overrides). They run adaptive first, static last,
 # so a --deadline_s cuts the baseline rather than the engine's default mode.
@@ -151,6 +156,7 @@ def run_mode(name: str, settings: dict, runs, meta: dict, done: list[dict], star
     from _serving_load import run_requests
 
     from autoglm_jax.engine.async_engine import AutoGLMEngine
+    from autoglm_jax.engine.step_log import format_step_summary
 
     if _past_deadline(started):
         meta["skipped"] += [f"{name} / {w.label} / {rate_label(r)}" for w, r in runs]
@@ -176,13 +182,16 @@ def run_mode(name: str, settings: dict, runs, meta: dict, done: list[dict], star
                 if ablated:  # before: a non-empty queue alone forced one decode step per call
                     scheduler.admission_blocked = lambda: scheduler.num_waiting == 0
                 try:
-                    metrics = run_requests(engine, run, sample_gpu=meta["backend"] == "gpu")
+                    metrics = run_requests(engine, run, sample_gpu=meta["backend"] == "gpu",
+                                           step_log=FLAGS.step_log and rate is None)
                 finally:
                     vars(scheduler).pop("admission_blocked", None)
                 mode = f"{name}, one decode step per call while queued (before)" if ablated else name
                 rows.append({"engine": "autoglm-jax", "mode": mode, "workload": workload.label, "request_rate": rate,
                              **metrics, **build, "settings": settings, "workload_spec": dataclasses.asdict(run)})
                 print(_progress_line(rows[-1]), flush=True)
+                if "step_log" in metrics:
+                    print(format_step_summary(metrics["step_log"]), flush=True)
                 if FLAGS.json:
                     write_results(FLAGS.json, meta, done + rows)
     finally:

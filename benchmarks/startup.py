@@ -35,6 +35,9 @@ flags.DEFINE_bool("tiny", False, "CPU smoke run: tiny-glm4 with unrolled layers 
                   "GPU), a 257-page pool and 256-token sequences; the ladder flags keep their values.")
 flags.DEFINE_integer("decode_tokens", 0, "After each start, greedy batch-1 decode of this many tokens, reported "
                      "in tokens/s (checks the programs compiled alongside the weights run as fast; 0 = off).")
+flags.DEFINE_string("export_autotune_seed", None, "Three starts: cold with no XLA autotuning seed (its autotune "
+                    "results added to this seed: a .tar.gz, e.g. autoglm_jax/engine/autotune_seeds/<card>.tar.gz, or a directory), cold seeded "
+                    "from that directory in a fresh cache, then warm.")
 flags.DEFINE_string("child", None, "Internal: run one start with this compilation cache dir and print JSON.")
 
 TINY = dict(model="tiny-glm4", max_sequence_length=256, num_pages=257,
@@ -86,18 +89,32 @@ def main(argv):
     if FLAGS.child:
         print("RESULT " + json.dumps(one_start(FLAGS.child)), flush=True)
         return
-    with tempfile.TemporaryDirectory() as cache:
-        rows = []
-        for label in ("cold", "warm"):
+    base = json.loads(FLAGS.settings)
+    if FLAGS.export_autotune_seed:  # (label, cache, seed setting, export the cache's autotune results after)
+        starts = [("cold, no seed", "a", None, True), ("cold, seeded", "b", FLAGS.export_autotune_seed, False),
+                  ("warm", "b", FLAGS.export_autotune_seed, False)]
+    else:
+        seed = base.get("xla_autotune_seed", "auto")
+        starts = [("cold", "a", seed, False), ("warm", "a", seed, False)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, cache_name, seed, export in starts:
+            cache = os.path.join(tmp, cache_name)
+            settings = json.dumps({**base, "xla_autotune_seed": seed})
             cmd = [sys.executable, os.path.abspath(__file__), f"--child={cache}", f"--model={FLAGS.model}",
                    f"--max_batch_size={FLAGS.max_batch_size}", f"--max_num_batched_tokens={FLAGS.max_num_batched_tokens}",
                    f"--max_sequence_length={FLAGS.max_sequence_length}", f"--num_pages={FLAGS.num_pages}",
-                   f"--settings={FLAGS.settings}", f"--decode_tokens={FLAGS.decode_tokens}"]
+                   f"--settings={settings}", f"--decode_tokens={FLAGS.decode_tokens}"]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
             lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
                 raise RuntimeError(f"{label} start failed ({out.returncode}):\n{out.stderr[-3000:]}")
             rows.append((label, json.loads(lines[-1][len("RESULT "):])))
+            if export:
+                from autoglm_jax.engine.autotune_seed import export_autotune_seed
+
+                count = export_autotune_seed(cache, FLAGS.export_autotune_seed)
+                print(f"exported {count} XLA autotuning results to {FLAGS.export_autotune_seed}", flush=True)
     print(f"\n{FLAGS.model}, settings {FLAGS.settings}, device {rows[0][1]['device']}")
     print("| start | total (s) | weights (s) | compile, overlapped (s) | after weights (s) | traced / loaded "
           "| trace+lower, serial (s) | slowest compile (s) | batch-1 decode (tok/s) |")

@@ -1,8 +1,9 @@
-"""Tune the small-M (decode) matmul kernels on this GPU and write the tuning tables.
+"""Tune the small-M (decode) matmul kernels and the bf16 large-M (prefill) kernel on this GPU and write the tuning tables.
 
 Owns: sweeping ``matmul``'s, ``quantized_matmul``'s, ``int4_matmul``'s and ``w8a8_matmul``'s small-M configs
-(tile_n, tile_k, pipeline depth, split-K) at the GLM-4-9B projection shapes and decode token counts, timing
-each candidate the way a decoder calls it (``time_chained_ms``: distinct weights per call inside one
+(tile_n, tile_k, pipeline depth, split-K) at the GLM-4-9B projection shapes and decode token counts, and
+bf16 ``matmul``'s large-M configs (M > 128: tile_m, tile_n, tile_k, pipeline depth, split-K) at prefill
+token counts, timing each candidate the way a decoder calls it (``time_chained_ms``: distinct weights per call inside one
 program), and writing the best per (card, dtype, shape key) to ``pallas_kernels/tuning/<kernel>.json``
 (merged with entries for other cards). Also prints each winner against XLA's dot (int4: dequantize + dot;
 W8A8: the model's XLA rule, per-token quantization + 8-bit dot on the [N, K] weight) at the same shape.
@@ -10,7 +11,8 @@ dtypes: bfloat16, int8, float8_e4m3fn (weight-only), int4-g64, int4-g128 (= int4
 (timed with the per-token activation quantization the model runs before the kernel).
 
 Run on a GPU:  PYTHONPATH=. python3 benchmarks/tune_matmul.py [--ms=1,16,64] [--dtypes=bfloat16,int8,float8_e4m3fn]
-               [--shapes=qkv,o_proj,gate_up,down] [--write]
+               [--shapes=qkv,o_proj,gate_up,down] [--sweep] [--write]
+Large M (prefill, bfloat16 only):  ... --dtypes=bfloat16 --ms=256,512,1024 --sweep --write
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pallas_kernels import w8a8_matmul as w8
 SHAPES = {"qkv": (4096, 4608), "o_proj": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096),
           "lm_head": (4096, 151552)}
 L2_BYTES = 50 << 20
+LARGE_M_STAGES, LARGE_M_SPLITS = (3, 4), (1, 2, 3, 4)  # the large-M sweep's defaults (small M: --stages / --splits)
 
 
 def group_size(dtype: str) -> int:
@@ -91,14 +94,32 @@ def heuristic_config(dtype: str, m: int, k: int, n: int) -> dict:
                     num_k_splits=config.num_k_splits)
     if w8a8_activations(dtype):
         return w8.heuristic_config(m, k, n)
+    if m > mm.SMALL_M_MAX:
+        return mm.large_m_heuristic(m, k, n)
     return mm.small_m_heuristic(m, k, n, itemsize(dtype))
 
 
-def candidates(dtype: str, m: int, k: int, n: int, sweep: bool, stages_list=(2, 3, 4), splits_list=(1, 2, 3, 4, 6, 8)):
-    """The heuristic's config, and with ``sweep`` every fitting (tile_n, tile_k, stages, splits) around it."""
+def large_m_candidates(m: int, k: int, n: int, stages_list=LARGE_M_STAGES, splits_list=LARGE_M_SPLITS):
+    """Every bf16 large-M (tile_m, tile_n, tile_k, stages, splits) that fits (M, K, N): 2*tile_n divides N,
+    the split-K ranges and the SMEM budget (``mm.large_m_shape_error``)."""
+    for tile_m, tile_n, tile_k, stages, splits in itertools.product((64, 128), (64, 128), (64, 128), stages_list,
+                                                                    splits_list):
+        fields = dict(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, num_stages=stages, num_k_splits=splits)
+        if mm.large_m_shape_error(m, k, n, mm.MatmulConfig(**fields)) is None:
+            yield fields
+
+
+def candidates(dtype: str, m: int, k: int, n: int, sweep: bool, stages_list=(2, 3, 4), splits_list=(1, 2, 3, 4, 6, 8),
+               large_m_stages=LARGE_M_STAGES, large_m_splits=LARGE_M_SPLITS):
+    """The heuristic's config, and with ``sweep`` every fitting (tile_n, tile_k, stages, splits) around it
+    (large M: also tile_m, from ``large_m_stages`` / ``large_m_splits``)."""
     heuristic = heuristic_config(dtype, m, k, n)
     yield heuristic
     if not sweep:
+        return
+    if m > mm.SMALL_M_MAX:
+        yield from (fields for fields in large_m_candidates(m, k, n, large_m_stages, large_m_splits)
+                    if fields != heuristic)
         return
     tile_ks = (128, 256, 512) if group_size(dtype) else (128, 256)
     for tile_n, tile_k, stages, splits in itertools.product((128,), tile_ks, stages_list, splits_list):
@@ -149,8 +170,11 @@ def tune_one(dtype: str, m: int, k: int, n: int, bandwidth_gbs: float | None, sw
     heur_ms = next((t for t, f in results if f == heuristic), None)
     xla_ms = time_chained_ms(xla, a, ws)
     gbs = lambda t: weight_bytes / t / 1e6
-    print(f"{dtype} M={m} K={k} N={n}: best {best} {best_ms * 1e3:.1f} us ({gbs(best_ms):.0f} GB/s)"
-          f" | heuristic {heur_ms and heur_ms * 1e3:.1f} us | XLA {xla_ms * 1e3:.1f} us ({gbs(xla_ms):.0f} GB/s)"
+    tflops = lambda t: f", {2 * m * k * n / t / 1e9:.0f} TFLOP/s" if m > mm.SMALL_M_MAX else ""  # large M: compute-bound
+    heur = "failed" if heur_ms is None else f"{heur_ms * 1e3:.1f} us"
+    print(f"{dtype} M={m} K={k} N={n}: best {best} {best_ms * 1e3:.1f} us ({gbs(best_ms):.0f} GB/s{tflops(best_ms)})"
+          f" | heuristic {heur} | XLA {xla_ms * 1e3:.1f} us ({gbs(xla_ms):.0f} GB/s{tflops(xla_ms)})"
+          f" | best {xla_ms / best_ms:.2f}x XLA"
           + (f" | of copy bw {gbs(best_ms) / bandwidth_gbs:.2f}" if bandwidth_gbs else ""), flush=True)
     return dict(best=best, best_ms=best_ms, heuristic_ms=heur_ms, xla_ms=xla_ms)
 
@@ -172,20 +196,37 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="bfloat16,int8,float8_e4m3fn")
     parser.add_argument("--shapes", default="qkv,o_proj,gate_up,down")
     parser.add_argument("--sweep", action="store_true", help="time every candidate config, not only the heuristic's")
-    parser.add_argument("--stages", default="2,3,4", help="pipeline depths of the sweep")
-    parser.add_argument("--splits", default="1,2,3,4,6,8", help="split-K factors of the sweep")
+    parser.add_argument("--stages", default="2,3,4", help="pipeline depths of the small-M sweep")
+    parser.add_argument("--splits", default="1,2,3,4,6,8", help="split-K factors of the small-M sweep")
+    parser.add_argument("--large-m-stages", default=",".join(map(str, LARGE_M_STAGES)),
+                        help="pipeline depths of the large-M sweep (M > 128, bfloat16)")
+    parser.add_argument("--large-m-splits", default=",".join(map(str, LARGE_M_SPLITS)),
+                        help="split-K factors of the large-M sweep")
     parser.add_argument("--write", action="store_true", help="write the winners to the tuning tables")
     parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print each shape's heuristic config and candidate count, time nothing (runs on CPU)")
     args = parser.parse_args(argv)
+    ints = lambda text: tuple(map(int, text.split(",")))
+    large = [m for m in ints(args.ms) if m > mm.SMALL_M_MAX]
+    narrow = [d for d in args.dtypes.split(",") if d != "bfloat16"]
+    if large and narrow:
+        parser.error(f"M={large} > {mm.SMALL_M_MAX} (the large-M kernel) is bfloat16 only, not {narrow}")
+    sweep_lists = dict(stages_list=ints(args.stages), splits_list=ints(args.splits),
+                       large_m_stages=ints(args.large_m_stages), large_m_splits=ints(args.large_m_splits))
+    if args.dry_run:
+        for dtype, name, m in itertools.product(args.dtypes.split(","), args.shapes.split(","), ints(args.ms)):
+            configs = list(candidates(dtype, m, *SHAPES[name], args.sweep, **sweep_lists))
+            print(f"{dtype} {name} M={m}: heuristic {configs[0]}, {len(configs)} candidates")
+        return
     kind = jax.devices()[0].device_kind
     bandwidth_gbs = copy_bandwidth() / 1e9
     print(f"{kind}, jax {jax.__version__}: copy bandwidth {bandwidth_gbs:,.0f} GB/s (read + write)", flush=True)
     tables: dict[str, list[dict]] = {"matmul": [], "quantized_matmul": [], "int4_matmul": [], "w8a8_matmul": []}
     report = []
-    for dtype, name, m in itertools.product(args.dtypes.split(","), args.shapes.split(","), map(int, args.ms.split(","))):
+    for dtype, name, m in itertools.product(args.dtypes.split(","), args.shapes.split(","), ints(args.ms)):
         k, n = SHAPES[name]
-        r = tune_one(dtype, m, k, n, bandwidth_gbs, args.sweep, stages_list=tuple(map(int, args.stages.split(","))),
-                     splits_list=tuple(map(int, args.splits.split(","))))
+        r = tune_one(dtype, m, k, n, bandwidth_gbs, args.sweep, **sweep_lists)
         report.append(dict(dtype=dtype, shape=name, m=m, k=k, n=n, **r))
         g = group_size(dtype)
         if g:

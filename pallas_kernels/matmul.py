@@ -19,7 +19,10 @@ Two kernels, picked by M:
     both wgmma operands come straight from SMEM, K-major, with no conversion.
   * large M (prefill): compute-bound. A persistent, warp-specialized kernel: one memory
     warpgroup streams (tile_m x tile_k, tile_k x 2*tile_n) tiles ``num_stages`` deep, two compute
-    warpgroups each own a tile_m x tile_n accumulator; bf16 epilogue through SMEM and TMA.
+    warpgroups each own a tile_m x tile_n accumulator; bf16 epilogue through SMEM and TMA. Where the
+    output has few tiles for the SMs and K is long (M=256 of GLM-4's down projection: 2 x 16 tiles for
+    132 SMs), split-K: the CTAs loop over (split, tile) work items, each summing one K range (uneven
+    splits as the small-M kernel's), and write f32 partial sums [S, Mp, N] that XLA adds and rounds.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ TWO_CTA_SMEM_BUDGET = 228 * 1024 // 2 - 1024 - 256  # half an SM's 228 KiB, less
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))  # float32: small-M kernel only
 _SMALL_M_ALIGN = 8  # wgmma N (the token side) comes in multiples of 8
 _GROUP_DOT_REGS = 96  # group-scaled weights: registers per thread for the group wgmmas in flight (a guess, untuned)
+# Large-M kernel: SMEM per CTA up to Hopper's 227 KiB less 1 KiB for the pipeline's barriers (its default
+# 128 x 256 tiles, tile_k 64, 4 stages take 224 KiB and run on an H100).
+LARGE_M_SMEM_BUDGET = 227 * 1024 - 1024
+_EPILOGUE_ROWS, _EPILOGUE_ROW_BYTES = 64, 128  # large-M epilogue piece: 64 x 64 bf16, or 64 x 32 f32 partial sums
+_FLOPS_PER_HBM_BYTE = 295  # H100 SXM: 989 dense bf16 TFLOP/s / 3.35 TB/s (the large-M split-K heuristic's cost unit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +61,7 @@ class MatmulConfig:
     """Tile sizes. Small-M kernel: tile_n (split over two compute warpgroups of >= 64 rows each),
     tile_k, num_stages, num_k_splits.
     Large-M kernel: tile_m x tile_n per compute warpgroup (CTA tile tile_m x 2*tile_n), tile_k,
-    num_stages; epilogue in 64 x 64 pieces."""
+    num_stages, num_k_splits (> 1: f32 partial sums); epilogue in pieces of 64 rows x 128 bytes."""
 
     tile_m: int = 128
     tile_n: int = 128
@@ -85,8 +93,17 @@ def default_config(m: int, k: int, n: int, dtype) -> MatmulConfig:
         return MatmulConfig(**tuned)
     if m <= SMALL_M_MAX:
         return MatmulConfig(**small_m_heuristic(m, k, n, weight_itemsize=2))
-    tile_n = 128 if n % 256 == 0 else 64
-    return MatmulConfig(tile_m=128, tile_n=tile_n, tile_k=64, num_stages=4)
+    return MatmulConfig(**large_m_heuristic(m, k, n))
+
+
+def _k_split(total_steps: int, splits: int, split):
+    """Split-K arithmetic of both kernels: each of ``splits`` K ranges runs ``steps = ceil(total_steps /
+    splits)`` pipeline steps from K block ``split * steps``; the last range may have fewer real steps.
+    Returns (steps, block(kk): the K block of step kk, clamped to the last block so no load leaves K,
+    real(kk): whether step kk is inside K - a clamped step must skip its dot)."""
+    steps = pl.cdiv(total_steps, splits)
+    first, last_block = split * steps, total_steps - 1
+    return steps, lambda kk: jnp.minimum(first + kk, last_block), lambda kk: first + kk <= last_block
 
 
 def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_smem: bool, group_size: int = 0):
@@ -101,10 +118,7 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
     rows = tile_n // wgs  # output channels per compute warpgroup
     m_pad, k = a_ref.shape
     n_idx, split = lax.axis_index("n"), lax.axis_index("split")
-    total_steps = k // tile_k
-    steps = pl.cdiv(total_steps, splits)  # per split; the last split may have fewer real steps
-    first = split * steps
-    last_block = total_steps - 1
+    steps, k_block, real_step = _k_split(k // tile_k, splits, split)
 
     def weight_operand(w_smem, wg):
         """This warpgroup's [rows, tile_k] (group-scaled: [rows, g]) bf16 wgmma A operand."""
@@ -123,7 +137,7 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
         return w
 
     def step(indices, a_smem, w_smem, acc_ref):  # a_smem [Mp, tile_k] bf16
-        @pl.when(first + indices[0] <= last_block)  # past K (uneven split): the clamped block is skipped
+        @pl.when(real_step(indices[0]))  # past K (uneven split): the clamped block is skipped
         def _():
             plgpu.wgmma(acc_ref, weight_operand(w_smem, lax.axis_index("wg")), a_smem.T)
             plgpu.wgmma_wait(0)  # the memory warpgroup refills this stage's slots next
@@ -151,7 +165,7 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
                     acc = acc + dot * lax.broadcast_in_dim(scale, (rows, m_pad), (0,))
             return acc
 
-        return lax.cond(first + indices[0] <= last_block, accumulate, lambda acc: acc, acc)
+        return lax.cond(real_step(indices[0]), accumulate, lambda acc: acc, acc)
 
     def store(acc):  # acc [rows, Mp] f32 -> this warpgroup's rows of out_ref[split]
         wg = lax.axis_index("wg")
@@ -170,7 +184,6 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
             run_pipeline(acc_ref)
             store(acc_ref[...])
 
-    k_block = lambda kk: jnp.minimum(first + kk, last_block)
     w_block, w_index, w_minor = ((tile_n, tile_k), lambda kk: (n_idx, k_block(kk)), tile_k) if weights_nk else \
         ((tile_k, tile_n), lambda kk: (k_block(kk), n_idx), tile_n)
     extra_specs, inputs = [], (a_ref, w_ref)
@@ -289,25 +302,77 @@ def _matmul_small_m(a, w, config: MatmulConfig, out_dtype):
     return partial_sums.sum(axis=0)[:, :a.shape[0]].T.astype(out_dtype)
 
 
-def _large_m_kernel(a_ref, w_ref, out_ref, *, config: MatmulConfig, num_ctas: int):
-    # a_ref [M, K], w_ref [K, N], out_ref [M, N]
-    tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
-    epi = 64
+def large_m_smem_bytes(config: MatmulConfig) -> int:
+    """SMEM one CTA of the large-M kernel needs: the pipelined bf16 A [tile_m, tile_k] and W [tile_k, 2*tile_n]
+    tiles and the epilogue's two slots per compute warpgroup (the same bytes for bf16 and f32 pieces)."""
+    stage = (config.tile_m * config.tile_k + config.tile_k * 2 * config.tile_n) * 2
+    return config.num_stages * stage + 2 * 2 * _EPILOGUE_ROWS * _EPILOGUE_ROW_BYTES
+
+
+def large_m_shape_error(m: int, k: int, n: int, config: MatmulConfig) -> str | None:
+    """Why the large-M kernel cannot run (M, K, N) with ``config`` (tiles, split-K, SMEM), or None when it can."""
+    if n % (2 * config.tile_n):
+        return f"2 * {config.tile_n=} must divide {n=} (a CTA tile is tile_m x 2*tile_n)"
+    if k % config.tile_k:
+        return f"{config.tile_k=} must divide {k=}"
+    total_steps, splits = k // config.tile_k, config.num_k_splits
+    if splits > total_steps:
+        return f"split-K: {config.num_k_splits=} exceeds the {total_steps} K steps of {config.tile_k=} at {k=}"
+    steps = pl.cdiv(total_steps, splits)
+    if (splits - 1) * steps >= total_steps:
+        return (f"split-K: {config.num_k_splits=} splits the {total_steps} K steps of {config.tile_k=} into ranges "
+                f"of {steps} steps, leaving the last split none: use fewer splits")
+    smem = large_m_smem_bytes(config)
+    if smem > LARGE_M_SMEM_BUDGET:
+        return f"{config=} needs {smem} bytes of SMEM > {LARGE_M_SMEM_BUDGET} (fewer stages or smaller tiles)"
+    return None
+
+
+def large_m_heuristic(m: int, k: int, n: int) -> dict:
+    """Untuned large-M tiles: 128 x 256 CTA tiles (128 x 128 where 256 does not divide N), tile_k 64, 4 stages
+    - unchanged where those tiles cover the SMs. Otherwise (few tiles, e.g. M=256 of GLM-4's down projection:
+    2 x 16 tiles for 132 SMs) 64-row tiles where they pad M less, and split-K over the idle SMs:
+    ``tuning.split_k`` with each K step costed as the HBM bytes its flops take at the card's flop/byte
+    balance (``_FLOPS_PER_HBM_BYTE``), the f32 partial sums as their bytes, >= 4 steps a split. Where K is too
+    short for the splits to fill half the SMs, 64-row tiles double the work items."""
+    tile_n, tile_k = (128 if n % 256 == 0 else 64), 64
+    fields = dict(tile_m=128, tile_n=tile_n, tile_k=tile_k, num_stages=4, num_k_splits=1)
+    sms = tuning.num_sms()
+    tiles = lambda tile_m: pl.cdiv(m, tile_m) * (n // (2 * tile_n))
+    if tiles(128) >= sms or k % tile_k or n % (2 * tile_n):  # full waves already, or a shape the kernel rejects
+        return fields
+    padded = lambda tile_m: pl.cdiv(m, tile_m) * tile_m
+    for tile_m in ((64,) if padded(64) < padded(128) else (128, 64)):
+        step_flops = 2 * tile_m * 2 * tile_n * tile_k
+        splits = tuning.split_k(tiles(tile_m), k // tile_k, step_bytes=step_flops // _FLOPS_PER_HBM_BYTE,
+                                partial_bytes_per_split=padded(tile_m) * n * 4)
+        fields.update(tile_m=tile_m, num_k_splits=splits)
+        if 2 * tiles(tile_m) * splits >= sms:
+            break
+    return fields
+
+
+def _large_m_kernel(a_ref, w_ref, out_ref, *, config: MatmulConfig):
+    # a_ref [Mp, K] bf16, w_ref [K, N] bf16; out_ref [Mp, N] bf16 (S = num_k_splits = 1), or with split-K
+    # [S, Mp, N] f32: split s's partial sums over its K range (summed in XLA). Work items (split, tile).
+    tile_m, tile_n, tile_k, splits = config.tile_m, config.tile_n, config.tile_k, config.num_k_splits
     m, k = a_ref.shape
     n = w_ref.shape[1]
     cta_n = 2 * tile_n
     m_iters, n_iters = m // tile_m, n // cta_n
+    epi_m, epi_n = _EPILOGUE_ROWS, _EPILOGUE_ROW_BYTES // out_ref.dtype.itemsize  # 64 x 64 bf16 | 64 x 32 f32
+    steps = pl.cdiv(k // tile_k, splits)
 
-    def pipeline(body, compute_context):
+    def pipeline(body, compute_context, k_block=lambda kk: kk):
         return plgpu.emit_pipeline_warp_specialized(
             body,
-            grid=(k // tile_k,),
+            grid=(steps,),
             memory_registers=40,
             in_specs=[
-                plgpu.BlockSpec((tile_m, tile_k), lambda kk: (0, kk), transforms=smem_transforms(tile_k, a_ref.dtype),
-                                memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((tile_k, cta_n), lambda kk: (kk, 0), transforms=smem_transforms(cta_n, w_ref.dtype),
-                                memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((tile_m, tile_k), lambda kk: (0, k_block(kk)),
+                                transforms=smem_transforms(tile_k, a_ref.dtype), memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((tile_k, cta_n), lambda kk: (k_block(kk), 0),
+                                transforms=smem_transforms(cta_n, w_ref.dtype), memory_space=plgpu.SMEM),
             ],
             wg_axis="wg",
             num_compute_wgs=2,
@@ -320,17 +385,20 @@ def _large_m_kernel(a_ref, w_ref, out_ref, *, config: MatmulConfig, num_ctas: in
     @functools.partial(
         pl.run_scoped,
         allocations=pipeline(ignore, ignore).get_allocations(a_ref, w_ref),
-        out_smem=plgpu.SMEM((2, 2, epi, epi), out_ref.dtype, transforms=smem_transforms(epi, out_ref.dtype)),
+        out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_ref.dtype, transforms=smem_transforms(epi_n, out_ref.dtype)),
         collective_axes="wg",
     )
-    def scope(allocations, out_smem):  # out_smem [compute wg, slot, 64, 64]
+    def scope(allocations, out_smem):  # out_smem [compute wg, slot, 64, 128 bytes]
         wg = lax.axis_index("wg")
 
-        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="cta")
+        @plgpu.nd_loop((splits, m_iters * n_iters), collective_axes="cta")
         def tile_loop(info: plgpu.NDLoopInfo):
-            m_idx, n_idx = plgpu.planar_snake(info.index[0], (m_iters, n_iters), 1, 8)
+            split, tile = info.index
+            m_idx, n_idx = plgpu.planar_snake(tile, (m_iters, n_iters), 1, 8)
             m_slice = pl.ds(m_idx * tile_m, tile_m)
             n_slice = pl.ds(n_idx * cta_n + wg * tile_n, tile_n)
+            out_tile = (out_ref if splits == 1 else out_ref.at[split]).at[m_slice, n_slice]
+            _, k_block, real_step = _k_split(k // tile_k, splits, split)
 
             def compute_context(run_pipeline):
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
@@ -338,23 +406,27 @@ def _large_m_kernel(a_ref, w_ref, out_ref, *, config: MatmulConfig, num_ctas: in
                     run_pipeline(acc_ref)
                     acc = acc_ref[...].astype(out_ref.dtype)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for i in range(tile_m // epi):
-                        for j in range(tile_n // epi):
-                            slot = (i * (tile_n // epi) + j) % 2
+                    for i in range(tile_m // epi_m):
+                        for j in range(tile_n // epi_n):
+                            slot = (i * (tile_n // epi_n) + j) % 2
                             plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            out_smem[wg, slot] = acc[i * epi:(i + 1) * epi, j * epi:(j + 1) * epi]
+                            out_smem[wg, slot] = acc[i * epi_m:(i + 1) * epi_m, j * epi_n:(j + 1) * epi_n]
                             plgpu.commit_smem()
                             plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg, slot],
-                                out_ref.at[m_slice, n_slice].at[pl.ds(i * epi, epi), pl.ds(j * epi, epi)],
-                            )
+                                out_smem.at[wg, slot], out_tile.at[pl.ds(i * epi_m, epi_m), pl.ds(j * epi_n, epi_n)])
 
-            def step(_, a_smem, w_smem, acc_ref):  # a_smem [tile_m, tile_k], w_smem [tile_k, 2*tile_n]
+            def dot(a_smem, w_smem, acc_ref):  # a_smem [tile_m, tile_k], w_smem [tile_k, 2*tile_n]
                 plgpu.wgmma(acc_ref, a_smem, w_smem.at[:, pl.ds(wg * tile_n, tile_n)])
                 plgpu.wgmma_wait(0)
+
+            def step(indices, a_smem, w_smem, acc_ref):
+                if splits == 1:
+                    dot(a_smem, w_smem, acc_ref)
+                else:  # past K (uneven split): the clamped block is skipped
+                    pl.when(real_step(indices[0]))(lambda: dot(a_smem, w_smem, acc_ref))
                 return acc_ref
 
-            pipeline(step, compute_context)(
+            pipeline(step, compute_context, k_block if splits > 1 else (lambda kk: kk))(
                 a_ref.at[m_slice, :], w_ref.at[:, pl.ds(n_idx * cta_n, cta_n)], allocations=allocations
             )
 
@@ -366,17 +438,20 @@ def _matmul_large_m(a, w, config: MatmulConfig):
     n = w.shape[1]
     m_pad = pl.cdiv(m, config.tile_m) * config.tile_m
     a_pad = jnp.pad(a, ((0, m_pad - m), (0, 0))) if m_pad != m else a
-    num_ctas = tuning.num_sms()
+    splits = config.num_k_splits
+    out_type = jax.ShapeDtypeStruct((m_pad, n), a.dtype) if splits == 1 else \
+        jax.ShapeDtypeStruct((splits, m_pad, n), jnp.float32)
     kernel = plgpu.kernel(
-        functools.partial(_large_m_kernel, config=config, num_ctas=num_ctas),
-        out_type=jax.ShapeDtypeStruct((m_pad, n), a.dtype),
-        grid=(num_ctas,),
+        functools.partial(_large_m_kernel, config=config),
+        out_type=out_type,
+        grid=(tuning.num_sms(),),
         grid_names=("cta",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    return kernel(a_pad, w)[:m]
+    out = kernel(a_pad, w)  # [Mp, N] bf16, or [S, Mp, N] f32 partial sums
+    return out[:m] if splits == 1 else out[:, :m].sum(axis=0).astype(a.dtype)  # one XLA fusion
 
 
 def out_dtype_error(m: int, out_dtype) -> str | None:
@@ -395,12 +470,7 @@ def _shape_error(m: int, k: int, n: int, config: MatmulConfig, out_dtype) -> str
         return error
     if m <= SMALL_M_MAX:
         return small_m_shape_error(m, k, n, config, weight_itemsize=2)
-    else:
-        if n % (2 * config.tile_n):
-            return f"2 * {config.tile_n=} must divide {n=}"
-        if k % config.tile_k:
-            return f"{config.tile_k=} must divide {k=}"
-    return None
+    return large_m_shape_error(m, k, n, config)
 
 
 def supports(m: int, k: int, n: int, dtype, out_dtype=None) -> bool:

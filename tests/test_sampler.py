@@ -253,7 +253,9 @@ def test_logprobs_are_raw_log_softmax_with_sorted_top_and_rank(dtype, tol, reque
     batch, vocab, num = 6, 48, 5
     logits = jnp.asarray(rng.normal(scale=2.0, size=(batch, vocab)), dtype)
     counts = jnp.asarray(rng.integers(0, 3, size=(batch, vocab)), jnp.int32)
-    params = [SamplingParams(temperature=1.4, repetition_penalty=1.3, frequency_penalty=0.5)] * batch
+    # one row asking for logprobs is enough: the ranks / top-N are computed for the whole batch
+    params = [SamplingParams(temperature=1.4, repetition_penalty=1.3, frequency_penalty=0.5)] * (batch - 1)
+    params.append(SamplingParams(temperature=1.4, repetition_penalty=1.3, frequency_penalty=0.5, logprobs=num))
     out = _run(logits, params, counts=counts, num_logprobs=num)
     raw = _log_softmax(np.asarray(logits.astype(jnp.float32)))
     tokens = np.asarray(out.token_ids)
@@ -268,10 +270,24 @@ def test_logprobs_are_raw_log_softmax_with_sorted_top_and_rank(dtype, tol, reque
     np.testing.assert_allclose(top, np.take_along_axis(raw, top_ids, -1), atol=tol)
 
 
+def test_ranks_and_top_logprobs_are_skipped_when_no_row_wants_logprobs(request):
+    rng = _rng(request)
+    logits = rng.normal(scale=2.0, size=(4, 40)).astype(np.float32)
+    out = _run(logits, [SamplingParams(temperature=0.7, seed=3)] * 4, num_logprobs=3)
+    raw = _log_softmax(logits)
+    tokens = np.asarray(out.token_ids)
+    np.testing.assert_allclose(np.asarray(out.logprob), raw[np.arange(4), tokens], atol=1e-5)  # always computed
+    assert not np.asarray(out.rank).any() and not np.asarray(out.top_token_ids).any()
+    assert not np.asarray(out.top_logprobs).any() and out.top_logprobs.shape == (4, 3)
+    wanted = _run(logits, [SamplingParams(temperature=0.7, seed=3, logprobs=0)] * 4, num_logprobs=3)
+    np.testing.assert_array_equal(np.asarray(wanted.token_ids), tokens)  # same draws either way
+    assert (np.asarray(wanted.rank) >= 1).all()
+
+
 def test_zero_logprobs_still_gives_sampled_logprob(request):
     rng = _rng(request)
     logits = rng.normal(size=(3, 24)).astype(np.float32)
-    out = _run(logits, [SamplingParams(temperature=0.0)] * 3)
+    out = _run(logits, [SamplingParams(temperature=0.0, logprobs=0)] * 3)
     assert out.top_logprobs.shape == (3, 0)
     np.testing.assert_array_equal(np.asarray(out.rank), [1, 1, 1])
 

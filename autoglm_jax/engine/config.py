@@ -33,6 +33,9 @@ class EngineConfig:
     async_scheduling: dispatch the next decode step before reading the current one's tokens back, so
         the host's scheduling and output processing overlap the device (same outputs; arrivals and
         aborts take effect one step later). None = on (see ``engine.core.resolve_async_scheduling``).
+    xla_autotune_seed: XLA GEMM autotuning results copied into the compilation cache before the first
+        compile (``engine.autotune_seed``): "auto" = the results shipped for this card (if any), a directory =
+        those, None = none (XLA autotunes every GEMM fusion the cache lacks).
     executable_cache: save the compiled step programs under compilation_cache_dir/executables and load
         them on the next start without tracing (``engine.executable_cache``). None = on GPU only: XLA:CPU
         cannot run an executable deserialized in a process that compiled the same program itself.
@@ -76,6 +79,7 @@ class EngineConfig:
     max_logprobs: int = 20
     max_waiting_requests: int = 4096
     compilation_cache_dir: str | None = os.path.join(os.path.expanduser("~"), ".cache", "autoglm_jax", "xla")
+    xla_autotune_seed: str | None = "auto"
     warmup: bool = True
     show_progress: bool = True  # tqdm bar while weights load
     tensor_parallel_size: int = 1

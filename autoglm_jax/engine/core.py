@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autoglm_jax.checkpoint.loader import load_model, model_config_of, resolve_model_source
+from autoglm_jax.engine.autotune_seed import seed_for_engine
 from autoglm_jax.engine.config import EngineConfig
 from autoglm_jax.engine.executable_cache import resolve_executable_cache
 from autoglm_jax.model.attention import resolve_attention_backend
@@ -33,6 +34,7 @@ from autoglm_jax.engine.page_allocator import PageAllocator
 from autoglm_jax.engine.request import FinishReason, Request
 from autoglm_jax.engine.runner import STOP_IDS_WIDTH, ModelRunner, RowRequest
 from autoglm_jax.engine.scheduler import Scheduler
+from autoglm_jax.engine.step_log import DEFAULT_CAPACITY, StepLog
 from autoglm_jax.outputs import RequestOutput
 from autoglm_jax.sampling_params import SamplingParams
 from autoglm_jax.tokenizer_loading import load_tokenizer
@@ -186,6 +188,7 @@ class EngineCore:
             mesh = engine_mesh(cfg.tensor_parallel_size, cfg.data_parallel_size)
         self.mesh = mesh
         enable_compilation_cache(cfg.compilation_cache_dir)
+        seed_for_engine(cfg.compilation_cache_dir, cfg.xla_autotune_seed)
         start = time.perf_counter()
         self.dtype = resolve_dtype(cfg.dtype)
         self.model_config = model_config_of(cfg.model)
@@ -236,6 +239,7 @@ class EngineCore:
         self.metrics = EngineMetrics(time.monotonic())
         self.async_scheduling = resolve_async_scheduling(cfg.async_scheduling)
         self._in_flight: _StepInFlight | None = None  # async scheduling: dispatched, tokens not read yet
+        self.step_log: StepLog | None = None  # one row per call when on (enable_step_log)
         self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0  # after the weights
         if cfg.warmup:
             message = f"warmup compiled {self.runner.num_traces} step variants in {self.warmup_seconds:.1f} s"
@@ -312,6 +316,21 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    # ------------------------------------------------------------------ step log
+    def enable_step_log(self, capacity: int = DEFAULT_CAPACITY) -> StepLog:
+        """Starts a new, empty step log (``engine.step_log``: one row per call, the last ``capacity``);
+        returns it. Call it between steps (from the engine's thread, or while it is idle)."""
+        self.disable_step_log()
+        self.step_log = StepLog(self.runner, capacity)
+        return self.step_log
+
+    def disable_step_log(self) -> StepLog | None:
+        """Stops logging; returns the log that was on (its rows stay readable), or None."""
+        log, self.step_log = self.step_log, None
+        if log is not None:
+            log.close()
+        return log
+
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the outputs of requests that changed (cumulative).
@@ -321,6 +340,15 @@ class EngineCore:
         runs it while the host post-processes this one, and the next call starts by reading it. Each
         call still returns the outputs of exactly one step, the same as one step at a time; requests
         that finish here drop the tokens the step ahead computed for them."""
+        log = self.step_log
+        if log is None:
+            return self._step()
+        log.begin(ahead=self._in_flight is not None)
+        outputs = self._step()
+        log.end()
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         changed: dict[str, RequestState] = {}
         current, self._in_flight = self._in_flight, None
         if current is None:
@@ -389,7 +417,10 @@ class EngineCore:
                 self._record_finished(state, request)
                 if not seq.finished:  # finished by the scheduler (length limit)
                     self._finish_sequence(sequence_id, "length", changed)
-        self._record_step(current.output, sum(len(tokens) for tokens in kept.values()))
+        num_generated = sum(len(tokens) for tokens in kept.values())
+        self._record_step(current.output, num_generated)
+        if self.step_log is not None:
+            self.step_log.record(current.output, sampled, num_generated)
 
     def _record_finished(self, state: RequestState, request: Request) -> None:
         state.sequence_metrics[request.request_id] = self.metrics.record_finished(request)

@@ -34,6 +34,10 @@ class DeviceProfile:
     num_kernels: int
     num_devices: int
     per_op: dict[str, tuple[float, int]]  # name -> (total ms, calls)
+    # idle gaps between consecutive busy intervals of a device, by length: bucket -> (total ms, count).
+    # Short gaps are launch / dependency gaps inside a program; long ones are host round trips (a while
+    # loop's predicate read, the host between engine calls).
+    gaps: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def busy_fraction(self) -> float:
@@ -59,20 +63,42 @@ class DeviceProfile:
             return "no device plane in the trace (CPU run): device time not measured"
         lines = [f"device span {self.span_ms:.2f} ms, busy {self.busy_ms:.2f} ms over {self.num_devices} device(s) "
                  f"({self.busy_fraction:.1%} busy), {self.num_kernels} kernels"]
+        if self.gaps:
+            lines.append("  idle gaps: " + ", ".join(f"{name} {ms:.3f} ms in {count}" for name, (ms, count) in self.gaps.items()))
         lines += [f"  {ms:9.3f} ms {calls:6d}x  {name[:110]}" for name, ms, calls in self.top(n)]
         return "\n".join(lines)
 
 
-def _union_ms(intervals: list[tuple[int, int]]) -> float:
-    total, end = 0, None
+GAP_BUCKETS_US = ((5.0, "< 5 us"), (50.0, "5-50 us"), (1000.0, "50 us-1 ms"), (float("inf"), ">= 1 ms"))
+
+
+def _merged(intervals: list[tuple[int, int]]) -> list[list[int]]:
+    """The union of [start, stop) intervals (ns) as sorted disjoint intervals."""
+    merged: list[list[int]] = []
     for start, stop in sorted(intervals):
-        if end is None or start > end:
-            total += stop - start
-            end = stop
-        elif stop > end:
-            total += stop - end
-            end = stop
-    return total / 1e6
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return merged
+
+
+def _union_ms(intervals: list[tuple[int, int]]) -> float:
+    return sum(stop - start for start, stop in _merged(intervals)) / 1e6
+
+
+def gap_histogram(intervals: list[tuple[int, int]], into: dict | None = None) -> dict[str, list]:
+    """Idle gaps between the merged busy intervals (ns) by ``GAP_BUCKETS_US``: name -> [total ms, count],
+    added to ``into`` when given."""
+    hist = into if into is not None else {name: [0.0, 0] for _, name in GAP_BUCKETS_US}
+    merged = _merged(intervals)
+    for (_, stop), (start, _) in zip(merged, merged[1:]):
+        gap_us = (start - stop) / 1e3
+        name = next(name for limit, name in GAP_BUCKETS_US if gap_us < limit)
+        hist.setdefault(name, [0.0, 0])
+        hist[name][0] += gap_us / 1e3
+        hist[name][1] += 1
+    return hist
 
 
 def summarize_xspace(path: str, device_prefix: str = "/device:GPU:", line_contains: str = "stream") -> DeviceProfile:
@@ -83,6 +109,7 @@ def summarize_xspace(path: str, device_prefix: str = "/device:GPU:", line_contai
     data = ProfileData.from_file(path)
     per_op: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     first, last, busy, count, devices = None, None, 0.0, 0, 0
+    gaps = {name: [0.0, 0] for _, name in GAP_BUCKETS_US}
     for plane in data.planes:
         if not plane.name.startswith(device_prefix):
             continue
@@ -102,11 +129,13 @@ def summarize_xspace(path: str, device_prefix: str = "/device:GPU:", line_contai
         devices += 1
         count += len(intervals)
         busy += _union_ms(intervals)
+        gap_histogram(intervals, gaps)
         lo, hi = min(s for s, _ in intervals), max(e for _, e in intervals)
         first = lo if first is None else min(first, lo)
         last = hi if last is None else max(last, hi)
     span = (last - first) / 1e6 if devices else 0.0
-    return DeviceProfile(span, busy, count, devices, {k: (v[0], v[1]) for k, v in per_op.items()})
+    return DeviceProfile(span, busy, count, devices, {k: (v[0], v[1]) for k, v in per_op.items()},
+                         {k: (v[0], v[1]) for k, v in gaps.items()})
 
 
 def backend_planes(backend: str | None = None) -> dict:

@@ -306,3 +306,47 @@ def test_schedule_ahead_counts_the_slot_a_length_limit_frees():
     scheduler, _, pending = _decoding_scheduler(max_tokens=(16, 16), max_batch_size=2)
     scheduler.add_request(make_request("waiting", 4))
     assert scheduler.schedule_ahead(0, {"r0": 4, "r1": 4}) is not None
+
+
+def test_a_program_call_that_blocks_does_not_block_the_host(core, monkeypatch):
+    """A step program whose launch blocks (as XLA's host-read predicates of the decode loop and the sampler
+    make it on a GPU) runs on the launch thread: ``dispatch`` returns while it is blocked, the host
+    processes the step before meanwhile, and the outputs are unchanged."""
+    import threading
+
+    core.async_scheduling = True
+    runner = core.runner
+    release, entered = threading.Event(), threading.Event()
+    run_decode = runner._run_decode
+    threads = []
+
+    def blocking_decode(inp):
+        threads.append(threading.current_thread().name)
+        entered.set()
+        assert release.wait(30), "the test never released the launch"
+        return run_decode(inp)
+
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    rng = np.random.default_rng(7)
+    want = core.add_request(random_prompt(rng, 9), params).request_id
+    outputs = {}
+    while core.has_unfinished_requests() and not (core._in_flight and core._in_flight.handle.is_decode):
+        outputs.update({o.request_id: o for o in core.step()})  # prefill, until a decode call is in flight
+    monkeypatch.setattr(runner, "_run_decode", blocking_decode)
+    done = threading.Event()
+    stepper = threading.Thread(target=lambda: (outputs.update({o.request_id: o for o in core.step()}), done.set()))
+    stepper.start()
+    assert entered.wait(30)  # the next decode call is launched and blocked ...
+    assert done.wait(30), "step() waited for the blocked launch"  # ... yet this step returned
+    release.set()
+    stepper.join()
+    while core.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in core.step()})
+    assert threads and all(name.startswith("step-launch") for name in threads)
+    monkeypatch.setattr(runner, "_run_decode", run_decode)
+    core.async_scheduling = False
+    again = core.add_request(random_prompt(np.random.default_rng(7), 9), params).request_id
+    sync = {}
+    while core.has_unfinished_requests():
+        sync.update({o.request_id: o for o in core.step()})
+    assert list(outputs[want].outputs[0].token_ids) == list(sync[again].outputs[0].token_ids)

@@ -9,6 +9,7 @@ import hypothesis
 import hypothesis.strategies as st
 import pytest
 
+from autoglm_jax.engine.buckets import BucketLadder
 from autoglm_jax.engine.page_allocator import PageAllocator
 from autoglm_jax.engine.request import FinishReason, Request, RequestStatus
 from autoglm_jax.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -72,14 +73,19 @@ def test_prefill_then_decode_feeds_last_sampled_token():
     assert seq.token_ids == (777,) and seq.start_position == 6 and seq.is_decode and not seq.is_new
 
 
-def test_decodes_first_and_prefill_limited_to_its_share():
-    scheduler = make_scheduler(max_num_batched_tokens=16, prefill_ratio=0.5)
+@pytest.mark.parametrize("prefill_ratio,expected", [
+    (15 / 64, 15),  # share 15: 1 decode + 15 = 16 tokens, exactly the smallest bucket
+    (0.25, 31),     # share 16: 1 + 16 pads to the 32-token bucket anyway, so prefill fills the padding
+    (0.5, 63),      # share 32: 1 + 32 pads to 64
+])
+def test_decodes_first_and_prefill_limited_to_its_share_padded_to_the_step_bucket(prefill_ratio, expected):
+    scheduler = make_scheduler(max_num_batched_tokens=64, prefill_ratio=prefill_ratio, max_sequence_length=128)  # buckets 16, 32, 64
     scheduler.add_request(make_request("old", 5))
     scheduler.update(sample_all(scheduler.schedule(), random.Random(0)))
-    scheduler.add_request(make_request("new", 30))
+    scheduler.add_request(make_request("new", 100))
     out = scheduler.schedule()
     assert [s.request_id for s in out.scheduled] == ["old", "new"]
-    assert out.num_decode_tokens == 1 and out.num_prefill_tokens == 8  # prefill_token_cap = 0.5 * 16
+    assert out.num_decode_tokens == 1 and out.num_prefill_tokens == expected
     assert not by_id(out)["new"].sample
 
 
@@ -118,13 +124,13 @@ def test_without_chunking_prompt_waits_for_a_budget_that_holds_it_whole():
     scheduler = make_scheduler(max_num_batched_tokens=64, enable_chunked_prefill=False, prefill_ratio=0.25)
     scheduler.add_request(make_request("a", 4))
     scheduler.update(sample_all(scheduler.schedule(), random.Random(0)))
-    scheduler.add_request(make_request("b", 20))  # > prefill cap 16 while "a" decodes
+    scheduler.add_request(make_request("b", 40))  # > prefill cap while "a" decodes: share 16, widened to bucket 32 - 1
     out = scheduler.schedule()
     assert [s.request_id for s in out.scheduled] == ["a"]
     scheduler.update(sample_all(out, random.Random(1)))
     scheduler.abort("a")
     (seq,) = scheduler.schedule().scheduled
-    assert seq.request_id == "b" and seq.num_tokens == 20
+    assert seq.request_id == "b" and seq.num_tokens == 40
 
 
 def test_max_batch_size_and_slot_reuse():
@@ -385,8 +391,10 @@ def check_invariants(scheduler: Scheduler) -> None:
 def check_output(scheduler: Scheduler, output: SchedulerOutput) -> None:
     config = scheduler.config
     assert output.num_scheduled_tokens <= config.max_num_batched_tokens
-    if output.num_decode_tokens:
-        assert output.num_prefill_tokens <= config.prefill_token_cap
+    if output.num_decode_tokens:  # prefill within its share, widened only to the bucket the share pads to
+        bucket = BucketLadder(config.max_batch_size, config.max_num_batched_tokens).token_bucket
+        share_bucket = bucket(min(config.max_num_batched_tokens, output.num_decode_tokens + config.prefill_token_cap))
+        assert output.num_scheduled_tokens <= share_bucket
     assert len({s.slot for s in output.scheduled}) == len(output.scheduled) <= config.max_batch_size
     assert not set(output.preempted) & set(by_id(output))
     for seq in output.scheduled:

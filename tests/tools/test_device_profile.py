@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from autoglm_jax.tools.device_profile import _union_ms, profile_device
 
@@ -35,3 +36,20 @@ def test_by_kind_merges_the_instances_of_one_op():
     assert merged == {"gemm_fusion_dot": (4.0, 4), "cond": (0.5, 1), "command_buffer_11": (2.0, 1),
                       "fusion": (1.5, 1)}
     assert profile.by_kind().busy_ms == 8.0 and profile.by_kind().top(1)[0] == ("gemm_fusion_dot", 4.0, 4)
+
+
+def test_gap_histogram_buckets_the_idle_time_between_merged_intervals():
+    from autoglm_jax.tools.device_profile import gap_histogram
+
+    us = 1_000  # ns
+    intervals = [(0, 10 * us), (5 * us, 12 * us),  # overlapping: one busy interval, no gap
+                 (14 * us, 20 * us),               # 2 us gap
+                 (40 * us, 50 * us),               # 20 us gap
+                 (250 * us, 260 * us),             # 200 us gap
+                 (2_260 * us, 2_261 * us)]         # 2 ms gap
+    hist = gap_histogram(intervals)
+    assert hist["< 5 us"] == [pytest.approx(0.002), 1]
+    assert hist["5-50 us"] == [pytest.approx(0.020), 1]
+    assert hist["50 us-1 ms"] == [pytest.approx(0.200), 1]
+    assert hist[">= 1 ms"] == [pytest.approx(2.0), 1]
+    assert gap_histogram([(0, 1)]) == {name: [0.0, 0] for name in hist}
