@@ -127,10 +127,12 @@ def run_backend(config: ModelConfig, backend: str, scan_layers: bool, batches, c
 
 def engine_core(batch: int, context: int) -> EngineCore:
     """An engine for ``batch`` sequences of ``context`` prompt tokens with room for both modes' tokens;
-    the KV pool is sized for exactly that (not from free memory). Steps compile on first use."""
+    the KV pool is sized for exactly that (not from free memory). The ladder compiles up front, in parallel
+    (warmup, as serving does; compiled one bucket at a time on first use, a batch-64 x 1k run did not fit
+    four minutes on an H100)."""
     tokens = context + FLAGS.engine_tokens + (FLAGS.profile_steps + 4) * FLAGS.steps + 16
     pages = -(-tokens // FLAGS.page_size)
-    return EngineCore(model=FLAGS.model, dtype=FLAGS.dtype, skip_tokenizer_init=True, warmup=False,
+    return EngineCore(model=FLAGS.model, dtype=FLAGS.dtype, skip_tokenizer_init=True, warmup=True,
                       show_progress=False, max_batch_size=batch, max_sequence_length=pages * FLAGS.page_size,
                       max_num_batched_tokens=max(512, batch), page_size=FLAGS.page_size,
                       num_pages=batch * pages + 1, decode_steps_per_call=FLAGS.steps)

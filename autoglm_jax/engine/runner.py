@@ -6,14 +6,10 @@ compiled functions of the bucket ladder and ``warmup()``. It makes no scheduling
 Start-up: a runner made from the model's abstract values compiles its ladder from them
 (``start_compiling``, in the background) while the weights load, then takes them (``bind_weights``).
 
-``execute`` is ``collect(dispatch(...))``: ``dispatch`` builds the step's inputs and hands the program
-call to the launch thread, returning a ``StepHandle`` at once; ``collect`` blocks until its tokens are on
-the host. Async scheduling dispatches the next step in between; steps always run in dispatch order
-(one launch thread; each takes the donated state the previous one returns, and the ``slot_tokens`` it
-produced). Why a thread: a step program's control flow (the decode loop's ``while``, the sampler's
-``cond``s) makes XLA read a predicate back to the host, so the call that launches it returns only when
-the device is nearly done. On the launch thread that wait overlaps the host's work on the step
-before (output processing, scheduling, the next step's inputs), which async scheduling is for.
+``execute`` is ``collect(dispatch(...))``: ``dispatch`` only enqueues the step (JAX async dispatch)
+and returns a ``StepHandle``; ``collect`` blocks until its tokens are on the host. Async scheduling
+dispatches the next step in between; steps always run in dispatch order (each takes the donated
+state the previous one returns), and each passes ``slot_tokens`` on to the next.
 
 Host cost per step is kept to a few Python operations per row (hundreds of rows per step at a large
 batch): what stays with a batch slot while one sequence holds it (its page-table row, sampling
@@ -126,7 +122,7 @@ class StepHandle:
 
     scheduled: tuple[ScheduledSequence, ...]
     rows: dict[str, RowRequest]
-    out: object                  # Future of the DecodeOutput or StepOutput (device arrays) the launch returns
+    out: object                  # DecodeOutput or StepOutput of device arrays
     num_sampled: dict[str, int]  # tokens each sampling row yields unless it stops (schedule_ahead's input)
     query_start_loc: np.ndarray | None = None  # [rows + 1] flat token offsets of a mixed step
     want_prompt_logprobs: bool = False
@@ -190,8 +186,6 @@ class ModelRunner:
         self.compile_seconds = 0.0  # the last compile_programs call, loads included
         self._compiling: Future | None = None  # start_compiling's background compile
         self._stop_compiling = threading.Event()
-        # Step programs are called from here (see the module docstring); created on first use.
-        self._launcher: ThreadPoolExecutor | None = None
 
     def _make_steps(self, mixed_fn, decode_fn) -> None:
         self._mixed = jax.jit(self._counted(mixed_fn), static_argnames=("num_logprobs",), donate_argnums=(1,))
@@ -376,18 +370,8 @@ class ModelRunner:
         return self._mixed_results(handle, out)
 
     def _fetch(self, out):
-        """Device -> host: the one place the host waits for a step (its launch, then its outputs)."""
-        if isinstance(out, Future):
-            out = out.result()
+        """Device -> host: the one place the host waits for a step."""
         return jax.device_get(out)
-
-    def _launch(self, run, inp) -> Future:
-        """``run(inp)`` (``_run_mixed`` / ``_run_decode``) on the launch thread, after every step launched
-        before it, with ``slot_tokens`` from the step before (built on this thread, ``inp`` may hold an
-        older value). Returns the Future of the step's outputs."""
-        if self._launcher is None:
-            self._launcher = ThreadPoolExecutor(1, thread_name_prefix="step-launch")
-        return self._launcher.submit(lambda: run(dataclasses.replace(inp, slot_tokens=self.slot_tokens)))
 
     def _dispatch_mixed(self, scheduled, rows) -> StepHandle:
         starts = np.zeros(len(scheduled) + 1, np.int64)  # = md.query_start_loc, host side
@@ -397,7 +381,7 @@ class ModelRunner:
         want = any(_wants_prompt_logprobs(rows[s.request_id]) and not s.is_decode for s in scheduled)
         inp = self._step_input(scheduled, rows, token_bucket, row_bucket, want, starts)
         num_sampled = {seq.request_id: 1 for seq in scheduled if seq.sample}
-        return StepHandle(scheduled, rows, self._launch(self._run_mixed, inp), num_sampled, starts, want)
+        return StepHandle(scheduled, rows, self._run_mixed(inp), num_sampled, starts, want)
 
     def _mixed_results(self, handle: StepHandle, out):
         rows, want, starts = handle.rows, handle.want_prompt_logprobs, handle.query_start_loc
@@ -429,7 +413,7 @@ class ModelRunner:
         max_new = [_max_new(seq, rows[seq.request_id]) for seq in scheduled]
         inp = self._decode_input(scheduled, rows, row_bucket, steps, max_new)
         num_sampled = {seq.request_id: count for seq, count in zip(scheduled, max_new)}
-        return StepHandle(scheduled, rows, self._launch(self._run_decode, inp), num_sampled)
+        return StepHandle(scheduled, rows, self._run_decode(inp), num_sampled)
 
     @staticmethod
     def _decode_results(scheduled, out):
