@@ -85,7 +85,7 @@ def seed_autotune_cache(compilation_cache_dir: str, seed: str | os.PathLike) -> 
             if dest.exists():
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".seeding")
+            tmp = dest.with_name(f"{dest.name}.{os.getpid()}.seeding")  # replica processes may seed one cache at once
             tmp.write_bytes(read())
             os.replace(tmp, dest)  # XLA never sees a half-written entry
             copied += 1
