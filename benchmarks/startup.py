@@ -37,7 +37,7 @@ flags.DEFINE_integer("decode_tokens", 0, "After each start, greedy batch-1 decod
                      "in tokens/s (checks the programs compiled alongside the weights run as fast; 0 = off).")
 flags.DEFINE_string("export_autotune_seed", None, "Three starts: cold with no XLA autotuning seed (its autotune "
                     "results added to this seed: a .tar.gz, e.g. autoglm_jax/engine/autotune_seeds/<card>.tar.gz, or a directory), cold seeded "
-                    "from that directory in a fresh cache, then warm.")
+                    "from that seed in a fresh cache, then warm.")
 flags.DEFINE_string("child", None, "Internal: run one start with this compilation cache dir and print JSON.")
 
 TINY = dict(model="tiny-glm4", max_sequence_length=256, num_pages=257,

@@ -57,7 +57,7 @@ class RequestMetrics:
         )
 
 
-def _summary(values: list[float]) -> dict[str, float] | None:
+def value_summary(values: list[float]) -> dict[str, float] | None:
     """mean / p50 / p90 / p99 / max of the values, or None if there are none."""
     if not values:
         return None
@@ -161,8 +161,8 @@ class EngineMetrics:
             "total_generated_tokens": self.total_generated_tokens,
             "prompt_tokens_per_s": prompt_rate,
             "generation_tokens_per_s": generation_rate,
-            "queue_time_s": _summary([m.queue_time_s for m in recent if m.queue_time_s is not None]),
-            "ttft_s": _summary([m.ttft_s for m in recent if m.ttft_s is not None]),
-            "tpot_s": _summary([m.tpot_s for m in recent if m.tpot_s is not None]),
-            "e2e_latency_s": _summary([m.e2e_latency_s for m in recent if m.e2e_latency_s is not None]),
+            "queue_time_s": value_summary([m.queue_time_s for m in recent if m.queue_time_s is not None]),
+            "ttft_s": value_summary([m.ttft_s for m in recent if m.ttft_s is not None]),
+            "tpot_s": value_summary([m.tpot_s for m in recent if m.tpot_s is not None]),
+            "e2e_latency_s": value_summary([m.e2e_latency_s for m in recent if m.e2e_latency_s is not None]),
         }

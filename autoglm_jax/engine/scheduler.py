@@ -92,7 +92,7 @@ class Scheduler:
         finished: the queue is empty, admission is closed (static batching, batch decoding), no batch slot
         is free, or its first chunk's pages do not fit the free pool. The engine then runs multi-step
         decode calls: nothing could join the batch anyway."""
-        return not (self._admission_open() and self._would_admit([], []))
+        return not (self._admission_open() and self._would_admit([], [], num_decodes=len(self._running)))
 
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
@@ -218,19 +218,20 @@ class Scheduler:
                 return None
             growth.append((request, num_tokens, lookahead, max(0, pages - len(request.pages))))
         missing = sum(g[3] for g in growth)
-        if not growth or not self.allocator.can_allocate(missing) or self._would_admit(growth, finishing):
+        if not growth or not self.allocator.can_allocate(missing) or self._would_admit(growth, finishing, num_decodes=len(growth)):
             return None
         return growth
 
-    def _would_admit(self, growth: list, finishing: list[Request]) -> bool:
+    def _would_admit(self, growth: list, finishing: list[Request], num_decodes: int) -> bool:
         """Whether ``schedule`` would act on the first waiting request in the step after the pending
-        one (``growth`` decoding, the ``finishing`` requests' slots and pages released): admit it, or
-        fail it as never fitting."""
+        one (``growth`` decoding, the ``finishing`` requests' slots and pages released, ``num_decodes``
+        decode tokens in it): admit it, or fail it as never fitting. Its prefill budget is ``StepPlan``'s."""
         free_slots = len(self._free_slots) + len(finishing)
         if not (self._waiting and free_slots and self.config.use_dynamic_batching):
             return False
         request = self._waiting[0]
-        budget = min(self.config.max_num_batched_tokens - len(growth), self.config.prefill_token_cap)
+        limit = self.config.max_num_batched_tokens
+        budget = min(limit - num_decodes, self.config.prefill_tokens_with_decodes(num_decodes)) if num_decodes else limit
         num_new = self._prefill_chunk(request, budget)
         if num_new == 0:
             return False

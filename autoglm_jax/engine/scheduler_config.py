@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from autoglm_jax.engine.buckets import BucketLadder
+
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
@@ -81,5 +83,13 @@ class SchedulerConfig:
 
     @property
     def prefill_token_cap(self) -> int:
-        """Prefill tokens allowed in a step that also decodes: floor(prefill_ratio * budget), >= 1."""
+        """The prefill share of a step that also decodes: floor(prefill_ratio * budget), >= 1."""
         return max(1, int(self.prefill_ratio * self.max_num_batched_tokens))
+
+    def prefill_tokens_with_decodes(self, num_decode_tokens: int) -> int:
+        """Prefill tokens a step with ``num_decode_tokens`` (>= 1) decodes may take: the prefill share widened
+        to the token bucket the step is padded to anyway, ``token_bucket(decodes + share) - decodes`` (every
+        GEMM runs the padded rows, so prefill fills the padding for free). E.g. budget 2,048, prefill_ratio
+        0.8, 216 decodes: 216 + 1,638 pads to 2,048, so 1,832 prefill tokens."""
+        total = min(self.max_num_batched_tokens, num_decode_tokens + self.prefill_token_cap)
+        return BucketLadder(self.max_batch_size, self.max_num_batched_tokens).token_bucket(total) - num_decode_tokens

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from autoglm_jax.engine.metrics import _summary
+from autoglm_jax.engine.metrics import value_summary
 
 DEFAULT_CAPACITY = 1 << 16  # rows kept (a ring): ~3,000 calls for 1,000 x 1,000 tokens at batch 256
 PREFILL_BUCKETS = (128, 256, 512, 1024, 2048)  # upper edges of the prefill-tokens-per-mixed-call histogram
@@ -183,14 +183,14 @@ def summarize_steps(rows: list[StepRecord], origin: float | None = None,
         generated = sum(r.generated for r in picked)
         kinds[kind] = {
             "calls": len(picked), "wall_s": wall_s, "wall_fraction": wall_s / span if span > 0 else 0.0,
-            "wall_ms": _summary((wall[mask] * 1e3).tolist()), "generated_tokens": generated,
+            "wall_ms": value_summary((wall[mask] * 1e3).tolist()), "generated_tokens": generated,
             "tokens_per_s": generated / wall_s if wall_s > 0 else 0.0, "decode_steps": steps,
             "ms_per_decode_step": wall_s * 1e3 / steps if steps else None,
             "prefill_tokens": sum(r.prefill_tokens for r in picked),
             "decode_rows_mean": sum(r.decode_rows for r in picked) / len(picked) if picked else None,
-            "host_ms": _summary((host[mask] * 1e3).tolist()),
+            "host_ms": value_summary((host[mask] * 1e3).tolist()),
             "host_cpu_ms_mean": 1e3 * sum(r.host_cpu_s for r in picked) / len(picked) if picked else None,
-            "blocked_ms": _summary([r.blocked_s * 1e3 for r in picked]),
+            "blocked_ms": value_summary([r.blocked_s * 1e3 for r in picked]),
             "ahead_fraction": sum(r.ahead for r in picked) / len(picked) if picked else None,
         }
     prefill = [r.prefill_tokens for r in rows if r.mixed]
@@ -203,7 +203,7 @@ def summarize_steps(rows: list[StepRecord], origin: float | None = None,
         "prefill_tokens": sum(prefill), "kinds": kinds,
         "prefill_tokens_per_mixed_call": dict(zip(_histogram_labels(buckets), counts.tolist())),
         "host_s": float(host.sum()), "host_fraction": float(host.sum()) / span if span > 0 else 0.0,
-        "loop_gap_s": float(sum(gaps)), "loop_gap_ms": _summary([g * 1e3 for g in gaps]),
+        "loop_gap_s": float(sum(gaps)), "loop_gap_ms": value_summary([g * 1e3 for g in gaps]),
     }
 
 

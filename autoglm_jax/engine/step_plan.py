@@ -7,7 +7,6 @@ in the same step. It does not decide what to schedule (``engine.scheduler``).
 
 from __future__ import annotations
 
-from autoglm_jax.engine.buckets import BucketLadder
 from autoglm_jax.engine.scheduler_config import SchedulerConfig
 from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 
@@ -17,8 +16,7 @@ class StepPlan:
 
     def __init__(self, config: SchedulerConfig, num_lookahead_tokens: int):
         self._token_budget = config.max_num_batched_tokens
-        self._prefill_cap_with_decodes = config.prefill_token_cap
-        self._token_bucket = BucketLadder(config.max_batch_size, config.max_num_batched_tokens).token_bucket
+        self._prefill_tokens_with_decodes = config.prefill_tokens_with_decodes
         self.num_lookahead_tokens = num_lookahead_tokens
         self._entries: dict[str, ScheduledSequence] = {}
         self.preempted: list[str] = []
@@ -37,16 +35,10 @@ class StepPlan:
         return self._token_budget - self.num_decode_tokens - self.num_prefill_tokens
 
     def prefill_tokens_left(self) -> int:
-        """Prefill tokens still allowed: the prefill share when decodes run, else the whole budget.
-
-        With decodes the share is widened to the step's token bucket: a step with the decodes and the
-        share's prefill tokens is padded to ``token_bucket(decodes + share)`` tokens and costs that many
-        (every GEMM runs over the padded rows), so prefill may fill the padding for free. E.g. budget
-        2,048, prefill_ratio 0.8, 216 decodes: 216 + 1,638 pads to 2,048, so 1,832 prefill tokens."""
+        """Prefill tokens still allowed: with decodes their share widened to the step's bucket
+        (``SchedulerConfig.prefill_tokens_with_decodes``), else the whole budget."""
         decode, prefill, budget = self.num_decode_tokens, self.num_prefill_tokens, self._token_budget
-        cap = budget
-        if decode > 0:
-            cap = self._token_bucket(min(budget, decode + self._prefill_cap_with_decodes)) - decode
+        cap = self._prefill_tokens_with_decodes(decode) if decode > 0 else budget
         return max(0, min(budget - decode - prefill, cap - prefill))
 
     def add(self, entry: ScheduledSequence) -> None:

@@ -87,17 +87,23 @@ def _union_ms(intervals: list[tuple[int, int]]) -> float:
     return sum(stop - start for start, stop in _merged(intervals)) / 1e6
 
 
-def gap_histogram(intervals: list[tuple[int, int]], into: dict | None = None) -> dict[str, list]:
-    """Idle gaps between the merged busy intervals (ns) by ``GAP_BUCKETS_US``: name -> [total ms, count],
-    added to ``into`` when given."""
-    hist = into if into is not None else {name: [0.0, 0] for _, name in GAP_BUCKETS_US}
-    merged = _merged(intervals)
+def _empty_gaps() -> dict[str, list]:
+    return {name: [0.0, 0] for _, name in GAP_BUCKETS_US}
+
+
+def _add_gaps(merged: list[list[int]], hist: dict[str, list]) -> None:
+    """Adds the idle gaps between ``_merged`` busy intervals (ns) to ``hist`` (name -> [total ms, count])."""
     for (_, stop), (start, _) in zip(merged, merged[1:]):
         gap_us = (start - stop) / 1e3
         name = next(name for limit, name in GAP_BUCKETS_US if gap_us < limit)
-        hist.setdefault(name, [0.0, 0])
         hist[name][0] += gap_us / 1e3
         hist[name][1] += 1
+
+
+def gap_histogram(intervals: list[tuple[int, int]]) -> dict[str, list]:
+    """Idle gaps between the merged busy intervals (ns) by ``GAP_BUCKETS_US``: name -> [total ms, count]."""
+    hist = _empty_gaps()
+    _add_gaps(_merged(intervals), hist)
     return hist
 
 
@@ -109,7 +115,7 @@ def summarize_xspace(path: str, device_prefix: str = "/device:GPU:", line_contai
     data = ProfileData.from_file(path)
     per_op: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     first, last, busy, count, devices = None, None, 0.0, 0, 0
-    gaps = {name: [0.0, 0] for _, name in GAP_BUCKETS_US}
+    gaps = _empty_gaps()
     for plane in data.planes:
         if not plane.name.startswith(device_prefix):
             continue
@@ -128,8 +134,9 @@ def summarize_xspace(path: str, device_prefix: str = "/device:GPU:", line_contai
             continue
         devices += 1
         count += len(intervals)
-        busy += _union_ms(intervals)
-        gap_histogram(intervals, gaps)
+        merged = _merged(intervals)
+        busy += sum(stop - start for start, stop in merged) / 1e6
+        _add_gaps(merged, gaps)
         lo, hi = min(s for s, _ in intervals), max(e for _, e in intervals)
         first = lo if first is None else min(first, lo)
         last = hi if last is None else max(last, hi)

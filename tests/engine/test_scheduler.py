@@ -189,10 +189,12 @@ def test_admission_blocked_by_empty_queue_full_batch_pages_or_static_batch():
     assert scheduler.admission_blocked(), "full batch again"
     scheduler.finish("c", FinishReason.STOP)
     a = scheduler.get_request("a")
-    a.pages.extend(scheduler.allocator.allocate(scheduler.allocator.num_free - 1))  # leave 1 free page
-    assert scheduler.admission_blocked(), "big's first chunk (8 tokens, 2 pages) does not fit 1 free page"
+    # with a decoding, big's first chunk is its 13 tokens (the share 8, widened to the 16-token bucket: 15)
+    a.pages.extend(scheduler.allocator.allocate(scheduler.allocator.num_free - 3))  # leave 3 free pages
+    assert scheduler.admission_blocked(), "big's first chunk (13 tokens, 4 pages) does not fit 3 free pages"
     scheduler.allocator.free([a.pages.pop()])
-    assert not scheduler.admission_blocked(), "2 free pages hold it"
+    assert not scheduler.admission_blocked(), "4 free pages hold it"
+    assert [s.request_id for s in scheduler.schedule().scheduled] == ["a", "big"]  # as schedule() does
 
     static = make_scheduler(max_batch_size=2, use_dynamic_batching=False)
     static.add_request(make_request("a", 3))
