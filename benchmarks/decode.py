@@ -36,6 +36,7 @@ from autoglm_jax.checkpoint.loader import build_model
 from autoglm_jax.config import ModelConfig
 from autoglm_jax.engine.core import EngineCore
 from autoglm_jax.engine.runner import STOP_IDS_WIDTH, ModelRunner
+from autoglm_jax.engine.step_log import format_step_summary
 from autoglm_jax.engine.step_functions import DecodeInput
 from autoglm_jax.model.kv_cache import KVCache
 from autoglm_jax.sampler import SamplingTensors
@@ -130,11 +131,15 @@ def engine_core(batch: int, context: int) -> EngineCore:
     the KV pool is sized for exactly that (not from free memory). The ladder compiles up front, in parallel
     (warmup, as serving does; compiled one bucket at a time on first use, a batch-64 x 1k run did not fit
     four minutes on an H100)."""
-    tokens = context + FLAGS.engine_tokens + (FLAGS.profile_steps + 4) * FLAGS.steps + 16
+    budget = max(512, batch)
+    # Early requests decode one token per mixed call while later ones still prefill: room for those too
+    # (without it a batch-64 x 1k run finished its requests before the timed decode and never ended).
+    prefill_calls = -(-batch * context // budget) + 2
+    tokens = context + prefill_calls + FLAGS.engine_tokens + (FLAGS.profile_steps + 4) * FLAGS.steps + 16
     pages = -(-tokens // FLAGS.page_size)
     return EngineCore(model=FLAGS.model, dtype=FLAGS.dtype, skip_tokenizer_init=True, warmup=True,
                       show_progress=False, max_batch_size=batch, max_sequence_length=pages * FLAGS.page_size,
-                      max_num_batched_tokens=max(512, batch), page_size=FLAGS.page_size,
+                      max_num_batched_tokens=budget, page_size=FLAGS.page_size,
                       num_pages=batch * pages + 1, decode_steps_per_call=FLAGS.steps)
 
 
@@ -147,20 +152,45 @@ def engine_decode(core: EngineCore, batch: int, context: int, async_scheduling: 
     params = SamplingParams(temperature=0, max_tokens=core.max_sequence_length - context, ignore_eos=True)
     ids = [core.add_request({"prompt_token_ids": rng.integers(10, vocab - 10, context).tolist()}, params).request_id
            for _ in range(batch)]
+    t0 = time.perf_counter()
     while core.scheduler.num_waiting or any(r.num_uncomputed_tokens != 1 for r in core.scheduler.running):
         core.step()  # prefill
+    t1 = time.perf_counter()
     for _ in range(2):  # compiles and warms this batch's decode bucket
         core.step()
+    print(f"  async {'on' if async_scheduling else 'off'}: prefill {t1 - t0:.1f} s, first decode calls "
+          f"{time.perf_counter() - t1:.1f} s", flush=True)
     generated = lambda: sum(r.num_output_tokens for r in core.scheduler.running)  # noqa: E731
+    log = core.enable_step_log()  # host busy vs blocked per call, without a profiler's overhead
     before, start = generated(), time.perf_counter()
     while generated() - before < batch * FLAGS.engine_tokens:
+        if len(core.scheduler.running) < batch:
+            raise RuntimeError(f"only {len(core.scheduler.running)} of {batch} requests still decoding: the engine "
+                               "was sized too small for the timed decode")
         core.step()
     elapsed, tokens = time.perf_counter() - start, generated() - before
+    core.disable_step_log()
+    print(f"  timed decode {elapsed:.1f} s\n    " + format_step_summary(log.summary()).replace("\n", "\n    "), flush=True)
     profile = profile_device(lambda: [core.step() for _ in range(FLAGS.profile_steps)] and None, warmup=0,
                              **backend_planes())
     for request_id in ids:
         core.abort(request_id)
-    return tokens / elapsed, 1e3 * elapsed / (tokens / batch), profile
+    return tokens / elapsed, 1e3 * elapsed / (tokens / batch), profile, program_ms_per_step(core, batch, context)
+
+
+def program_ms_per_step(core: EngineCore, batch: int, context: int) -> float:
+    """ms per step of the engine's own compiled decode program called back to back through its runner
+    (synthetic rows at the context the timed decode reached; no scheduler or host work between calls):
+    the device-bound floor the engine's ms/step is compared with. Call after the requests are aborted
+    (it writes into their pages)."""
+    inp = decode_input(batch, context + FLAGS.engine_tokens, core.runner, FLAGS.steps)
+    jax.block_until_ready(core.runner._run_decode(inp))
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(core.runner._run_decode(inp))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / FLAGS.steps * 1e3
 
 
 def run_engine(batches, contexts) -> None:
@@ -169,17 +199,20 @@ def run_engine(batches, contexts) -> None:
         for context in contexts:
             core = engine_core(batch, context)
             for mode in (False, True):
-                rate, ms_step, profile = engine_decode(core, batch, context, mode)
+                rate, ms_step, profile, program_ms = engine_decode(core, batch, context, mode)
                 busy = f"{profile.busy_fraction:.1%}" if profile.num_devices else "n/a"
-                rows.append((batch, context, "on" if mode else "off", rate, ms_step, busy, profile.span_ms))
+                rows.append((batch, context, "on" if mode else "off", rate, ms_step, busy, program_ms))
                 print(f"engine batch {batch:4d} ctx {context:5d} async {rows[-1][2]:3s}: {rate:9.1f} tok/s "
-                      f"{ms_step:7.2f} ms/step  device busy {busy} of {profile.span_ms:.1f} ms traced", flush=True)
+                      f"{ms_step:7.2f} ms/step  device busy {busy} of {profile.span_ms:.1f} ms traced; the same program "
+                      f"back to back {program_ms:.2f} ms/step (engine overhead {1 - program_ms / ms_step:.1%})",
+                      flush=True)
                 print("    " + (profile.by_kind() if FLAGS.profile_by_kind else profile).format(FLAGS.profile_top).replace("\n", "\n    "), flush=True)
             del core
-    print("\n| batch | context | async scheduling | tok/s | ms/step | device busy (trace) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| batch | context | async scheduling | tok/s | ms/step | device busy (trace) | same program back to back "
+          "(ms/step) | engine overhead |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.2f} | {r[5]} |")
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.2f} | {r[5]} | {r[6]:.2f} | {1 - r[6] / r[4]:.1%} |")
 
 
 def main(argv):

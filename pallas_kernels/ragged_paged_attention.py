@@ -623,14 +623,25 @@ def _rows_to_tokens(x, layout: TileLayout, num_tokens: int):
     return x.reshape(splits, -1, num_kv_heads * layout.group, *rest)[:, :num_tokens]
 
 
+# Up to this many splits the merge is written as elementwise terms, one per split: XLA makes it one loop
+# fusion. As reductions over S it was two kernels (a max, then the weighted sums: a reduction cannot feed
+# another in one fusion), per layer of every decode step (H100 dump, RESULTS "Session 8").
+UNROLLED_MERGE_MAX_SPLITS = 16
+
+
 def _combine_splits(out, lse, layout: TileLayout, num_tokens: int):
     """Merge split-K partials out [S, Nkv, Tp * R, D] f32 (normalized), lse [S, Nkv, Tp * R] (base 2) into
-    [T, Nq, D] f32. The rows are taken to token order on the way in (transposes and slices XLA can fuse into
-    the reductions as producers: a max over S, then the weighted sums and their quotient), so no relayout
-    follows the sums (not yet checked in a GPU profile)."""
+    [T, Nq, D] f32. The rows are taken to token order on the way in (transposes and slices XLA fuses into
+    the merge as producers), so no relayout follows it."""
     out, lse = _rows_to_tokens(out, layout, num_tokens), _rows_to_tokens(lse, layout, num_tokens)
-    weights = jnp.exp2(lse - lse.max(axis=0)[None])
-    return (weights[..., None] * out).sum(axis=0) / weights.sum(axis=0)[..., None]
+    splits = out.shape[0]
+    if splits > UNROLLED_MERGE_MAX_SPLITS:
+        weights = jnp.exp2(lse - lse.max(axis=0)[None])
+        return (weights[..., None] * out).sum(axis=0) / weights.sum(axis=0)[..., None]
+    m = functools.reduce(jnp.maximum, [lse[s] for s in range(splits)])
+    weights = [jnp.exp2(lse[s] - m) for s in range(splits)]
+    total = functools.reduce(jnp.add, [w[..., None] * out[s] for s, w in enumerate(weights)])
+    return total / functools.reduce(jnp.add, weights)[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config", "decode_only"))

@@ -250,3 +250,25 @@ def test_glm4_prefill_1k():
                      token_bucket=1024, max_pages=64, seed=12, num_layers=1)
     out = rpa.ragged_paged_attention(*args, sm_scale=128 ** -0.5)
     assert_close(out, rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5), what="prefill 1k")
+
+
+@pytest.mark.parametrize("splits", [1, 3, rpa.UNROLLED_MERGE_MAX_SPLITS + 4])
+def test_combine_splits_matches_log_sum_exp_merge(splits):
+    """The split-K merge (elementwise terms up to UNROLLED_MERGE_MAX_SPLITS splits, reductions above) vs
+    a float64 numpy merge, with empty splits (the kernel's lse for no KV block: MASK + log2(1e-30))."""
+    num_q_heads, num_kv_heads, head_dim, num_tokens = 16, 2, 32, 3
+    layout = rpa.tile_layout(num_q_heads, num_kv_heads, 1)  # decode, token-major (G 16)
+    rows = num_tokens * layout.rows_per_token
+    rng = np.random.default_rng(splits)
+    out = rng.standard_normal((splits, num_kv_heads, rows, head_dim)).astype(np.float32)
+    lse = (8 * rng.standard_normal((splits, num_kv_heads, rows))).astype(np.float32)
+    empty = rng.random((splits, num_kv_heads, rows)) < 0.3
+    empty[0] = False  # every row keeps one split with context
+    lse = np.where(empty, np.float32(rpa._MASK_VALUE) + np.log2(np.float32(1e-30)), lse)
+    got = np.asarray(rpa._combine_splits(jnp.asarray(out), jnp.asarray(lse), layout, num_tokens))
+    w = np.exp2(lse.astype(np.float64) - lse.max(axis=0, keepdims=True))
+    merged = (w[..., None] * out).sum(0) / w.sum(0)[..., None]  # [Nkv, rows, D], rows = (token, head in group)
+    merged = merged.reshape(num_kv_heads, num_tokens, layout.rows_per_token, head_dim)[:, :, :layout.group]
+    want = merged.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
