@@ -116,7 +116,16 @@ def w8a8_product(x: jax.Array, values: jax.Array, scales: jax.Array, activations
     8-bit dot with values [K, N] (int32 accumulation for int8, float32 for fp8), then both scales
     (scales [N]) in float32 -> [..., N] float32. ``weights_nk``: values are stored [N, K] (out-feature major,
     as ``model.matmul_backend`` keeps them on a GPU: the layout XLA's cuBLASLt 8-bit GEMM reads without a
-    per-call transpose); the same sums."""
+    per-call transpose); the same sums.
+
+    With ``weights_nk`` (the served GPU layout) the weight passes an optimization barrier together with x:
+    whatever XLA inserts for the 8-bit dot on the weight alone (XLA:CPU upcasts it to float32) then depends on
+    this call's tokens, so it is neither hoisted out of the decode ``while`` loop nor scheduled ahead of the
+    layers for every weight at once (without it: a float32 copy of every layer's weights live through the
+    step program, +0.76 GiB of temp a GLM-4-9B layer). The [K, N] rule is left as it was: the barrier also
+    stops XLA's excess-precision folding of x, which moves its fp8 roundings."""
+    if weights_nk:
+        x, values = jax.lax.optimization_barrier((x, values))
     xq, x_scales = quantize_activations(x, activations)
     acc = jnp.int32 if activations == "int8" else jnp.float32
     contracted = values.ndim - 1 if weights_nk else values.ndim - 2
