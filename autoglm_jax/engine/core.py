@@ -28,7 +28,7 @@ from autoglm_jax.engine.config import EngineConfig
 from autoglm_jax.engine.executable_cache import resolve_executable_cache
 from autoglm_jax.model.attention import resolve_attention_backend
 from autoglm_jax.engine.metrics import EngineMetrics
-from autoglm_jax.engine.memory import enable_compilation_cache, plan_num_pages
+from autoglm_jax.engine.memory import PoolPlan, enable_compilation_cache, fit_programs, plan_pool
 from autoglm_jax.engine.output_state import RequestState, SequenceState
 from autoglm_jax.engine.page_allocator import PageAllocator
 from autoglm_jax.engine.request import FinishReason, Request
@@ -216,22 +216,29 @@ class EngineCore:
             from autoglm_jax.parallel.placement import per_device_plan
 
             plan_config, plan_device = per_device_plan(self.model_config, mesh)
-        num_pages = cfg.num_pages or plan_num_pages(
+        pool_plan = plan_pool(
             plan_config, device=plan_device, page_size=cfg.page_size, cache_dtype=self.dtype, max_batch_size=cfg.max_batch_size,
             max_sequence_length=self.max_sequence_length, max_num_batched_tokens=sched_config.max_num_batched_tokens,
-            memory_fraction=cfg.memory_fraction, pending_bytes=param_bytes(model) if overlap else 0)
-        self.allocator = PageAllocator(num_pages, cfg.page_size)
-        self.scheduler = Scheduler(sched_config, self.allocator)
+            memory_fraction=cfg.memory_fraction, pending_bytes=param_bytes(model) if overlap else 0,
+            num_pages=cfg.num_pages)
         self.runner = ModelRunner(
             model, self.model_config, max_batch_size=cfg.max_batch_size,
             max_num_batched_tokens=sched_config.max_num_batched_tokens, max_sequence_length=self.max_sequence_length,
-            page_size=cfg.page_size, num_pages=num_pages, cache_dtype=self.dtype,
+            page_size=cfg.page_size, num_pages=pool_plan.num_pages, cache_dtype=self.dtype,
             decode_steps_per_call=cfg.decode_steps_per_call, max_logprobs=cfg.max_logprobs,
             eos_token_ids=self.eos_token_ids, mesh=mesh, scan_layers=scan_layers,
             executable_cache_dir=resolve_executable_cache(cfg.executable_cache, cfg.compilation_cache_dir))
         # seconds to the weights on the device (after a tensor-parallel load: with the runner built)
-        self.weights_seconds = self._load_while_compiling(load, cfg.warmup) if overlap else time.perf_counter() - start
+        if overlap:
+            self.weights_seconds = self._load_while_compiling(load, cfg.warmup)
+            weights_at = time.perf_counter()
+            self._allocate_pool(pool_plan, check_programs=cfg.warmup)
+        else:
+            self.weights_seconds = time.perf_counter() - start
+            weights_at = time.perf_counter()
         del model
+        self.allocator = PageAllocator(self.runner.num_pages, cfg.page_size)  # as fitted to the programs
+        self.scheduler = Scheduler(sched_config, self.allocator)
         self.requests: dict[str, RequestState] = {}
         self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}
         self._seed_rng = random.Random(cfg.seed)
@@ -240,7 +247,10 @@ class EngineCore:
         self.async_scheduling = resolve_async_scheduling(cfg.async_scheduling)
         self._in_flight: _StepInFlight | None = None  # async scheduling: dispatched, tokens not read yet
         self.step_log: StepLog | None = None  # one row per call when on (enable_step_log)
-        self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0  # after the weights
+        self.warmup_seconds = 0.0  # after the weights: the rest of their compile, the pool, warmup's first runs
+        if cfg.warmup:
+            self.runner.warmup()
+            self.warmup_seconds = time.perf_counter() - weights_at
         if cfg.warmup:
             message = f"warmup compiled {self.runner.num_traces} step variants in {self.warmup_seconds:.1f} s"
             if cfg.show_progress:
@@ -251,7 +261,7 @@ class EngineCore:
     def _load_while_compiling(self, load, compile_first: bool) -> float:
         """Loads the weights (``load()``: config, model, source) into the runner made from their abstract
         values, its step programs compiling in the background meanwhile when ``compile_first``; returns
-        the seconds the weights took."""
+        the seconds the weights took. The KV pool is not allocated yet (``_allocate_pool``)."""
         start = time.perf_counter()
         if compile_first:
             self.runner.start_compiling()
@@ -264,8 +274,21 @@ class EngineCore:
             self.runner.cancel_compiling()
             raise ValueError(f"the loaded model's config differs from the one read before loading: {config} "
                              f"vs {self.model_config}")
-        self.runner.bind_weights(model)
+        self.runner.bind_weights(model, allocate_pool=False)
         return time.perf_counter() - start
+
+    def _allocate_pool(self, pool_plan: PoolPlan, check_programs: bool) -> None:
+        """Allocates the KV pool of ``pool_plan``, when ``check_programs`` first waiting for the background
+        compile (warmup would) and checking the compiled programs' memory against the room the plan left
+        them (``memory.fit_programs``): a re-planned, smaller pool replaces the planned one, and warmup
+        compiles the ladder again for it. Programs dropped by ``bind_weights`` (weights unlike the abstract
+        model) are not checked."""
+        if check_programs:
+            self.runner.finish_compiling()
+            fitted = fit_programs(pool_plan, self.runner.program_needs())
+            if fitted.num_pages != self.runner.num_pages:
+                self.runner.resize_pool(fitted.num_pages)
+        self.runner.allocate_pool()
 
     # ------------------------------------------------------------------ requests
     def new_request_id(self) -> str:

@@ -40,6 +40,7 @@ from autoglm_jax.engine.buckets import BucketLadder
 from autoglm_jax.engine.executable_cache import (ExecutableCache, abstract_arguments, fingerprint, is_abstract,
                                                   same_arguments)
 from autoglm_jax.engine.device_state import TOKEN_NOT_COUNTED, TOKEN_OUTPUT, TOKEN_PROMPT, DeviceState
+from autoglm_jax.engine.memory import program_need_bytes
 from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from autoglm_jax.engine.step_functions import DecodeInput, StepInput, decode_loop, mixed_step
 from autoglm_jax.model.attention_metadata import AttentionMetadata
@@ -163,9 +164,7 @@ class ModelRunner:
         self.num_logprobs = max_logprobs
         self.eos_token_ids = tuple(eos_token_ids)
         if mesh is None:
-            make_state = functools.partial(DeviceState.create, model_config, num_pages, page_size, max_batch_size,
-                                           cache_dtype)
-            self.state = make_state() if self.has_weights else jax.eval_shape(make_state)  # the pool after the weights
+            self.state = self._pool_state() if self.has_weights else jax.eval_shape(self._pool_state)  # pool later
             self._make_steps(functools.partial(mixed_step, self.graphdef), functools.partial(decode_loop, self.graphdef))
         else:
             from autoglm_jax.parallel.sharded_steps import tensor_parallel_parts
@@ -194,10 +193,12 @@ class ModelRunner:
         # Warmed-up programs by (kind, argument shapes): called directly, so a program loaded from the
         # executable cache is never traced; shapes not warmed up go through the jitted functions.
         self._executables: dict[tuple, object] = {}
+        self._ladder_compiled = False  # compile_programs ran to the end for these functions
 
-    def bind_weights(self, model: nnx.Module) -> None:
+    def bind_weights(self, model: nnx.Module, allocate_pool: bool = True) -> None:
         """Gives a runner made from the abstract model its weights (unstacked here when ``scan_layers`` is
-        off) and allocates the KV pool. Programs compiled meanwhile are kept when the weights have the
+        off) and allocates the KV pool (``allocate_pool=False``: later, by ``allocate_pool()``, so the pool
+        can still be resized meanwhile). Programs compiled meanwhile are kept when the weights have the
         abstract graph, shapes, dtypes and shardings they were compiled for; otherwise (a checkpoint whose
         weights differ, e.g. quantized) they are dropped, with a warning, and warmup compiles again."""
         if self.has_weights:
@@ -214,9 +215,42 @@ class ModelRunner:
             self.graphdef = graphdef
             self._make_steps(functools.partial(mixed_step, graphdef), functools.partial(decode_loop, graphdef))
         self.params = params
-        self.state = DeviceState.create(self.config, self.num_pages, self.page_size, self.max_batch_size,
-                                        self.cache_dtype)
         self.has_weights = True
+        if allocate_pool:
+            self.allocate_pool()
+
+    def _pool_state(self) -> DeviceState:
+        return DeviceState.create(self.config, self.num_pages, self.page_size, self.max_batch_size, self.cache_dtype)
+
+    @property
+    def pool_allocated(self) -> bool:
+        return not is_abstract(self.state)
+
+    def allocate_pool(self) -> None:
+        """Allocates the KV pool and slot state of a runner made from the abstract model."""
+        if self.pool_allocated:
+            raise ValueError("the KV pool is allocated already")
+        self.state = self._pool_state()
+
+    def resize_pool(self, num_pages: int) -> None:
+        """Plans a pool of ``num_pages`` instead, before it is allocated (one device). The programs compiled
+        for the old pool shape are dropped, as for weights unlike the abstract model: warmup compiles again."""
+        if self.mesh is not None or self.pool_allocated:
+            raise ValueError("resize_pool needs a one-device runner whose KV pool is not allocated yet")
+        self.cancel_compiling()
+        self.num_pages = num_pages
+        self.state = jax.eval_shape(self._pool_state)
+        self._make_steps(functools.partial(mixed_step, self.graphdef), functools.partial(decode_loop, self.graphdef))
+
+    def program_needs(self) -> dict[str, int]:
+        """Device bytes each compiled ladder program needs beyond its arguments (``memory.program_need_bytes``),
+        by name ("mixed 2048", "decode 256"); programs whose backend cannot say are left out."""
+        needs = {}
+        for key, compiled in self._executables.items():
+            need = program_need_bytes(compiled)
+            if need is not None:
+                needs[f"{key[0]} {key[1][0] if key[1] else ''}".strip()] = need
+        return needs
 
     def _zero_slot_tokens(self) -> jax.Array:
         """Placed like the state and the step outputs that replace it, so every call of a bucket has one
@@ -312,18 +346,19 @@ class ModelRunner:
                 pending.append(pool.submit(compile_one, timing, fp, lowered))
             for future in pending:
                 future.result()
+        self._ladder_compiled = not self._stop_compiling.is_set()
         self.compile_seconds = time.perf_counter() - began
         return len(pending)
 
     def warmup(self, compile_threads: int | None = None) -> float:
         """Compiles the ladder (``compile_programs``, or waits for ``start_compiling``'s), then runs each
         program once with empty (all-padding) inputs; returns seconds. Needs the weights."""
-        if not self.has_weights:
-            raise ValueError("warmup needs the weights: call bind_weights first")
+        if not self.has_weights or not self.pool_allocated:
+            raise ValueError("warmup needs the weights and the KV pool: call bind_weights (and allocate_pool) first")
         start = time.perf_counter()
         if self._compiling is not None:
             self.finish_compiling()
-        else:
+        elif not self._ladder_compiled:  # else compiled already (start_compiling, waited for before the pool)
             self.compile_programs(compile_threads)
         compiled_at = time.perf_counter()
         for tokens in self.ladder.token_buckets:
