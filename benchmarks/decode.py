@@ -82,6 +82,17 @@ def decode_input(batch: int, context: int, runner: ModelRunner, steps: int) -> D
         num_steps=jnp.asarray(steps, jnp.int32), slot_tokens=runner.slot_tokens)
 
 
+def decode_ms_per_step(runner: ModelRunner, inp: DecodeInput, repeats: int = 5) -> float:
+    """Median wall ms per decode step of ``repeats`` back-to-back calls of the runner's (compiled) decode
+    program on ``inp`` (``--steps`` steps each), each waited for."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(runner._run_decode(inp))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / FLAGS.steps * 1e3
+
+
 def run_backend(config: ModelConfig, backend: str, scan_layers: bool, batches, contexts, bandwidth: float,
                 weight_bytes: int):
     model = build_model(config, None, jnp.bfloat16, backend)
@@ -105,13 +116,7 @@ def run_backend(config: ModelConfig, backend: str, scan_layers: bool, batches, c
             start = time.perf_counter()
             jax.block_until_ready(runner._run_decode(inp))
             compile_s = time.perf_counter() - start
-            times = []
-            for _ in range(5):
-                start = time.perf_counter()
-                out = runner._run_decode(inp)
-                jax.block_until_ready(out)
-                times.append(time.perf_counter() - start)
-            ms_step = statistics.median(times) / FLAGS.steps * 1e3
+            ms_step = decode_ms_per_step(runner, inp)
             kv_bytes = batch * (context + FLAGS.steps / 2) * per_token_kv
             roofline_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
             if FLAGS.profile_runner:
@@ -185,12 +190,7 @@ def program_ms_per_step(core: EngineCore, batch: int, context: int) -> float:
     (it writes into their pages)."""
     inp = decode_input(batch, context + FLAGS.engine_tokens, core.runner, FLAGS.steps)
     jax.block_until_ready(core.runner._run_decode(inp))
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        jax.block_until_ready(core.runner._run_decode(inp))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / FLAGS.steps * 1e3
+    return decode_ms_per_step(core.runner, inp)
 
 
 def run_engine(batches, contexts) -> None:
