@@ -1,11 +1,12 @@
-"""The attention_backend rule: "auto" picks the Pallas kernel only on GPU and only for shapes it takes."""
+"""The attention_backend rule ("auto" picks the Pallas kernel only on GPU and only for shapes it takes) and the KV write."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from autoglm_jax.config import ModelConfig
-from autoglm_jax.model.attention import resolve_attention_backend
+from autoglm_jax.model.attention import resolve_attention_backend, write_kv
 from pallas_kernels.ragged_paged_attention import supports
 
 
@@ -24,3 +25,25 @@ def test_auto_is_xla_off_gpu_and_explicit_choices_stand():
     assert resolve_attention_backend("auto", config, jnp.bfloat16, 16) == "xla"
     assert resolve_attention_backend("pallas", config, jnp.bfloat16, 16) == "pallas"
     assert resolve_attention_backend("xla", config, jnp.bfloat16, 16) == "xla"
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3])
+def test_write_kv_matches_a_scatter(num_tokens):
+    """One token goes through dynamic_update_slice, several through the scatter: both equal a plain
+    indexed set, the other layers and slots untouched (fresh random cache, random in-bounds slots)."""
+    rng = np.random.default_rng(num_tokens)
+    shape = (3, 5, 4, 2, 8)  # [L, P, page_size, Nkv, D]
+    k_cache = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    v_cache = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    k_new = jnp.asarray(rng.standard_normal((num_tokens, 2, 8)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((num_tokens, 2, 8)), jnp.float32)
+    slots = jnp.asarray(rng.choice(5 * 4, num_tokens, replace=False), jnp.int32)
+    layer = jnp.int32(rng.integers(3))
+    k, v = jax.jit(write_kv)(k_cache, v_cache, layer, slots, k_new, v_new)
+    pages, rows = np.asarray(slots) // 4, np.asarray(slots) % 4
+    want_k = np.asarray(k_cache).copy()
+    want_v = np.asarray(v_cache).copy()
+    want_k[int(layer), pages, rows] = np.asarray(k_new.astype(jnp.bfloat16))
+    want_v[int(layer), pages, rows] = np.asarray(v_new.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(k), want_k)
+    np.testing.assert_array_equal(np.asarray(v), want_v)

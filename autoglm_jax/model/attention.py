@@ -18,9 +18,18 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def write_kv(k_cache, v_cache, layer, slot_mapping, k_new, v_new):
-    """Scatters k_new/v_new [T, Nkv, D] into layer ``layer`` at flat slots [T] (in place once donated)."""
+    """Scatters k_new/v_new [T, Nkv, D] into layer ``layer`` at flat slots [T] (in place once donated).
+
+    One token (batch-1 decode) is a ``dynamic_update_slice``: every slot is in bounds (padding tokens write
+    into the scratch page 0), and a one-row scatter becomes, on XLA:GPU, a read of the old row, a select
+    (the scatter's out-of-bounds test) and the update: two extra kernels per layer (RESULTS "Session 8")."""
     page_size = k_cache.shape[2]
     pages, rows = slot_mapping // page_size, slot_mapping % page_size
+    if slot_mapping.shape[0] == 1:
+        start = (jnp.asarray(layer, jnp.int32), pages[0], rows[0], jnp.int32(0), jnp.int32(0))
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype)[None, None], start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype)[None, None], start)
+        return k_cache, v_cache
     k_cache = k_cache.at[layer, pages, rows].set(k_new.astype(k_cache.dtype))
     v_cache = v_cache.at[layer, pages, rows].set(v_new.astype(v_cache.dtype))
     return k_cache, v_cache
