@@ -26,7 +26,9 @@ class EngineConfig:
     max_num_batched_tokens: token budget of one step (decodes + prefill chunks).
     prefill_ratio: share of a step's token budget prefill may take while sequences are decoding.
     page_size: tokens per KV page. num_pages: KV pool size (None = sized from free device memory
-        times memory_fraction; on CPU, enough for every slot at max_sequence_length).
+        times memory_fraction, then fitted to the compiled step programs' memory before it is allocated:
+        smaller, with a warning, when a program needs more than the plan left it (``engine.memory``);
+        on CPU, enough for every slot at max_sequence_length).
     decode_steps_per_call: decode steps run inside one jitted call (lax.while_loop) when every running
         sequence decodes and no waiting request could join the batch (empty queue, no free batch slot
         or KV pages); a slot freed inside such a call is refilled at the next call.
