@@ -1,7 +1,9 @@
 """Counts over an XLA HLO module's text: instructions by opcode, fusions, kernels and custom calls.
 
-Owns: parsing ``compiled.as_text()`` / ``lowered.as_text(dialect="hlo")`` into plain counts and
-classifying custom calls by the library that runs them (Pallas / Triton kernels, cuDNN, cuBLAS).
+Owns: parsing ``compiled.as_text()`` / ``lowered.as_text(dialect="hlo")`` into plain counts,
+classifying custom calls by the library that runs them (Pallas / Triton kernels, cuDNN, cuBLAS), and the
+ordered kernel launches of one computation (``kernel_sequence``: what one decoder layer of a decode step
+is made of, from an ``--xla_dump_to`` file; ``python -m autoglm_jax.tools.hlo_stats <dump.txt>``).
 It does not own compiling (``tools.step_programs``) or costs (``tools.cost``).
 
 Counting rules:
@@ -71,19 +73,21 @@ def instruction_opcode(line: str) -> str | None:
     match = _NAME.match(line)
     if match is None:
         return None
-    rest = line[match.end():]
-    if rest.startswith("("):  # tuple type: skip the balanced parentheses
+    _, rest = _split_result_type(line[match.end():])
+    opcode = rest.strip().split("(", 1)[0]
+    return opcode or None
+
+
+def _split_result_type(text: str) -> tuple[str, str]:
+    """``<type> opcode(...)...`` -> (type, the rest); a tuple type up to its balanced parenthesis."""
+    if text.startswith("("):
         depth = 0
-        for i, char in enumerate(rest):
+        for i, char in enumerate(text):
             depth += char == "("
             depth -= char == ")"
             if depth == 0:
-                rest = rest[i + 1:]
-                break
-    else:
-        rest = rest.split(" ", 1)[1] if " " in rest else ""
-    opcode = rest.strip().split("(", 1)[0]
-    return opcode or None
+                return text[: i + 1], text[i + 1:]
+    return (text.split(" ", 1) + [""])[:2] if " " in text else (text, "")
 
 
 def split_computations(hlo_text: str) -> dict[str, list[str]]:
@@ -141,3 +145,69 @@ def hlo_stats(hlo_text: str) -> HloStats:
     num_ops = sum(n for op, n in ops.items() if op not in BOOKKEEPING)
     return HloStats(num_ops=num_ops, num_fusions=ops["fusion"], num_kernels=num_kernels, op_counts=dict(ops),
                     fusion_kinds=dict(kinds), custom_calls=dict(targets), custom_call_libraries=dict(libraries))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLaunch:
+    name: str     # the instruction, e.g. "loop_multiply_fusion.79"
+    opcode: str   # fusion / custom-call / dot / ...
+    kind: str     # fusion kind (kLoop, kInput, kCustom, __triton_gemm, ...), custom_call_target, or the opcode
+    callee: str   # the fused computation ("" for unfused ops and custom calls)
+    shape: str    # the result type, e.g. "bf16[1,4096]{1,0}"
+
+
+def kernel_sequence(hlo_text: str, computation: str | None = None) -> tuple[str, list[KernelLaunch]]:
+    """(computation, its kernel launches in program order): instructions that launch device work, as
+    ``hlo_stats`` counts them (fusions, custom calls, unfused compute ops). ``computation``: by name; None =
+    the non-fused computation with the most launches (in a decode step program: the decode loop's body)."""
+    computations = split_computations(hlo_text)
+    if not computations:
+        raise ValueError("no HLO computations found in the text (expected the output of as_text())")
+    fused = {callee for lines in computations.values() for line in lines
+             if instruction_opcode(line) == "fusion" for callee in _CALLS.findall(line)}
+    launches = {name: [launch for line in lines if (launch := _launch(line)) is not None]
+                for name, lines in computations.items() if name not in fused}
+    if computation is None:
+        computation = max(launches, key=lambda name: len(launches[name]))
+    elif computation not in launches:
+        raise ValueError(f"no unfused computation {computation!r} (have {sorted(launches)[:8]}...)")
+    return computation, launches[computation]
+
+
+def _launch(line: str) -> KernelLaunch | None:
+    opcode = instruction_opcode(line)
+    if opcode is None or opcode in BOOKKEEPING or opcode in CONTROL_FLOW:
+        return None
+    match = _NAME.match(line)
+    name = match.group(0).split("=")[0].replace("ROOT", "").strip().lstrip("%")
+    shape, _ = _split_result_type(line[match.end():])
+    callee = _CALLS.search(line).group(1) if opcode == "fusion" and _CALLS.search(line) else ""
+    if opcode == "custom-call":
+        target = _TARGET.search(line)
+        kind = target.group(1) if target else "?"
+    elif opcode == "fusion":
+        triton, fusion_kind = _TRITON_GEMM.search(line), _FUSION_KIND.search(line)
+        kind = triton.group(1) if triton else (fusion_kind.group(1) if fusion_kind else "?")
+    else:
+        kind = opcode
+    return KernelLaunch(name=name, opcode=opcode, kind=kind, callee=callee, shape=shape)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Prints a dump file's kernel sequence: ``<hlo.txt> [computation] [--first N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Kernel launches of one HLO computation, in order.")
+    parser.add_argument("path", help="an HLO text file, e.g. *after_optimizations.txt from --xla_dump_to")
+    parser.add_argument("computation", nargs="?", default=None, help="default: the one with the most launches")
+    parser.add_argument("--first", type=int, default=None, help="print only the first N launches")
+    args = parser.parse_args(argv)
+    with open(args.path) as f:
+        name, launches = kernel_sequence(f.read(), args.computation)
+    print(f"{name}: {len(launches)} kernel launches")
+    for i, k in enumerate(launches[: args.first]):
+        print(f"{i:5d}  {k.kind:24s} {k.name:40s} {k.shape}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from autoglm_jax.tools.hlo_flops import hlo_matmul_flops
-from autoglm_jax.tools.hlo_stats import classify_custom_call, hlo_stats
+from autoglm_jax.tools.hlo_stats import classify_custom_call, hlo_stats, kernel_sequence
 
 SYNTHETIC = """HloModule m
 
@@ -76,3 +76,26 @@ def test_scan_flops_match_compiled_program():
 def test_rejects_text_without_computations():
     with pytest.raises(ValueError, match="no HLO computations"):
         hlo_stats("not hlo at all")
+
+
+def test_kernel_sequence_lists_the_busiest_computation_in_order():
+    name, launches = kernel_sequence(SYNTHETIC)
+    assert name == "main"  # 2 launches against the body's 1 (the while itself is control flow)
+    assert [(k.name, k.opcode, k.kind, k.shape) for k in launches] == [
+        ("k", "custom-call", "__gpu$xla.gpu.triton", "f32[8,16]{1,0}"),
+        ("g", "custom-call", "__cublas$gemm", "(f32[8,32]{1,0}, s8[64]{0})")]
+    assert [k.kind for k in kernel_sequence(SYNTHETIC, "body")[1]] == ["dot"]
+    with pytest.raises(ValueError, match="no unfused computation"):
+        kernel_sequence(SYNTHETIC, "nope")
+
+
+def test_kernel_sequence_of_a_compiled_loop_names_its_fusions():
+    """A compiled lax.fori_loop body: one launch per fusion / dot, in order, with the fused callee."""
+    def f(x, w):
+        return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ w) * 2.0 + 1.0, x)
+
+    x, w = jnp.ones((4, 32), jnp.float32), jnp.ones((32, 32), jnp.float32)
+    text = jax.jit(f).lower(x, w).compile().as_text()
+    _, launches = kernel_sequence(text)
+    assert launches and all(k.callee for k in launches if k.opcode == "fusion")
+    assert sum(k.opcode in ("fusion", "dot", "custom-call") for k in launches) == len(launches)
