@@ -251,7 +251,6 @@ class EngineCore:
         if cfg.warmup:
             self.runner.warmup()
             self.warmup_seconds = time.perf_counter() - weights_at
-        if cfg.warmup:
             message = f"warmup compiled {self.runner.num_traces} step variants in {self.warmup_seconds:.1f} s"
             if cfg.show_progress:
                 print(f"[autoglm] {message}", file=sys.stderr)

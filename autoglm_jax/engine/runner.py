@@ -165,7 +165,7 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         if mesh is None:
             self.state = self._pool_state() if self.has_weights else jax.eval_shape(self._pool_state)  # pool later
-            self._make_steps(functools.partial(mixed_step, self.graphdef), functools.partial(decode_loop, self.graphdef))
+            self._make_single_device_steps()
         else:
             from autoglm_jax.parallel.sharded_steps import tensor_parallel_parts
 
@@ -193,7 +193,9 @@ class ModelRunner:
         # Warmed-up programs by (kind, argument shapes): called directly, so a program loaded from the
         # executable cache is never traced; shapes not warmed up go through the jitted functions.
         self._executables: dict[tuple, object] = {}
-        self._ladder_compiled = False  # compile_programs ran to the end for these functions
+
+    def _make_single_device_steps(self) -> None:
+        self._make_steps(functools.partial(mixed_step, self.graphdef), functools.partial(decode_loop, self.graphdef))
 
     def bind_weights(self, model: nnx.Module, allocate_pool: bool = True) -> None:
         """Gives a runner made from the abstract model its weights (unstacked here when ``scan_layers`` is
@@ -213,7 +215,7 @@ class ModelRunner:
                         "for (graph, shapes or dtypes); compiling again")
             self.cancel_compiling()
             self.graphdef = graphdef
-            self._make_steps(functools.partial(mixed_step, graphdef), functools.partial(decode_loop, graphdef))
+            self._make_single_device_steps()
         self.params = params
         self.has_weights = True
         if allocate_pool:
@@ -240,7 +242,7 @@ class ModelRunner:
         self.cancel_compiling()
         self.num_pages = num_pages
         self.state = jax.eval_shape(self._pool_state)
-        self._make_steps(functools.partial(mixed_step, self.graphdef), functools.partial(decode_loop, self.graphdef))
+        self._make_single_device_steps()
 
     def program_needs(self) -> dict[str, int]:
         """Device bytes each compiled ladder program needs beyond its arguments (``memory.program_need_bytes``),
@@ -281,10 +283,10 @@ class ModelRunner:
         pool.shutdown(wait=False)
 
     def finish_compiling(self) -> None:
-        """Waits for ``start_compiling``'s background compile (re-raising its error), if one was started."""
+        """Waits for ``start_compiling``'s background compile (re-raising its error), if one was started.
+        Its ladder stays the runner's (warmup does not compile again) until ``cancel_compiling``."""
         if self._compiling is not None:
-            compiling, self._compiling = self._compiling, None
-            compiling.result()
+            self._compiling.result()
 
     def cancel_compiling(self) -> None:
         """Stops ``start_compiling``'s background compile after the program it is tracing (the weights
@@ -296,6 +298,7 @@ class ModelRunner:
         except Exception:
             log.exception("the cancelled background compile failed")
         finally:
+            self._compiling = None
             self._stop_compiling.clear()
 
     def compile_programs(self, compile_threads: int | None = None) -> int:
@@ -346,7 +349,6 @@ class ModelRunner:
                 pending.append(pool.submit(compile_one, timing, fp, lowered))
             for future in pending:
                 future.result()
-        self._ladder_compiled = not self._stop_compiling.is_set()
         self.compile_seconds = time.perf_counter() - began
         return len(pending)
 
@@ -358,7 +360,7 @@ class ModelRunner:
         start = time.perf_counter()
         if self._compiling is not None:
             self.finish_compiling()
-        elif not self._ladder_compiled:  # else compiled already (start_compiling, waited for before the pool)
+        else:
             self.compile_programs(compile_threads)
         compiled_at = time.perf_counter()
         for tokens in self.ladder.token_buckets:

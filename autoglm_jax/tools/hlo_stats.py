@@ -108,16 +108,34 @@ def split_computations(hlo_text: str) -> dict[str, list[str]]:
     return computations
 
 
-def hlo_stats(hlo_text: str) -> HloStats:
-    """Counts over an HLO module in text form (see the module docstring for the rules)."""
+def _computations(hlo_text: str) -> dict[str, list[str]]:
     computations = split_computations(hlo_text)
     if not computations:
         raise ValueError("no HLO computations found in the text (expected the output of as_text())")
-    fused: set[str] = set()
-    for lines in computations.values():
-        for line in lines:
-            if instruction_opcode(line) == "fusion":
-                fused.update(_CALLS.findall(line))
+    return computations
+
+
+def _fused_computations(computations: dict[str, list[str]]) -> set[str]:
+    """Names of the computations that fusion instructions call (their bodies launch nothing themselves)."""
+    return {callee for lines in computations.values() for line in lines
+            if instruction_opcode(line) == "fusion" for callee in _CALLS.findall(line)}
+
+
+def _launches_kernel(opcode: str | None) -> bool:
+    """An instruction outside fused computations that launches device work (see ``num_kernels``)."""
+    return opcode is not None and opcode not in BOOKKEEPING and opcode not in CONTROL_FLOW
+
+
+def _fusion_kind(line: str) -> str:
+    """A fusion's kind: XLA's Triton GEMM kind when it is one, else kLoop / kInput / kOutput / kCustom."""
+    triton, kind = _TRITON_GEMM.search(line), _FUSION_KIND.search(line)
+    return triton.group(1) if triton else (kind.group(1) if kind else "?")
+
+
+def hlo_stats(hlo_text: str) -> HloStats:
+    """Counts over an HLO module in text form (see the module docstring for the rules)."""
+    computations = _computations(hlo_text)
+    fused = _fused_computations(computations)
     ops: collections.Counter = collections.Counter()
     kinds: collections.Counter = collections.Counter()
     targets: collections.Counter = collections.Counter()
@@ -137,10 +155,8 @@ def hlo_stats(hlo_text: str) -> HloStats:
             if name in fused:
                 continue
             if opcode == "fusion":
-                kind = _FUSION_KIND.search(line)
-                triton = _TRITON_GEMM.search(line)
-                kinds[triton.group(1) if triton else (kind.group(1) if kind else "?")] += 1
-            if opcode not in BOOKKEEPING and opcode not in CONTROL_FLOW:
+                kinds[_fusion_kind(line)] += 1
+            if _launches_kernel(opcode):
                 num_kernels += 1
     num_ops = sum(n for op, n in ops.items() if op not in BOOKKEEPING)
     return HloStats(num_ops=num_ops, num_fusions=ops["fusion"], num_kernels=num_kernels, op_counts=dict(ops),
@@ -160,11 +176,8 @@ def kernel_sequence(hlo_text: str, computation: str | None = None) -> tuple[str,
     """(computation, its kernel launches in program order): instructions that launch device work, as
     ``hlo_stats`` counts them (fusions, custom calls, unfused compute ops). ``computation``: by name; None =
     the non-fused computation with the most launches (in a decode step program: the decode loop's body)."""
-    computations = split_computations(hlo_text)
-    if not computations:
-        raise ValueError("no HLO computations found in the text (expected the output of as_text())")
-    fused = {callee for lines in computations.values() for line in lines
-             if instruction_opcode(line) == "fusion" for callee in _CALLS.findall(line)}
+    computations = _computations(hlo_text)
+    fused = _fused_computations(computations)
     launches = {name: [launch for line in lines if (launch := _launch(line)) is not None]
                 for name, lines in computations.items() if name not in fused}
     if computation is None:
@@ -176,7 +189,7 @@ def kernel_sequence(hlo_text: str, computation: str | None = None) -> tuple[str,
 
 def _launch(line: str) -> KernelLaunch | None:
     opcode = instruction_opcode(line)
-    if opcode is None or opcode in BOOKKEEPING or opcode in CONTROL_FLOW:
+    if not _launches_kernel(opcode):
         return None
     match = _NAME.match(line)
     name = match.group(0).split("=")[0].replace("ROOT", "").strip().lstrip("%")
@@ -186,8 +199,7 @@ def _launch(line: str) -> KernelLaunch | None:
         target = _TARGET.search(line)
         kind = target.group(1) if target else "?"
     elif opcode == "fusion":
-        triton, fusion_kind = _TRITON_GEMM.search(line), _FUSION_KIND.search(line)
-        kind = triton.group(1) if triton else (fusion_kind.group(1) if fusion_kind else "?")
+        kind = _fusion_kind(line)
     else:
         kind = opcode
     return KernelLaunch(name=name, opcode=opcode, kind=kind, callee=callee, shape=shape)
