@@ -15,6 +15,7 @@ Owns: rounding a step's sizes up to a precompiled shape. Ladder (documented, all
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 MIN_TOKEN_BUCKET = 16
 MIN_MULTI_ROW_DECODE = 8
@@ -34,12 +35,12 @@ class BucketLadder:
     max_batch_size: int
     max_num_batched_tokens: int
 
-    @property
+    @functools.cached_property  # the ladders are read on every step: built once per instance
     def decode_batches(self) -> tuple[int, ...]:
         multi_row = _powers_of_two(min(MIN_MULTI_ROW_DECODE, self.max_batch_size), self.max_batch_size)
         return tuple(sorted({1, *multi_row}))
 
-    @property
+    @functools.cached_property
     def token_buckets(self) -> tuple[int, ...]:
         return _powers_of_two(min(MIN_TOKEN_BUCKET, self.max_num_batched_tokens), self.max_num_batched_tokens)
 

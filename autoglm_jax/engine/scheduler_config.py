@@ -7,6 +7,7 @@ applies them (``engine.scheduler``) nor KV-pool sizing (``engine.page_allocator`
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from autoglm_jax.engine.buckets import BucketLadder
 
@@ -92,4 +93,8 @@ class SchedulerConfig:
         GEMM runs the padded rows, so prefill fills the padding for free). E.g. budget 2,048, prefill_ratio
         0.8, 216 decodes: 216 + 1,638 pads to 2,048, so 1,832 prefill tokens."""
         total = min(self.max_num_batched_tokens, num_decode_tokens + self.prefill_token_cap)
-        return BucketLadder(self.max_batch_size, self.max_num_batched_tokens).token_bucket(total) - num_decode_tokens
+        return self._ladder.token_bucket(total) - num_decode_tokens
+
+    @functools.cached_property
+    def _ladder(self) -> BucketLadder:  # the runner's buckets for these limits (built once: asked every step)
+        return BucketLadder(self.max_batch_size, self.max_num_batched_tokens)
