@@ -3,7 +3,9 @@ and the XLA persistent compilation cache.
 
 Owns: the arithmetic "free bytes x memory_fraction - reserves -> pages" (``plan_pool``), what a compiled
 program needs beside its donated inputs (``program_need_bytes``) and the re-plan when the largest need does
-not fit the room the plan left (``fit_programs``); nothing is allocated here.
+not fit the room the plan left (``fit_programs``); and, for the runner's pool allocation, telling an
+allocator's out-of-memory error (``is_out_of_memory``) and moving the weights to host memory while the pool
+is allocated when their load left no contiguous room for it (``park_on_host``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+
+from typing import Any, Callable
 
 import jax
 
@@ -148,3 +152,28 @@ def enable_compilation_cache(path: str | None) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the runtime's error of an allocation that found no room (XLA's ``RESOURCE_EXHAUSTED``)."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def park_on_host(tree) -> Callable[[], Any]:
+    """Copies the device arrays of ``tree`` to host memory and frees their device buffers (every reference
+    to them is invalid afterwards); returns the function that puts them back (same shardings) and returns
+    the tree. For an allocation that needs contiguous device memory the weights' load fragmented: loading
+    with quantization frees each bfloat16 weight between the narrow copies, so XLA's allocator has the room
+    for the KV pool's K and V arrays in total but not in one piece (GLM-4-9B W8A8 on an H100: 38 GiB free,
+    one 24 GiB array did not fit). Allocated on the emptied device, the pool takes one contiguous region
+    and the weights come back around it."""
+    leaves, treedef = jax.tree.flatten(tree)
+    shardings = [x.sharding for x in leaves]
+    host = jax.device_get(leaves)
+    for x in leaves:
+        x.delete()
+
+    def restore():
+        return jax.tree.unflatten(treedef, [jax.device_put(h, s) for h, s in zip(host, shardings)])
+
+    return restore

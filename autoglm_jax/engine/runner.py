@@ -40,7 +40,7 @@ from autoglm_jax.engine.buckets import BucketLadder
 from autoglm_jax.engine.executable_cache import (ExecutableCache, abstract_arguments, fingerprint, is_abstract,
                                                   same_arguments)
 from autoglm_jax.engine.device_state import TOKEN_NOT_COUNTED, TOKEN_OUTPUT, TOKEN_PROMPT, DeviceState
-from autoglm_jax.engine.memory import program_need_bytes
+from autoglm_jax.engine.memory import is_out_of_memory, park_on_host, program_need_bytes
 from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from autoglm_jax.engine.step_functions import DecodeInput, StepInput, decode_loop, mixed_step
 from autoglm_jax.model.attention_metadata import AttentionMetadata
@@ -229,10 +229,25 @@ class ModelRunner:
         return not is_abstract(self.state)
 
     def allocate_pool(self) -> None:
-        """Allocates the KV pool and slot state of a runner made from the abstract model."""
+        """Allocates the KV pool and slot state of a runner made from the abstract model. If the device has
+        the room but not in one piece (the weights' load fragmented it: ``memory.park_on_host``), the weights
+        wait in host memory while the pool is allocated on the emptied device."""
         if self.pool_allocated:
             raise ValueError("the KV pool is allocated already")
-        self.state = self._pool_state()
+        try:
+            self.state = jax.block_until_ready(self._pool_state())
+            return
+        except jax.errors.JaxRuntimeError as error:
+            if not self.has_weights or not is_out_of_memory(error):
+                raise
+            log.warning("the KV pool (%d pages) found no contiguous room beside the weights: allocating it "
+                        "with the weights moved to host memory meanwhile (%s)", self.num_pages,
+                        str(error).splitlines()[0])
+        restore = park_on_host(self.params)
+        try:
+            self.state = jax.block_until_ready(self._pool_state())
+        finally:
+            self.params = restore()
 
     def resize_pool(self, num_pages: int) -> None:
         """Plans a pool of ``num_pages`` instead, before it is allocated (one device). The programs compiled
