@@ -62,6 +62,10 @@ flags.DEFINE_bool("ablate_queued_multistep", False, "Also run every (workload, r
                   "decode policy of before: one decode step per call whenever a request waits (even one that "
                   "cannot join the full batch).")
 flags.DEFINE_list("merge", None, "Results files to put in one table / plot (no benchmark runs).")
+flags.DEFINE_float("profile_at_s", None, "Trace the device from this many seconds into each offline run for "
+                   "--profile_s and print busy share, idle gaps (where the long ones sit: kernels around them, the "
+                   "host threads meanwhile) and the top kernels by kind (jax.profiler; tools.device_profile).")
+flags.DEFINE_float("profile_s", 2.0, "Length of the --profile_at_s window.")
 flags.DEFINE_bool("step_log", False, "Log every engine call of the offline runs (``EngineCore.enable_step_log``) and "
                   "print where the run's wall time went: mixed (prefill) vs decode calls, ms per call and per "
                   "decode step, host time; stored as the row's 'step_log' in --json.")
@@ -103,6 +107,26 @@ def main(argv):
     report(rows)
     if meta["skipped"]:
         print(f"\nskipped (--deadline_s={FLAGS.deadline_s}): {'; '.join(meta['skipped'])}")
+
+
+def _profile_window(meta: dict):
+    from autoglm_jax.tools.device_profile import backend_planes, profile_window
+
+    return profile_window(FLAGS.profile_at_s, FLAGS.profile_s, **backend_planes(meta["backend"]))
+
+
+def _print_profile(window) -> None:
+    """The --profile_at_s window of the run that just ended (merged by kernel kind), or why there is none."""
+    if not window.done():
+        print(f"[profile] the run ended before the window ({FLAGS.profile_at_s} + {FLAGS.profile_s} s) closed; "
+              "waiting for it", flush=True)
+    try:
+        profile = window.result(timeout=FLAGS.profile_at_s + FLAGS.profile_s + 60)
+    except Exception as error:  # a benchmark run is not failed by its optional trace
+        print(f"[profile] no trace: {error!r}", flush=True)
+        return
+    print(f"[profile] {FLAGS.profile_s:g} s from {FLAGS.profile_at_s:g} s into the run:\n"
+          + profile.by_kind().format(12), flush=True)
 
 
 def build_runs() -> list[tuple[ServingWorkload, float | None]]:
@@ -181,11 +205,14 @@ def run_mode(name: str, settings: dict, runs, meta: dict, done: list[dict], star
                 scheduler = engine.core.scheduler
                 if ablated:  # before: a non-empty queue alone forced one decode step per call
                     scheduler.admission_blocked = lambda: scheduler.num_waiting == 0
+                window = _profile_window(meta) if rate is None and FLAGS.profile_at_s is not None else None
                 try:
                     metrics = run_requests(engine, run, sample_gpu=meta["backend"] == "gpu",
                                            step_log=FLAGS.step_log and rate is None)
                 finally:
                     vars(scheduler).pop("admission_blocked", None)
+                if window is not None:
+                    _print_profile(window)
                 mode = f"{name}, one decode step per call while queued (before)" if ablated else name
                 rows.append({"engine": "autoglm-jax", "mode": mode, "workload": workload.label, "request_rate": rate,
                              **metrics, **build, "settings": settings, "workload_spec": dataclasses.asdict(run)})

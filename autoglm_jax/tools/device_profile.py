@@ -9,6 +9,13 @@ overlapping streams are not double counted. On CPU there is no device plane and 
     summary = profile_device(lambda: step(...), warmup=1)
     summary.busy_fraction   # busy / span: 1 - the device's idle share while the callable ran
     summary.top(10)         # [(kernel or HLO op name, total ms, calls)]
+    summary.long_gaps       # "kernel before -> kernel after" of each idle gap >= LONG_GAP_US: (ms, count)
+    summary.host_in_gaps    # what the host threads were doing at those gaps' midpoints: (ms, count)
+
+Where a long gap sits (between which kernels) and what the host was in meanwhile (the innermost event
+of each host thread line at the gap's midpoint: a Python function of the ``python`` line, an XLA runtime
+event of a client thread) tell a host round trip inside a program (a while loop's predicate read, a
+conditional) from the host's own work between calls.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ import glob
 import os
 import re
 import tempfile
+import threading
+import time
+from concurrent.futures import Future
 from typing import Callable
 
 import jax
@@ -38,6 +48,8 @@ class DeviceProfile:
     # Short gaps are launch / dependency gaps inside a program; long ones are host round trips (a while
     # loop's predicate read, the host between engine calls).
     gaps: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
+    long_gaps: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
+    host_in_gaps: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def busy_fraction(self) -> float:
@@ -65,11 +77,22 @@ class DeviceProfile:
                  f"({self.busy_fraction:.1%} busy), {self.num_kernels} kernels"]
         if self.gaps:
             lines.append("  idle gaps: " + ", ".join(f"{name} {ms:.3f} ms in {count}" for name, (ms, count) in self.gaps.items()))
+        for title, table in ((f"idle gaps >= {LONG_GAP_US / 1000:g} ms between", self.long_gaps),
+                             ("host at those gaps' midpoints", self.host_in_gaps)):
+            if table:
+                lines.append(f"  {title}:")
+                lines += [f"    {ms:9.3f} ms {count:6d}x  {name[:130]}" for name, (ms, count) in _ranked(table, n)]
         lines += [f"  {ms:9.3f} ms {calls:6d}x  {name[:110]}" for name, ms, calls in self.top(n)]
         return "\n".join(lines)
 
 
+def _ranked(table: dict[str, tuple[float, int]], n: int) -> list[tuple[str, tuple[float, int]]]:
+    return sorted(table.items(), key=lambda kv: -kv[1][0])[:n]
+
+
 GAP_BUCKETS_US = ((5.0, "< 5 us"), (50.0, "5-50 us"), (1000.0, "50 us-1 ms"), (float("inf"), ">= 1 ms"))
+LONG_GAP_US = 1000.0  # gaps this long are located (kernels around them, host meanwhile)
+_LINE_ID = re.compile(r"/-?\d+$")
 
 
 def _merged(intervals: list[tuple[int, int]]) -> list[list[int]]:
@@ -107,19 +130,66 @@ def gap_histogram(intervals: list[tuple[int, int]]) -> dict[str, list]:
     return hist
 
 
+Event = tuple[int, int, str]  # (start ns, stop ns, name)
+
+
+def locate_long_gaps(events: list[Event], min_gap_us: float = LONG_GAP_US) -> list[tuple[int, int, str]]:
+    """The idle gaps of at least ``min_gap_us`` between the union of one device's kernel ``events``:
+    [(gap start ns, gap stop ns, "last kernel to end before -> first kernel to start after")]."""
+    located = []
+    ordered = sorted(events)
+    busy_until, last_name = None, None
+    for start, stop, name in ordered:
+        if busy_until is not None and (start - busy_until) / 1e3 >= min_gap_us:
+            located.append((busy_until, start, f"{last_name} -> {name}"))
+        if busy_until is None or stop >= busy_until:
+            busy_until, last_name = stop, name
+    return located
+
+
+def host_at(lines: dict[str, list[Event]], gaps: list[tuple[int, int, str]]) -> dict[str, list]:
+    """For each gap, the innermost event of each host line at the gap's midpoint (events of one thread
+    nest: the latest-starting one that covers it): "line: event" -> [gap ms, gaps]."""
+    found: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for gap_start, gap_stop, _ in gaps:
+        mid = (gap_start + gap_stop) // 2
+        for line, events in lines.items():
+            covering = [e for e in events if e[0] <= mid < e[1]]
+            if covering:
+                name = max(covering)[2]
+                found[f"{line}: {name}"][0] += (gap_stop - gap_start) / 1e6
+                found[f"{line}: {name}"][1] += 1
+    return found
+
+
+def _host_lines(data, host_prefix: str = "/host:") -> dict[str, list[Event]]:
+    """Every host plane's thread lines -> their events (line ids dropped from the names, lines of one
+    name pooled: a thread pool's workers)."""
+    lines: dict[str, list[Event]] = collections.defaultdict(list)
+    for plane in data.planes:
+        if not plane.name.startswith(host_prefix):
+            continue
+        for line in plane.lines:
+            key = _LINE_ID.sub("", line.name) or "(unnamed thread)"
+            lines[key] += [(int(e.start_ns), int(e.start_ns) + int(e.duration_ns), e.name) for e in line.events]
+    return lines
+
+
 def summarize_xspace(path: str, device_prefix: str = "/device:GPU:", line_contains: str = "stream") -> DeviceProfile:
     """A DeviceProfile of the events of every ``device_prefix*`` plane in an .xplane.pb file, on the
-    lines whose name contains ``line_contains`` (GPU: the stream lines, where the kernels are)."""
+    lines whose name contains ``line_contains`` (GPU: the stream lines, where the kernels are); its long
+    gaps located against the kernels around them and the host planes' threads."""
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(path)
     per_op: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     first, last, busy, count, devices = None, None, 0.0, 0, 0
     gaps = _empty_gaps()
+    located = []
     for plane in data.planes:
         if not plane.name.startswith(device_prefix):
             continue
-        intervals = []
+        intervals, events = [], []
         for line in plane.lines:
             if line_contains.lower() not in line.name.lower():
                 continue
@@ -128,6 +198,7 @@ def summarize_xspace(path: str, device_prefix: str = "/device:GPU:", line_contai
                 intervals.append((start, start + duration))
                 stats = dict(event.stats)
                 name = str(stats.get("hlo_op") or event.name)
+                events.append((start, start + duration, name))
                 per_op[name][0] += duration / 1e6
                 per_op[name][1] += 1
         if not intervals:
@@ -137,12 +208,21 @@ def summarize_xspace(path: str, device_prefix: str = "/device:GPU:", line_contai
         merged = _merged(intervals)
         busy += sum(stop - start for start, stop in merged) / 1e6
         _add_gaps(merged, gaps)
+        located += locate_long_gaps(events)
         lo, hi = min(s for s, _ in intervals), max(e for _, e in intervals)
         first = lo if first is None else min(first, lo)
         last = hi if last is None else max(last, hi)
     span = (last - first) / 1e6 if devices else 0.0
-    return DeviceProfile(span, busy, count, devices, {k: (v[0], v[1]) for k, v in per_op.items()},
-                         {k: (v[0], v[1]) for k, v in gaps.items()})
+    long_gaps: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for gap_start, gap_stop, where in located:
+        long_gaps[where][0] += (gap_stop - gap_start) / 1e6
+        long_gaps[where][1] += 1
+    host = host_at(_host_lines(data), located) if located else {}
+
+    def frozen(table):
+        return {k: (v[0], v[1]) for k, v in table.items()}
+
+    return DeviceProfile(span, busy, count, devices, frozen(per_op), frozen(gaps), frozen(long_gaps), frozen(host))
 
 
 def backend_planes(backend: str | None = None) -> dict:
@@ -166,3 +246,28 @@ def profile_device(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 
         if not files:
             raise RuntimeError(f"the profiler wrote no .xplane.pb under {tmp}")
         return summarize_xspace(max(files, key=os.path.getmtime), **summary_args)
+
+
+def profile_window(delay_s: float, duration_s: float, **summary_args) -> Future:
+    """Traces whatever the process runs from ``delay_s`` to ``delay_s + duration_s`` seconds from now (a
+    background thread starts and stops the profiler; e.g. the middle of a serving run, whose engine thread
+    is left alone). The future's result is the window's DeviceProfile (``summarize_xspace`` args)."""
+    if delay_s < 0 or duration_s <= 0:
+        raise ValueError(f"profile window delay_s={delay_s}, duration_s={duration_s}: need delay >= 0 and duration > 0")
+    result: Future = Future()
+
+    def trace():
+        try:
+            time.sleep(delay_s)
+            with tempfile.TemporaryDirectory() as tmp:
+                with jax.profiler.trace(tmp):
+                    time.sleep(duration_s)
+                files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+                if not files:
+                    raise RuntimeError(f"the profiler wrote no .xplane.pb under {tmp}")
+                result.set_result(summarize_xspace(max(files, key=os.path.getmtime), **summary_args))
+        except BaseException as error:  # handed to the caller through the future
+            result.set_exception(error)
+
+    threading.Thread(target=trace, name="profile-window", daemon=True).start()
+    return result

@@ -51,3 +51,13 @@ def test_past_the_deadline_nothing_runs_and_the_skipped_runs_are_listed(tmp_path
     run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
     assert run["rows"] == [] and len(run["meta"]["skipped"]) == 6
     assert "skipped (--deadline_s=0.0): adaptive batching / fixed 128/64 / offline;" in stdout
+
+
+def test_serving_traces_a_window_of_the_offline_run(tmp_path):
+    config = tmp_path / "engine.json"
+    config.write_text(json.dumps({"model": "tiny-llama", "max_batch_size": 2, "max_num_batched_tokens": 16,
+                                  "compilation_cache_dir": str(tmp_path / "xla")}))
+    stdout = script("serving.py", f"--config={config}", "--num_requests=4", "--input_len=8",
+                    "--output_len=16", "--profile_at_s=0", "--profile_s=0.3")
+    profile = stdout[stdout.index("[profile] 0.3 s from 0 s into the run:"):]
+    assert "device span" in profile and "busy" in profile, profile  # the CPU client's plane stands in

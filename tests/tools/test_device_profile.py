@@ -53,3 +53,40 @@ def test_gap_histogram_buckets_the_idle_time_between_merged_intervals():
     assert hist["50 us-1 ms"] == [pytest.approx(0.200), 1]
     assert hist[">= 1 ms"] == [pytest.approx(2.0), 1]
     assert gap_histogram([(0, 1)]) == {name: [0.0, 0] for name in hist}
+
+
+def test_long_gaps_are_located_between_kernels_and_against_the_host_threads():
+    from autoglm_jax.tools.device_profile import host_at, locate_long_gaps
+
+    us = 1_000  # ns
+    kernels = [(0, 10 * us, "gemm.1"), (5 * us, 30 * us, "gemm.2"),   # overlapping: busy until 30 us
+               (31 * us, 40 * us, "norm"),                            # 1 us gap: not long
+               (2_040 * us, 2_050 * us, "attention"),                 # 2 ms gap after norm
+               (2_060 * us, 2_070 * us, "merge"),
+               (5_070 * us, 5_080 * us, "gemm.1")]                    # 3 ms gap after merge
+    gaps = locate_long_gaps(kernels)
+    assert gaps == [(40 * us, 2_040 * us, "norm -> attention"), (2_070 * us, 5_070 * us, "merge -> gemm.1")]
+    assert locate_long_gaps(kernels, min_gap_us=2_500) == gaps[1:]
+    host = {"python": [(0, 6_000 * us, "$engine.py:10 step"), (1_000 * us, 1_100 * us, "$runner.py:5 run"),
+                       (3_000 * us, 4_000 * us, "$gc")],          # innermost at the second gap's midpoint
+            "XLAPjRtClient": [(0, 2_050 * us, "WhileThunk"), (900 * us, 1_200 * us, "MemcpyD2H")]}
+    found = host_at(host, gaps)
+    assert found == {"python: $runner.py:5 run": [pytest.approx(2.0), 1], "XLAPjRtClient: MemcpyD2H": [pytest.approx(2.0), 1],
+                     "python: $gc": [pytest.approx(3.0), 1]}
+
+
+def test_a_real_trace_names_what_the_host_did_in_a_long_gap():
+    import time
+
+    f = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jax.random.normal(jax.random.key(0), (128, 128))
+
+    def two_calls_apart():
+        f(x).block_until_ready()
+        time.sleep(0.004)  # the "device" (CPU client) idles >= 4 ms while the host sleeps
+        return f(x)
+
+    summary = profile_device(two_calls_apart, device_prefix="/host:CPU", line_contains="PjRtCpuClient")
+    assert summary.gaps[">= 1 ms"][1] >= 1 and sum(count for _, count in summary.long_gaps.values()) >= 1
+    assert any("sleep" in where for where in summary.host_in_gaps), summary.host_in_gaps
+    assert "host at those gaps' midpoints" in summary.format()
