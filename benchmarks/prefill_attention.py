@@ -8,6 +8,14 @@ checking each kernel's output against cuDNN (or, with --tiny, the float32 refere
 kernels or their tuning tables. FLOPs count the visible (query, key) pairs: 4 * Nq * D * sum_t (pos_t + 1),
 i.e. 2 * 2 * T * T * Nq * D / 2 for one causal prefill of T tokens.
 
+The "serving mixed step" case is the offline benchmark's typical 2,048-token step (two prefill chunks and 213
+decode tokens at 1.0-2.0k context, sequences with more than one token first): the engine sends all of it to the
+prefill kernel, whose CTAs (8 tokens x one KV head) walk the KV of every sequence among their tokens one after
+another, so 8 decode tokens of 8 sequences cost 8 serial KV walks at a quarter of the tile's rows. It is also
+timed split (``model.attention.split_single_token_rows``): the prefill kernel over the multi-token sequences only (the decode
+tokens as its padding) and the decode kernel (one sequence per CTA, KV splits) over the single-token rows, its
+output scattered to their tokens -- the decode/prefill split vLLM's and SGLang's batches make.
+
 cuDNN and XLA run on contiguous q / k / v built from the paged cache ([B, S, H, D]); the chunk uses an
 explicit bottom-right causal mask (cuDNN's built-in causal mask is top-left aligned), the two sequences a
 batch of 2 padded to the longer one. XLA is skipped past 8k tokens (its [Nq, T, T] scores).
@@ -32,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from _timing import time_ms
+from autoglm_jax.model.attention import split_single_token_rows
 from pallas_kernels import ragged_paged_attention as rpa
 from pallas_kernels import ragged_prefill_attention as rpf
 from pallas_kernels._interpret import gpu_interpret
@@ -60,11 +69,21 @@ def cases(tiny: bool) -> list[tuple[str, list[int], list[int]]]:
     """(name, tokens already cached per sequence, new tokens per sequence)."""
     if tiny:
         return [("causal prefill 32", [0], [32]), ("2 sequences 13 + 18 (q padded)", [0, 0], [13, 18]),
-                ("16-token chunk on a 48 prefix", [48], [16])]
+                ("16-token chunk on a 48 prefix", [48], [16]), mixed_case(tiny)]
     return [*((f"causal prefill {t}", [0], [t]) for t in (4096, 8192, 16384)),
             ("causal prefill 4100 (q padded)", [0], [4100]),
             ("2 sequences 2045 + 2051 (boundary mid-tile)", [0, 0], [2045, 2051]),
-            ("1k chunk on a 3k prefix", [3072], [1024])]
+            ("1k chunk on a 3k prefix", [3072], [1024]), mixed_case(tiny)]
+
+
+def mixed_case(tiny: bool) -> tuple[str, list[int], list[int]]:
+    """The serving mixed step (module docstring): two prefill chunks, then single decode tokens."""
+    rng = np.random.default_rng(7)
+    if tiny:
+        return ("serving mixed step (tiny): 2 chunks + 6 decodes", [16, 0] + list(rng.integers(8, 64, 6)),
+                [12, 20] + [1] * 6)
+    return ("serving mixed step: 832 + 1,000 prefill + 213 decodes at 1-2k", [168, 0] + list(rng.integers(1000, 2000, 213)),
+            [832, 1000] + [1] * 213)
 
 
 def contiguous_qkv(args, before, new):
@@ -162,11 +181,14 @@ def bench_case(bench: Bench, ceiling: float, name: str, before: list[int], new: 
                      num_layers=1)
     positions = np.asarray(args[5])
     flops = 4 * NUM_Q_HEADS * HEAD_DIM * float((positions[:total] + 1).sum())
-    q, k, v, mask = contiguous_qkv(args, before, new)
+    # cuDNN / XLA on contiguous batches: single sequences or a few fresh prefills (a mixed step would pad
+    # every sequence to the longest, and its chunks need per-sequence bottom-right masks)
+    baselines = len(new) == 1 or (len(new) <= 8 and not any(before))
+    q, k, v, mask = contiguous_qkv(args, before, new) if baselines else (None,) * 4
     # --tiny: the float32 reference (a dense [T, ctx] gather, small shapes only) checks every implementation;
     # else the first baseline that runs checks the kernels.
     ref = rpa.ragged_paged_attention_reference(*args, sm_scale=SM_SCALE) if tiny else None
-    for impl in ("cudnn", "xla"):
+    for impl in ("cudnn", "xla") if baselines else ():
         if impl == "xla" and max(b + n for b, n in zip(before, new)) > XLA_MAX_TOKENS:
             continue
         fn = jax.jit(lambda q, k, v, mask, impl=impl: jax.nn.dot_product_attention(
@@ -196,6 +218,9 @@ def bench_case(bench: Bench, ceiling: float, name: str, before: list[int], new: 
                    lambda *a, config=config: rpf.ragged_prefill_attention(*a, sm_scale=SM_SCALE, config=config))
     kernel("ragged_paged_attention (one warpgroup) default",
            lambda *a: rpa.ragged_paged_attention(*a, sm_scale=SM_SCALE))
+    if 1 in new and any(n > 1 for n in new):  # single-token rows beside prefills: the split applies
+        kernel("split: prefill kernel (multi-token sequences) + decode kernel (single-token rows)",
+               lambda *a: split_single_token_rows(*a, sm_scale=SM_SCALE))
 
 
 def main(argv=None):
