@@ -64,7 +64,8 @@ flags.DEFINE_bool("ablate_queued_multistep", False, "Also run every (workload, r
 flags.DEFINE_list("merge", None, "Results files to put in one table / plot (no benchmark runs).")
 flags.DEFINE_float("profile_at_s", None, "Trace the device from this many seconds into each offline run for "
                    "--profile_s and print busy share, idle gaps (where the long ones sit: kernels around them, the "
-                   "host threads meanwhile) and the top kernels by kind (jax.profiler; tools.device_profile).")
+                   "host threads meanwhile) and the top kernels by kind (jax.profiler with its Python tracer, which slows the "
+                   "host's Python while it runs; tools.device_profile).")
 flags.DEFINE_float("profile_s", 2.0, "Length of the --profile_at_s window.")
 flags.DEFINE_bool("step_log", False, "Log every engine call of the offline runs (``EngineCore.enable_step_log``) and "
                   "print where the run's wall time went: mixed (prefill) vs decode calls, ms per call and per "
