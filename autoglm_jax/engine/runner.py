@@ -238,8 +238,8 @@ class ModelRunner:
             self.state = jax.block_until_ready(self._pool_state())
             return
         except jax.errors.JaxRuntimeError as error:
-            if not self.has_weights or not is_out_of_memory(error):
-                raise
+            if not self.has_weights or not is_out_of_memory(error) or jax.process_count() > 1:
+                raise  # (a multi-host model's weights cannot be fetched whole to one host)
             log.warning("the KV pool (%d pages) found no contiguous room beside the weights: allocating it "
                         "with the weights moved to host memory meanwhile (%s)", self.num_pages,
                         str(error).splitlines()[0])
