@@ -23,6 +23,26 @@ def _reference(scheme, w, hessian, grid, damp):
     return rounded_rows
 
 
+def _assert_matches_up_to_rounding_ties(scheme, grid, rows, expected, atol, max_flipped_columns=2):
+    """``rows`` (float32 updates) equal the float64 reference within ``atol``, except that a value lying on a
+    rounding boundary may round the other way (fresh random inputs hit one now and then); the error
+    feedback then legitimately carries the difference down the rest of that column. So per column: equal
+    everywhere, or equal up to a row whose two versions round to different codes and equal before it
+    diverges; at most ``max_flipped_columns`` such columns."""
+    ours = np.asarray(scheme.fake_quantize(jnp.asarray(rows, jnp.float32), grid=grid))
+    theirs = np.asarray(scheme.fake_quantize(jnp.asarray(expected, jnp.float32), grid=grid))
+    flipped = []
+    for col in range(rows.shape[1]):
+        bad = np.flatnonzero(np.abs(rows[:, col] - expected[:, col]) > atol)
+        if bad.size == 0:
+            continue
+        first = bad[0]
+        flips = np.flatnonzero(ours[:first, col] != theirs[:first, col])  # rows that still matched
+        assert flips.size, f"column {col} diverges at row {first} without a rounding flip before it"
+        flipped.append(col)
+    assert len(flipped) <= max_flipped_columns, f"{len(flipped)} columns diverged: {flipped}"
+
+
 def _problem(k=96, n=32, tokens=400):
     rng = np.random.default_rng()
     x = rng.normal(size=(tokens, k)) * np.exp(rng.normal(size=k))
@@ -42,7 +62,7 @@ def test_gptq_matches_the_reference_and_beats_round_to_nearest(name):
     grid = scheme.grid(w)
     rows = gptq_weight(scheme, w, hessian, grid, GPTQConfig(block=32, act_order=False))
     expected = _reference(scheme, w, hessian, grid, 0.01)
-    np.testing.assert_allclose(rows, expected, rtol=0, atol=2e-5 * float(np.abs(w).max()))
+    _assert_matches_up_to_rounding_ties(scheme, grid, np.asarray(rows), expected, atol=2e-5 * float(np.abs(w).max()))
     deq = scheme.quantize(rows, grid=grid).dequantize()  # stored codes are the ones GPTQ chose
     np.testing.assert_array_equal(deq, scheme.fake_quantize(rows, grid=grid))
     rtn = _output_error(x, w, scheme.fake_quantize(w))
