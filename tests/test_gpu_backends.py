@@ -21,7 +21,7 @@ KW = dict(dtype="bfloat16", max_model_len=256, max_batch_size=4, max_num_batched
 
 def _greedy(model, prompts, backend, **extra):
     """[(token ids, [top-5 token-id set per position])] of each prompt, greedy."""
-    llm = LLM(model, attention_backend=backend, **KW, **extra)
+    llm = LLM(model, attention_backend=backend, **{**KW, **extra})
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=5)
     outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
     return [(list(o.token_ids), [set(lp) for lp in o.logprobs]) for o in outs]
@@ -63,6 +63,27 @@ def test_tiny_glm4_pallas_matmul_equals_xla(tmp_path, monkeypatch):
         assert_greedy_close(_greedy(str(tmp_path), prompts, "pallas", matmul_backend="pallas", quantization=quantization),
                             _greedy(str(tmp_path), prompts, "pallas", quantization=quantization))
     assert {name for name, _, _ in kernel_calls} == {"matmul", "quantized_matmul"}
+
+
+def test_tiny_glm4_split_mixed_attention_equals_one_kernel(tmp_path, monkeypatch):
+    """``model.attention.SPLIT_SINGLE_TOKEN_ROWS``: mixed steps of the 512-token bucket (decodes beside a
+    prefill chunk) attended by the prefill kernel + the decode kernel give the one-kernel path's greedy tokens."""
+    from unittest import mock
+
+    from autoglm_jax.model import attention
+
+    save_tiny("Glm4ForCausalLM", tmp_path, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
+              hidden_size=128, intermediate_size=256)
+    # step 1: 7 + 40 + 300 + 165 tokens (512); step 2: three decodes + the last prompt's other 285 (bucket 512)
+    prompts = [{"prompt_token_ids": [5, 17, 42, 7, 99, 3, 11]}, {"prompt_token_ids": list(range(20, 60))},
+               {"prompt_token_ids": [(7 * i) % 500 + 3 for i in range(300)]},
+               {"prompt_token_ids": [(11 * i) % 500 + 3 for i in range(450)]}]
+    extra = dict(max_num_batched_tokens=512, max_model_len=512, num_pages=160)
+    one_kernel = _greedy(str(tmp_path), prompts, "pallas", **extra)
+    monkeypatch.setattr(attention, "SPLIT_SINGLE_TOKEN_ROWS", True)
+    with mock.patch.object(attention, "split_single_token_rows", wraps=attention.split_single_token_rows) as split:
+        assert_greedy_close(_greedy(str(tmp_path), prompts, "pallas", **extra), one_kernel)
+    assert split.call_count > 0
 
 
 @pytest.mark.parametrize("rows", [1, 8, 64])
