@@ -76,8 +76,8 @@ def test_tiny_glm4_split_mixed_attention_equals_one_kernel(tmp_path, monkeypatch
               hidden_size=128, intermediate_size=256)
     # step 1: 7 + 40 + 300 + 165 tokens (512); step 2: three decodes + the last prompt's other 285 (bucket 512)
     prompts = [{"prompt_token_ids": [5, 17, 42, 7, 99, 3, 11]}, {"prompt_token_ids": list(range(20, 60))},
-               {"prompt_token_ids": [(7 * i) % 500 + 3 for i in range(300)]},
-               {"prompt_token_ids": [(11 * i) % 500 + 3 for i in range(450)]}]
+               {"prompt_token_ids": [(7 * i) % 250 + 3 for i in range(300)]},
+               {"prompt_token_ids": [(11 * i) % 250 + 3 for i in range(450)]}]
     extra = dict(max_num_batched_tokens=512, max_model_len=512, num_pages=160)
     one_kernel = _greedy(str(tmp_path), prompts, "pallas", **extra)
     monkeypatch.setattr(attention, "SPLIT_SINGLE_TOKEN_ROWS", True)
