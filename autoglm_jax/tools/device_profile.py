@@ -115,10 +115,10 @@ def _empty_gaps() -> dict[str, list]:
     return {name: [0.0, 0] for _, name in GAP_BUCKETS_US}
 
 
-def _add_gaps(merged: list[list[int]], hist: dict[str, list]) -> None:
-    """Adds the idle gaps between ``_merged`` busy intervals (ns) to ``hist`` (name -> [total ms, count])."""
-    for (_, stop), (start, _) in zip(merged, merged[1:]):
-        gap_us = (start - stop) / 1e3
+def _add_gaps(gaps: list[tuple[int, int, str]], hist: dict[str, list]) -> None:
+    """Adds ``idle_gaps`` (ns) to ``hist`` by ``GAP_BUCKETS_US`` (name -> [total ms, count])."""
+    for start, stop, _ in gaps:
+        gap_us = (stop - start) / 1e3
         name = next(name for limit, name in GAP_BUCKETS_US if gap_us < limit)
         hist[name][0] += gap_us / 1e3
         hist[name][1] += 1
@@ -127,25 +127,33 @@ def _add_gaps(merged: list[list[int]], hist: dict[str, list]) -> None:
 def gap_histogram(intervals: list[tuple[int, int]]) -> dict[str, list]:
     """Idle gaps between the merged busy intervals (ns) by ``GAP_BUCKETS_US``: name -> [total ms, count]."""
     hist = _empty_gaps()
-    _add_gaps(_merged(intervals), hist)
+    _add_gaps(idle_gaps([(start, stop, "") for start, stop in intervals]), hist)
     return hist
 
 
 Event = tuple[int, int, str]  # (start ns, stop ns, name)
 
 
-def locate_long_gaps(events: list[Event], min_gap_us: float = LONG_GAP_US) -> list[tuple[int, int, str]]:
-    """The idle gaps of at least ``min_gap_us`` between the union of one device's kernel ``events``:
-    [(gap start ns, gap stop ns, "last kernel to end before -> first kernel to start after")]."""
-    located = []
-    ordered = sorted(events)
+def idle_gaps(events: list[Event]) -> list[tuple[int, int, str]]:
+    """The idle gaps between the union of one device's kernel ``events`` (overlapping or touching events
+    are one busy interval): [(gap start ns, gap stop ns, "last kernel to end before -> first to start after")]."""
+    gaps = []
     busy_until, last_name = None, None
-    for start, stop, name in ordered:
-        if busy_until is not None and (start - busy_until) / 1e3 >= min_gap_us:
-            located.append((busy_until, start, f"{last_name} -> {name}"))
+    for start, stop, name in sorted(events):
+        if busy_until is not None and start > busy_until:
+            gaps.append((busy_until, start, f"{last_name} -> {name}"))
         if busy_until is None or stop >= busy_until:
             busy_until, last_name = stop, name
-    return located
+    return gaps
+
+
+def locate_long_gaps(events: list[Event], min_gap_us: float = LONG_GAP_US) -> list[tuple[int, int, str]]:
+    """The ``idle_gaps`` of at least ``min_gap_us``."""
+    return _long(idle_gaps(events), min_gap_us)
+
+
+def _long(gaps: list[tuple[int, int, str]], min_gap_us: float = LONG_GAP_US) -> list[tuple[int, int, str]]:
+    return [gap for gap in gaps if (gap[1] - gap[0]) / 1e3 >= min_gap_us]
 
 
 def host_at(lines: dict[str, list[Event]], gaps: list[tuple[int, int, str]]) -> dict[str, list]:
@@ -212,10 +220,10 @@ def summarize_xspace(path: str, device_prefix: str = "/device:GPU:", line_contai
             continue
         devices += 1
         count += len(intervals)
-        merged = _merged(intervals)
-        busy += sum(stop - start for start, stop in merged) / 1e6
-        _add_gaps(merged, gaps)
-        located += locate_long_gaps(events)
+        busy += _union_ms(intervals)
+        device_gaps = idle_gaps(events)
+        _add_gaps(device_gaps, gaps)
+        located += _long(device_gaps)
         lo, hi = min(s for s, _ in intervals), max(e for _, e in intervals)
         first = lo if first is None else min(first, lo)
         last = hi if last is None else max(last, hi)
@@ -240,19 +248,28 @@ def backend_planes(backend: str | None = None) -> dict:
     return {}
 
 
+def _trace(run: Callable[[], None], summary_args: dict) -> DeviceProfile:
+    """Runs ``run`` under the profiler and summarizes the trace's device planes (``summarize_xspace`` args)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            run()
+        files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            raise RuntimeError(f"the profiler wrote no .xplane.pb under {tmp}")
+        return summarize_xspace(max(files, key=os.path.getmtime), **summary_args)
+
+
 def profile_device(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 1, **summary_args) -> DeviceProfile:
     """Runs ``fn`` ``warmup`` times untraced (compilation), then ``repeats`` times under the profiler,
     blocking on each result, and summarizes the device planes of the trace (``summarize_xspace`` args)."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
-            for _ in range(repeats):
-                jax.block_until_ready(fn())
-        files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
-        if not files:
-            raise RuntimeError(f"the profiler wrote no .xplane.pb under {tmp}")
-        return summarize_xspace(max(files, key=os.path.getmtime), **summary_args)
+
+    def run():
+        for _ in range(repeats):
+            jax.block_until_ready(fn())
+
+    return _trace(run, summary_args)
 
 
 def profile_window(delay_s: float, duration_s: float, **summary_args) -> Future:
@@ -266,13 +283,7 @@ def profile_window(delay_s: float, duration_s: float, **summary_args) -> Future:
     def trace():
         try:
             time.sleep(delay_s)
-            with tempfile.TemporaryDirectory() as tmp:
-                with jax.profiler.trace(tmp):
-                    time.sleep(duration_s)
-                files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
-                if not files:
-                    raise RuntimeError(f"the profiler wrote no .xplane.pb under {tmp}")
-                result.set_result(summarize_xspace(max(files, key=os.path.getmtime), **summary_args))
+            result.set_result(_trace(lambda: time.sleep(duration_s), summary_args))
         except BaseException as error:  # handed to the caller through the future
             result.set_exception(error)
 

@@ -194,7 +194,8 @@ def _launch(line: str) -> KernelLaunch | None:
     match = _NAME.match(line)
     name = match.group(0).split("=")[0].replace("ROOT", "").strip().lstrip("%")
     shape, _ = _split_result_type(line[match.end():])
-    callee = _CALLS.search(line).group(1) if opcode == "fusion" and _CALLS.search(line) else ""
+    called = _CALLS.search(line) if opcode == "fusion" else None
+    callee = called.group(1) if called else ""
     if opcode == "custom-call":
         target = _TARGET.search(line)
         kind = target.group(1) if target else "?"
