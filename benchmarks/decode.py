@@ -12,8 +12,13 @@ the GPU memory while it runs):
 
 ``--engine`` decodes through ``EngineCore`` instead (scheduler, host input assembly and output
 processing included) with async scheduling off, then on, in the same engine: tokens/s, ms per decode
-step and the device busy share of a profiler trace of back-to-back engine steps (1 - busy = the time
-the device waits for the host). On CPU the PjRt CPU client's executions stand in for the device:
+step, the same compiled decode program's ms per step called back to back (the "engine overhead" column:
+1 - that / the engine's, the host's share), and the device busy share of a profiler trace of
+back-to-back engine steps. The trace's share understates the untraced engine's on a GPU: under CUPTI
+each CUDA-graph launch inside a decode call's ``while`` loop leaves the device idle ~1.5 ms (H100,
+session 10: traced kernel time per step ~ the untraced back-to-back step), so read it for where gaps
+sit (its long-gap table), not for their size. Python functions are traced only with --profile_python.
+On CPU the PjRt CPU client's executions stand in for the device:
 
     PYTHONPATH=. python3 benchmarks/decode.py --engine --batch=64 --context=1024 --steps=8
     PYTHONPATH=. .venv/bin/python benchmarks/decode.py --engine --model=tiny-glm4 --dtype=float32 \
@@ -56,6 +61,9 @@ flags.DEFINE_bool("engine", False, "Decode through EngineCore with async schedul
                   "--steps is its decode_steps_per_call.")
 flags.DEFINE_integer("engine_tokens", 64, "--engine: timed decode tokens per sequence and mode.")
 flags.DEFINE_integer("profile_steps", 6, "--engine: engine steps traced for the device busy share.")
+flags.DEFINE_bool("profile_python", False, "--engine: trace Python functions too (names the host code in long "
+                  "idle gaps, but the tracer slows the host several-fold: the busy share then understates the "
+                  "untraced engine's).")
 flags.DEFINE_integer("profile_top", 5, "--engine: the most expensive device ops printed from the trace.")
 flags.DEFINE_bool("profile_by_kind", False, "--engine: merge the printed ops by kind (gemm_fusion_dot.N -> "
                   "gemm_fusion_dot), e.g. with XLA_FLAGS=--xla_gpu_enable_command_buffer= to see every kernel.")
@@ -177,7 +185,7 @@ def engine_decode(core: EngineCore, batch: int, context: int, async_scheduling: 
     core.disable_step_log()
     print(f"  timed decode {elapsed:.1f} s\n    " + format_step_summary(log.summary()).replace("\n", "\n    "), flush=True)
     profile = profile_device(lambda: [core.step() for _ in range(FLAGS.profile_steps)] and None, warmup=0,
-                             **backend_planes())
+                             python_tracer=FLAGS.profile_python, **backend_planes())
     for request_id in ids:
         core.abort(request_id)
     return tokens / elapsed, 1e3 * elapsed / (tokens / batch), profile, program_ms_per_step(core, batch, context)
@@ -188,6 +196,7 @@ def program_ms_per_step(core: EngineCore, batch: int, context: int) -> float:
     (synthetic rows at the context the timed decode reached; no scheduler or host work between calls):
     the device-bound floor the engine's ms/step is compared with. Call after the requests are aborted
     (it writes into their pages)."""
+    core.runner.wait_launched()  # a step dispatched ahead may still be on the launch thread
     inp = decode_input(batch, context + FLAGS.engine_tokens, core.runner, FLAGS.steps)
     jax.block_until_ready(core.runner._run_decode(inp))
     return decode_ms_per_step(core.runner, inp)

@@ -41,7 +41,9 @@ class EngineConfig:
     executable_cache: save the compiled step programs under compilation_cache_dir/executables and load
         them on the next start without tracing (``engine.executable_cache``). None = on GPU only: XLA:CPU
         cannot run an executable deserialized in a process that compiled the same program itself.
-    use_dynamic_batching: False = static batching (the seed's baseline).
+    use_dynamic_batching: False = static batching (the seed's baseline): the requests waiting when nothing
+        runs form a batch of up to max_batch_size, which runs to completion before the next forms
+        (``SchedulerConfig.use_dynamic_batching``).
     adaptive_batching: wait up to batching_window_max_ms for more requests under light load.
     max_logprobs: most top-logprobs a request may ask for (compiled into the step's output shape).
     max_waiting_requests: bound of the waiting queue (the server answers 429 past it).

@@ -6,10 +6,15 @@ compiled functions of the bucket ladder and ``warmup()``. It makes no scheduling
 Start-up: a runner made from the model's abstract values compiles its ladder from them
 (``start_compiling``, in the background) while the weights load, then takes them (``bind_weights``).
 
-``execute`` is ``collect(dispatch(...))``: ``dispatch`` only enqueues the step (JAX async dispatch)
-and returns a ``StepHandle``; ``collect`` blocks until its tokens are on the host. Async scheduling
-dispatches the next step in between; steps always run in dispatch order (each takes the donated
-state the previous one returns), and each passes ``slot_tokens`` on to the next.
+``execute`` is ``collect(dispatch(...))``: ``dispatch`` builds the step's inputs and hands the compiled
+program to the launch thread, returning a ``StepHandle`` at once; ``collect`` blocks until its tokens are
+on the host. Async scheduling dispatches the next step in between; steps always run in dispatch order
+(each takes the donated state the previous one returns), and each passes ``slot_tokens`` on to the next.
+The launch thread exists because a call does not always return when its kernels are enqueued: XLA drives
+a decode call's ``while`` loop (its multi-step decode) from the calling thread, reading the loop
+predicate back every iteration, so that thread is held until the call's last iteration. Launched from
+the engine's thread, the next step could only be planned after that, with the device idle meanwhile;
+from the launch thread, the engine plans and builds it while the device runs the current one.
 
 Host cost per step is kept to a few Python operations per row (hundreds of rows per step at a large
 batch): what stays with a batch slot while one sequence holds it (its page-table row, sampling
@@ -21,6 +26,7 @@ transfers them, several times cheaper than a ``jnp.asarray`` each); and results 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -123,7 +129,7 @@ class StepHandle:
 
     scheduled: tuple[ScheduledSequence, ...]
     rows: dict[str, RowRequest]
-    out: object                  # DecodeOutput or StepOutput of device arrays
+    out: object                  # DecodeOutput or StepOutput of device arrays, or the launch thread's Future of it
     num_sampled: dict[str, int]  # tokens each sampling row yields unless it stops (schedule_ahead's input)
     query_start_loc: np.ndarray | None = None  # [rows + 1] flat token offsets of a mixed step
     want_prompt_logprobs: bool = False
@@ -185,6 +191,8 @@ class ModelRunner:
         self.compile_seconds = 0.0  # the last compile_programs call, loads included
         self._compiling: Future | None = None  # start_compiling's background compile
         self._stop_compiling = threading.Event()
+        self._launcher: ThreadPoolExecutor | None = None  # the launch thread (module docstring), made on first use
+        self._last_launch: Future | None = None
 
     def _make_steps(self, mixed_fn, decode_fn) -> None:
         self._mixed = jax.jit(self._counted(mixed_fn), static_argnames=("num_logprobs",), donate_argnums=(1,))
@@ -372,6 +380,7 @@ class ModelRunner:
         program once with empty (all-padding) inputs; returns seconds. Needs the weights."""
         if not self.has_weights or not self.pool_allocated:
             raise ValueError("warmup needs the weights and the KV pool: call bind_weights (and allocate_pool) first")
+        self.wait_launched()
         start = time.perf_counter()
         if self._compiling is not None:
             self.finish_compiling()
@@ -422,8 +431,9 @@ class ModelRunner:
         return self._mixed_results(handle, out)
 
     def _fetch(self, out):
-        """Device -> host: the one place the host waits for a step."""
-        return jax.device_get(out)
+        """Device -> host: the one place the host waits for a step (``out``: its outputs, or the launch
+        thread's Future of them)."""
+        return jax.device_get(out.result() if isinstance(out, Future) else out)
 
     def _dispatch_mixed(self, scheduled, rows) -> StepHandle:
         # Sequences with more than one token first, single tokens (decodes) last: the split attention
@@ -436,7 +446,7 @@ class ModelRunner:
         want = any(_wants_prompt_logprobs(rows[s.request_id]) and not s.is_decode for s in scheduled)
         inp = self._step_input(scheduled, rows, token_bucket, row_bucket, want, starts)
         num_sampled = {seq.request_id: 1 for seq in scheduled if seq.sample}
-        return StepHandle(scheduled, rows, self._run_mixed(inp), num_sampled, starts, want)
+        return StepHandle(scheduled, rows, self._launch("mixed", inp), num_sampled, starts, want)
 
     def _mixed_results(self, handle: StepHandle, out):
         rows, want, starts = handle.rows, handle.want_prompt_logprobs, handle.query_start_loc
@@ -468,7 +478,7 @@ class ModelRunner:
         max_new = [_max_new(seq, rows[seq.request_id]) for seq in scheduled]
         inp = self._decode_input(scheduled, rows, row_bucket, steps, max_new)
         num_sampled = {seq.request_id: count for seq, count in zip(scheduled, max_new)}
-        return StepHandle(scheduled, rows, self._run_decode(inp), num_sampled)
+        return StepHandle(scheduled, rows, self._launch("decode", inp), num_sampled)
 
     @staticmethod
     def _decode_results(scheduled, out):
@@ -482,6 +492,29 @@ class ModelRunner:
             sampled[seq.request_id] = SampledTokens(token_ids[b][:n], logprobs[b][:n], ranks[b][:n], top_ids,
                                                     top_logprobs, b)
         return sampled
+
+    def _launch(self, kind: str, inp) -> Future | object:
+        """Runs a dispatched step's program: on the launch thread (module docstring) when it is compiled
+        already, returning a Future of its outputs; else here, after the launches before it, returning the
+        outputs (a program traced on first use follows this thread's JAX configuration). Either way its
+        ``slot_tokens`` input is the previous step's output, taken when the program starts."""
+        run = self._run_decode if kind == "decode" else self._run_mixed
+        if self._program_key(kind, inp) not in self._executables:
+            self.wait_launched()
+            return run(dataclasses.replace(inp, slot_tokens=self.slot_tokens))
+        if self._launcher is None:
+            self._launcher = ThreadPoolExecutor(1, thread_name_prefix="autoglm-launch")
+        # The host inputs go to the device now, while the steps before this one run: made by the call, the
+        # transfers would wait until the launch thread returns from the previous call (the device idle).
+        inp = self._replicated(inp) if self.mesh is not None else jax.device_put(dataclasses.replace(inp, slot_tokens=None))
+        self._last_launch = self._launcher.submit(lambda: run(dataclasses.replace(inp, slot_tokens=self.slot_tokens)))
+        return self._last_launch
+
+    def wait_launched(self) -> None:
+        """Returns once every dispatched step's program has been called (their outputs may still be
+        computing); call it before touching ``state`` or ``slot_tokens`` outside ``dispatch``."""
+        if self._last_launch is not None:
+            concurrent.futures.wait([self._last_launch])
 
     @staticmethod
     def _program_key(kind: str, inp) -> tuple:

@@ -9,7 +9,8 @@ One step (``schedule`` then ``update``, strictly alternating):
   1. Running decodes, oldest first, 1 token each.
   2. Prefill chunks of running requests whose known tokens are not all computed, oldest first.
   3. Waiting requests in FCFS order, each while a slot, the prefill budget and free pages allow;
-     skipped in a step that preempted, and in static batching mode once the batch decodes.
+     skipped in a step that preempted. Static batching mode admits only members of the current batch
+     (see ``_admission_open``).
   Prefill (2 + 3) gets ``config.prefill_token_cap`` tokens when the step has decodes, the whole
   ``max_num_batched_tokens`` otherwise.
   When a running request needs a page and none is free, the newest running request is preempted
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -63,6 +65,7 @@ class Scheduler:
         self._pending: SchedulerOutput | None = None  # last non-empty output awaiting update()
         self._pending_requests: dict[str, Request] = {}  # the requests _pending was planned for
         self._ahead: tuple[SchedulerOutput, dict[str, Request]] | None = None  # schedule_ahead()'s plan
+        self._batch_waiting: set[str] = set()  # static batching: members of the current batch not yet admitted
         self.num_preemptions = 0  # total over the scheduler's life
 
     # ----------------------------------------------------------------- public queries
@@ -89,10 +92,10 @@ class Scheduler:
 
     def admission_blocked(self) -> bool:
         """Whether the next step would leave the first waiting request waiting even if no running request
-        finished: the queue is empty, admission is closed (static batching, batch decoding), no batch slot
-        is free, or its first chunk's pages do not fit the free pool. The engine then runs multi-step
-        decode calls: nothing could join the batch anyway."""
-        return not (self._admission_open() and self._would_admit([], [], num_decodes=len(self._running)))
+        finished: the queue is empty, admission is closed (static batching: every member of the running
+        batch is admitted), no batch slot is free, or its first chunk's pages do not fit the free pool.
+        The engine then runs multi-step decode calls: nothing could join the batch anyway."""
+        return not self._would_admit([], [], num_decodes=len(self._running))
 
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
@@ -131,6 +134,7 @@ class Scheduler:
             self._release(request)
         else:
             self._waiting.remove(request)
+            self._batch_waiting.discard(request_id)
         request.status = reason.status
         request.finish_reason = reason
         request.finished_time = self._clock()
@@ -153,6 +157,9 @@ class Scheduler:
             raise RuntimeError("schedule() called before update() consumed the previous step's output")
         if num_lookahead_tokens < 0:
             raise ValueError(f"num_lookahead_tokens={num_lookahead_tokens} must be >= 0")
+        if not (self.config.use_dynamic_batching or self._running or self._batch_waiting):
+            # static batching, the last batch done: the requests waiting now form the next one
+            self._batch_waiting = {r.request_id for r in itertools.islice(self._waiting, self.config.max_batch_size)}
         admission_open = self._admission_open()
         plan = StepPlan(self.config, num_lookahead_tokens)
         decoding, prefilling = [], []
@@ -227,7 +234,7 @@ class Scheduler:
         one (``growth`` decoding, the ``finishing`` requests' slots and pages released, ``num_decodes``
         decode tokens in it): admit it, or fail it as never fitting. Its prefill budget is ``StepPlan``'s."""
         free_slots = len(self._free_slots) + len(finishing)
-        if not (self._waiting and free_slots and self.config.use_dynamic_batching):
+        if not (self._waiting and free_slots and self._admission_open()):
             return False
         request = self._waiting[0]
         limit = self.config.max_num_batched_tokens
@@ -373,6 +380,8 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._waiting.appendleft(request)
+        if not self.config.use_dynamic_batching:
+            self._batch_waiting.add(request.request_id)  # still a member: re-admitted in this batch
         plan.preempted.append(request.request_id)
 
     def _release(self, request: Request) -> None:
@@ -386,14 +395,23 @@ class Scheduler:
     # ----------------------------------------------------------------- admission
 
     def _admission_open(self) -> bool:
-        """Dynamic batching: always. Static batching: only while the current batch is still being
-        formed, i.e. no running request has started decoding (so it then runs to completion)."""
-        return self.config.use_dynamic_batching or not any(self._is_decoding(r) for r in self._running)
+        """Dynamic batching: always. Static batching: while members of the current batch wait to be
+        admitted, or when no batch is left (nothing running, no member waiting) and the next ``schedule``
+        forms one. A batch is the first min(max_batch_size, waiting) requests of the queue when it forms
+        (all slots are free then); its members are admitted in FCFS order over as many steps as the
+        token budget and pages need (admitted ones may decode meanwhile), a preempted member goes back
+        to waiting as a member, and a member finished while waiting leaves it. Requests arriving later
+        wait for the next batch, which forms once every member has finished. Waiting members are always
+        the head of the queue, so while one waits the first waiting request is a member."""
+        return self.config.use_dynamic_batching or bool(self._batch_waiting) or not self._running
 
     def _admit_waiting(self, plan: StepPlan) -> None:
         """Admit waiting requests in FCFS order; stop at the first that does not fit."""
+        static = not self.config.use_dynamic_batching
         while self._waiting and self._free_slots:
             request = self._waiting[0]
+            if static and request.request_id not in self._batch_waiting:
+                return  # not a member of the current batch: it waits for the next one
             num_new = self._prefill_chunk(request, plan.prefill_tokens_left())
             if num_new == 0:
                 return
@@ -407,6 +425,7 @@ class Scheduler:
             plan.add(self._entry(request, num_new, num_lookahead, is_new=True, is_decode=self._is_decoding(request)))
 
     def _admit(self, request: Request, num_tokens: int) -> None:
+        self._batch_waiting.discard(request.request_id)
         request.status = RequestStatus.RUNNING
         request.slot = heapq.heappop(self._free_slots)
         request.pages = self.allocator.allocate(self.allocator.pages_needed(num_tokens))

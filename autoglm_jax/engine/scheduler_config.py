@@ -29,8 +29,10 @@ class SchedulerConfig:
     max_prefill_chunk_tokens: optional cap on one sequence's prefill chunk per step (vLLM's
         ``long_prefill_token_threshold``), so several prompts share a step; None = no cap.
     use_dynamic_batching: True = continuous batching (admit whenever there is room); False = static
-        batching (a batch of up to max_batch_size requests is admitted while none of them has started
-        decoding, then runs to completion before the next batch is admitted).
+        batching: when nothing runs, the first min(max_batch_size, waiting) requests of the queue form a
+        batch; its members are admitted over as many steps as their prefills need (those admitted may
+        decode meanwhile; later arrivals wait), and the batch runs to completion (every member finished
+        or aborted) before the next forms.
     """
 
     max_batch_size: int

@@ -248,10 +248,14 @@ def backend_planes(backend: str | None = None) -> dict:
     return {}
 
 
-def _trace(run: Callable[[], None], summary_args: dict) -> DeviceProfile:
-    """Runs ``run`` under the profiler and summarizes the trace's device planes (``summarize_xspace`` args)."""
+def _trace(run: Callable[[], None], summary_args: dict, python_tracer: bool = True) -> DeviceProfile:
+    """Runs ``run`` under the profiler and summarizes the trace's device planes (``summarize_xspace`` args).
+    ``python_tracer=False`` leaves Python function events out of the trace: the tracer slows the host
+    several-fold, so a device busy share meant for the untraced engine is measured without it."""
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 1 if python_tracer else 0
     with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
+        with jax.profiler.trace(tmp, profiler_options=options):
             run()
         files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
         if not files:
@@ -259,9 +263,11 @@ def _trace(run: Callable[[], None], summary_args: dict) -> DeviceProfile:
         return summarize_xspace(max(files, key=os.path.getmtime), **summary_args)
 
 
-def profile_device(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 1, **summary_args) -> DeviceProfile:
+def profile_device(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 1, python_tracer: bool = True,
+                   **summary_args) -> DeviceProfile:
     """Runs ``fn`` ``warmup`` times untraced (compilation), then ``repeats`` times under the profiler,
-    blocking on each result, and summarizes the device planes of the trace (``summarize_xspace`` args)."""
+    blocking on each result, and summarizes the device planes of the trace (``summarize_xspace`` args;
+    ``python_tracer``: see ``_trace``)."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
 
@@ -269,7 +275,7 @@ def profile_device(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 
         for _ in range(repeats):
             jax.block_until_ready(fn())
 
-    return _trace(run, summary_args)
+    return _trace(run, summary_args, python_tracer)
 
 
 def profile_window(delay_s: float, duration_s: float, **summary_args) -> Future:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -194,19 +195,14 @@ def test_next_step_is_dispatched_before_tokens_are_read(core, monkeypatch):
     N's device output) before step N's results are fetched to the host."""
     runner = core.runner
     events = []
+    launch = runner._launch
 
-    def spy(name):
-        original = getattr(runner, name)
+    def dispatch(kind, inp):
+        out = launch(kind, inp)  # the program's outputs, or the launch thread's Future of them
+        events.append(("dispatch", id(out), bool((np.asarray(inp.token_ids) < 0).any())))
+        return out
 
-        def dispatch(inp):
-            out = original(inp)
-            events.append(("dispatch", id(out), bool((np.asarray(inp.token_ids) < 0).any())))
-            return out
-
-        monkeypatch.setattr(runner, name, dispatch)
-
-    spy("_run_mixed")
-    spy("_run_decode")
+    monkeypatch.setattr(runner, "_launch", dispatch)
     fetch = runner._fetch
     monkeypatch.setattr(runner, "_fetch", lambda out: events.append(("fetch", id(out), None)) or fetch(out))
     rng = np.random.default_rng(1)
@@ -229,6 +225,39 @@ def test_next_step_is_dispatched_before_tokens_are_read(core, monkeypatch):
         run(core, requests, mode)
         num_ahead = overlapped()
         assert (num_ahead > 3) if mode else (num_ahead == 0), f"async={mode}: {num_ahead} overlapped steps {events}"
+
+
+def test_compiled_steps_run_on_the_launch_thread(core, monkeypatch):
+    """``dispatch`` hands a compiled program to the runner's launch thread and returns: ``step()`` comes
+    back (with the step ahead dispatched) while that program's call is still held on the other thread --
+    as on a GPU, where XLA keeps the calling thread inside a decode call's ``while`` loop. A program
+    called on the engine's own thread would hold ``step()`` until the call's hold timed out."""
+    runner, release, entered = core.runner, threading.Event(), threading.Event()
+    threads, released = [], []
+    original = runner._run_decode
+
+    def held(inp):
+        threads.append(threading.current_thread().name)
+        entered.set()
+        released.append(release.wait(20))
+        return original(inp)
+
+    monkeypatch.setattr(runner, "_run_decode", held)
+    core.async_scheduling = True
+    rng = np.random.default_rng(2)
+    for n in (5, 9):
+        core.add_request(random_prompt(rng, n), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), f"h{n}")
+    for _ in range(20):  # prefill, then the step that dispatches the first decode call ahead
+        core.step()
+        if entered.wait(2):
+            break
+    assert threads and threads[0].startswith("autoglm-launch"), f"decode call made on {threads}"
+    assert not released, "step() waited for the held decode call"
+    release.set()
+    while core.has_unfinished_requests() or core._in_flight is not None:
+        core.step()
+    assert released and all(released), "a decode call's hold timed out: step() waited for it"
+    assert all(name.startswith("autoglm-launch") for name in threads), threads
 
 
 def test_no_recompilation_with_async_scheduling(tiny_llm, core):

@@ -13,6 +13,7 @@ from autoglm_jax.engine.buckets import BucketLadder
 from autoglm_jax.engine.page_allocator import PageAllocator
 from autoglm_jax.engine.request import FinishReason, Request, RequestStatus
 from autoglm_jax.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from autoglm_jax.engine.step_plan import StepPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +161,193 @@ def test_static_batching_runs_batch_to_completion_before_admitting():
         finished.extend(scheduler.update(sample_all(out, rng)))
     assert set(finished) == {"a", "b"}
     assert [s.request_id for s in scheduler.schedule().scheduled] == ["c"]
+
+
+def drive_static(scheduler, rng, steps):
+    """Run ``steps`` steps; returns the set of request ids admitted (``is_new``) in them."""
+    admitted = set()
+    for _ in range(steps):
+        out = scheduler.schedule()
+        admitted |= {s.request_id for s in out.scheduled if s.is_new}
+        scheduler.update(sample_all(out, rng))
+    return admitted
+
+
+def test_static_batch_fills_over_several_steps_when_the_token_budget_admits_only_some():
+    # budget 16 holds two 8-token prompts: the batch of 4 is admitted over two steps, the first two members
+    # decoding in the second (the old rule closed admission once a and b decoded: batches of 2)
+    scheduler = make_scheduler(max_batch_size=4, max_num_batched_tokens=16, prefill_ratio=1.0,
+                               use_dynamic_batching=False)
+    for name in "abcde":
+        scheduler.add_request(make_request(name, 8, max_tokens=6))
+    rng = random.Random(0)
+    out = scheduler.schedule()
+    assert [s.request_id for s in out.scheduled] == ["a", "b"]
+    scheduler.update(sample_all(out, rng))
+    assert not scheduler.admission_blocked(), "c is a member still waiting and fits"
+    out = scheduler.schedule()  # 2 decodes + c (8) + d's first 6 tokens
+    assert {s.request_id: (s.is_new, s.num_tokens) for s in out.scheduled} == {
+        "a": (False, 1), "b": (False, 1), "c": (True, 8), "d": (True, 6)}
+    assert "e" not in by_id(out), "e is not a member: the batch is the first max_batch_size requests"
+    scheduler.update(sample_all(out, rng))
+    assert scheduler.num_running == 4 and [r.request_id for r in scheduler.waiting] == ["e"]
+    assert scheduler.admission_blocked(), "every member admitted: e waits for the next batch"
+    finished = []
+    while len(finished) < 4:
+        out = scheduler.schedule()
+        assert "e" not in by_id(out)
+        finished.extend(scheduler.update(sample_all(out, rng)))
+    assert sorted(finished) == list("abcd") and not scheduler.admission_blocked()
+    assert [s.request_id for s in scheduler.schedule().scheduled] == ["e"]
+
+
+def test_static_batch_excludes_requests_arriving_after_it_formed():
+    # a's prompt takes two steps; late arrives in between, while nobody decodes and slots are free (the old
+    # rule admitted it then)
+    scheduler = make_scheduler(max_batch_size=4, max_num_batched_tokens=8, use_dynamic_batching=False)
+    scheduler.add_request(make_request("a", 12, max_tokens=3))
+    rng = random.Random(0)
+    out = scheduler.schedule()  # the batch forms: {a}
+    assert [s.request_id for s in out.scheduled] == ["a"] and not out.scheduled[0].sample
+    scheduler.update(sample_all(out, rng))
+    scheduler.add_request(make_request("late", 3))
+    assert scheduler.admission_blocked()
+    finished = []
+    while "a" not in finished:
+        out = scheduler.schedule()
+        assert "late" not in by_id(out), "a request arriving after the batch formed joined it"
+        finished.extend(scheduler.update(sample_all(out, rng)))
+    assert not scheduler.admission_blocked()
+    assert [s.request_id for s in scheduler.schedule().scheduled] == ["late"]
+
+
+def test_static_batch_excludes_late_arrival_while_members_still_wait():
+    scheduler = make_scheduler(max_batch_size=4, max_num_batched_tokens=16, prefill_ratio=1.0,
+                               use_dynamic_batching=False)
+    for name in "abc":
+        scheduler.add_request(make_request(name, 8, max_tokens=8))
+    rng = random.Random(0)
+    scheduler.update(sample_all(scheduler.schedule(), rng))  # a, b admitted; c a waiting member
+    scheduler.add_request(make_request("late", 2))  # would fit the step's budget behind c
+    admitted = drive_static(scheduler, rng, 3)
+    assert admitted == {"c"}, "only the waiting member joins; late waits although a slot is free"
+    assert scheduler.num_running == 3 and scheduler.admission_blocked()
+
+
+def test_static_batch_readmits_a_preempted_member_before_later_arrivals():
+    # 5 usable pages of 2 tokens: old and new (4-token prompts, 6 new tokens) cannot both finish in the pool
+    scheduler = make_scheduler(num_pages=6, page_size=2, max_batch_size=2, max_sequence_length=20,
+                               use_dynamic_batching=False)
+    old, new = make_request("old", 4, max_tokens=6), make_request("new", 4, max_tokens=6)
+    scheduler.add_request(old)
+    scheduler.add_request(new)
+    rng = random.Random(0)
+    scheduler.update(sample_all(scheduler.schedule(), rng))  # the batch {old, new} is admitted
+    scheduler.add_request(make_request("late", 2, max_tokens=2))
+    readmitted, finished = False, []
+    for _ in range(60):
+        out = scheduler.schedule()
+        seq = by_id(out).get("new")
+        readmitted |= bool(new.num_preemptions) and seq is not None and seq.is_new
+        finished.extend(scheduler.update(sample_all(out, rng)))
+        if not scheduler.has_unfinished:
+            break
+    assert new.num_preemptions >= 1 and readmitted, "the preempted member was re-admitted"
+    assert finished == ["old", "new", "late"], "late ran only after the whole batch, preempted member included"
+
+
+def test_static_batch_preempted_member_alone_in_queue_keeps_the_batch_open():
+    scheduler = make_scheduler(max_batch_size=2, use_dynamic_batching=False)
+    scheduler.add_request(make_request("a", 3))
+    scheduler.add_request(make_request("b", 3))
+    rng = random.Random(0)
+    scheduler.update(sample_all(scheduler.schedule(), rng))
+    scheduler.add_request(make_request("late", 3))
+    plan = StepPlan(scheduler.config, 0)
+    scheduler._preempt(scheduler.get_request("b"), plan)  # as _reserve_pages does when pages run out
+    assert [r.request_id for r in scheduler.waiting] == ["b", "late"]
+    assert not scheduler.admission_blocked(), "b is still a member and fits"
+    out = scheduler.schedule()
+    assert {s.request_id: s.is_new for s in out.scheduled} == {"a": False, "b": True}
+    scheduler.update(sample_all(out, rng))
+    assert scheduler.admission_blocked()
+
+
+@pytest.mark.parametrize("how", ["abort", "stop"])
+def test_static_batch_member_finished_while_waiting_does_not_hold_the_batch_open(how):
+    scheduler = make_scheduler(max_batch_size=4, max_num_batched_tokens=16, prefill_ratio=1.0,
+                               use_dynamic_batching=False)
+    for name in "abc":
+        scheduler.add_request(make_request(name, 8, max_tokens=2))
+    rng = random.Random(0)
+    scheduler.update(sample_all(scheduler.schedule(), rng))  # a, b admitted; c a waiting member
+    scheduler.add_request(make_request("late", 3))
+    if how == "abort":
+        assert scheduler.abort("c")
+    else:
+        scheduler.finish("c", FinishReason.STOP)
+    assert scheduler.admission_blocked(), "no member waits: late is not admitted into the running batch"
+    finished = []
+    while len(finished) < 2:
+        out = scheduler.schedule()
+        assert "late" not in by_id(out)
+        finished.extend(scheduler.update(sample_all(out, rng)))
+    assert not scheduler.admission_blocked()
+    assert [s.request_id for s in scheduler.schedule().scheduled] == ["late"], "the next batch forms"
+
+
+def test_static_batch_member_that_never_fits_does_not_hold_the_batch_open():
+    scheduler = make_scheduler(num_pages=5, page_size=2, max_batch_size=4, max_num_batched_tokens=16,
+                               max_sequence_length=32, prefill_ratio=1.0, use_dynamic_batching=False)  # 4 pages
+    scheduler.add_request(make_request("a", 6, max_tokens=2))  # 3 pages, then 4
+    scheduler.add_request(make_request("b", 4, max_tokens=3))  # 2 pages: waits until a is done
+    scheduler.add_request(make_request("huge", 10, max_tokens=2))  # 5 pages: never fits
+    rng = random.Random(0)
+    out = scheduler.schedule()
+    assert [s.request_id for s in out.scheduled] == ["a"]
+    scheduler.update(sample_all(out, rng))
+    scheduler.add_request(make_request("late", 2, max_tokens=1))
+    assert scheduler.update(sample_all(scheduler.schedule(), rng)) == ("a",)
+    assert not scheduler.admission_blocked(), "b and huge are still waiting members"
+    out = scheduler.schedule()
+    assert out.finished == ("huge",) and [s.request_id for s in out.scheduled] == ["b"], "late is not a member"
+    scheduler.update(sample_all(out, rng))
+    assert scheduler.admission_blocked(), "no member waits any more: late waits for b"
+    finished = []
+    while "b" not in finished:
+        out = scheduler.schedule()
+        assert "late" not in by_id(out)
+        finished.extend(scheduler.update(sample_all(out, rng)))
+    assert [s.request_id for s in scheduler.schedule().scheduled] == ["late"], "the next batch forms"
+
+
+def test_static_batching_schedule_ahead_plans_only_when_no_member_waits():
+    scheduler = make_scheduler(max_batch_size=4, max_num_batched_tokens=16, prefill_ratio=1.0,
+                               use_dynamic_batching=False)
+    for name in "abc":
+        scheduler.add_request(make_request(name, 8, max_tokens=8))
+    rng = random.Random(0)
+    scheduler.update(sample_all(scheduler.schedule(), rng))  # a, b admitted and decoding; c waits
+    scheduler.schedule()  # pending: a, b decode; c's prefill samples too
+    out = scheduler._pending
+    assert set(by_id(out)) == {"a", "b", "c"}
+    scheduler.update(sample_all(out, rng))
+    scheduler.add_request(make_request("late", 2))
+    out = scheduler.schedule()  # a, b, c decode; late is not a member
+    assert set(by_id(out)) == {"a", "b", "c"}
+    ahead = scheduler.schedule_ahead(0, {rid: 1 for rid in by_id(out)})
+    assert ahead is not None and {s.request_id for s in ahead.scheduled} == {"a", "b", "c"}
+
+
+def test_static_batching_schedule_ahead_declines_while_a_member_would_be_admitted():
+    scheduler = make_scheduler(max_batch_size=4, max_num_batched_tokens=16, prefill_ratio=1.0,
+                               use_dynamic_batching=False)
+    scheduler.add_request(make_request("a", 8, max_tokens=8))
+    scheduler.add_request(make_request("b", 8, max_tokens=8))
+    scheduler.add_request(make_request("c", 14, max_tokens=8))  # 8 + 8 + 14 > 16: c waits
+    out = scheduler.schedule()
+    assert [s.request_id for s in out.scheduled] == ["a", "b"]
+    assert scheduler.schedule_ahead(0, {"a": 1, "b": 1}) is None, "c (a member) would be admitted next step"
 
 
 def test_dynamic_batching_admits_while_others_decode():
@@ -413,17 +601,27 @@ def expected_total(request: Request) -> int:
 
 
 def run_step(scheduler: Scheduler, rng: random.Random, lookahead: int, stats: dict) -> None:
+    batch = stats.get("batch")
+    if batch is not None and not scheduler.running and not any(scheduler.get_request(r) for r in batch):
+        batch.clear()  # static batching: the last batch is done, the requests waiting now form the next
+        batch.update(r.request_id for r in scheduler.waiting[: scheduler.config.max_batch_size])
     output = scheduler.schedule(num_lookahead_tokens=lookahead)
     check_output(scheduler, output)
+    if batch is not None:
+        assert {s.request_id for s in output.scheduled if s.is_new} <= batch, "admitted a non-member"
+        assert {r.request_id for r in scheduler.running} <= batch
     stats["preemptions"] += len(output.preempted)
     scheduler.update(sample_all(output, rng, extra=lookahead))
 
 
-def run_operations(ops, seed: int, max_batch_size: int, stats: dict) -> None:
+def run_operations(ops, seed: int, max_batch_size: int, stats: dict, use_dynamic_batching: bool = True) -> None:
     scheduler = make_scheduler(
         num_pages=NUM_PAGES, page_size=PAGE_SIZE, max_batch_size=max_batch_size,
         max_num_batched_tokens=8, max_sequence_length=MAX_SEQ, prefill_ratio=0.5,
+        use_dynamic_batching=use_dynamic_batching,
     )
+    if not use_dynamic_batching:
+        stats["batch"] = set()  # the current static batch's members, tracked from the outside
     rng, requests, cut_short = random.Random(seed), [], set()
     for op in ops:
         if op[0] == "add":
@@ -465,6 +663,14 @@ def run_operations(ops, seed: int, max_batch_size: int, stats: dict) -> None:
 def test_random_operations_keep_pages_consistent_and_finish_every_request(ops, seed, max_batch_size):
     stats = {"preemptions": 0}
     run_operations(ops, seed, max_batch_size, stats)
+    hypothesis.event("preempted" if stats["preemptions"] else "not preempted")
+
+
+@hypothesis.settings(max_examples=100, deadline=None)
+@hypothesis.given(ops=st.lists(operations, min_size=10, max_size=50), seed=st.integers(0, 2**16), max_batch_size=st.integers(1, 4))
+def test_random_operations_static_batching_admits_only_members_and_finishes_every_request(ops, seed, max_batch_size):
+    stats = {"preemptions": 0}
+    run_operations(ops, seed, max_batch_size, stats, use_dynamic_batching=False)
     hypothesis.event("preempted" if stats["preemptions"] else "not preempted")
 
 
