@@ -9,12 +9,10 @@ kernels or their tuning tables. FLOPs count the visible (query, key) pairs: 4 * 
 i.e. 2 * 2 * T * T * Nq * D / 2 for one causal prefill of T tokens.
 
 The "serving mixed step" case is the offline benchmark's typical 2,048-token step (two prefill chunks and 213
-decode tokens at 1.0-2.0k context, sequences with more than one token first): the engine sends all of it to the
-prefill kernel, whose CTAs (8 tokens x one KV head) walk the KV of every sequence among their tokens one after
-another, so 8 decode tokens of 8 sequences cost 8 serial KV walks at a quarter of the tile's rows. It is also
-timed split (``model.attention.split_single_token_rows``): the prefill kernel over the multi-token sequences only (the decode
-tokens as its padding) and the decode kernel (one sequence per CTA, KV splits) over the single-token rows, its
-output scattered to their tokens -- the decode/prefill split vLLM's and SGLang's batches make.
+decode tokens at 1.0-2.0k context): the engine sends all of it to the prefill kernel, whose CTAs (8 tokens x one
+KV head) walk the KV of every sequence among their tokens one after another. (Session 10 also timed the decode
+tokens split off to the decode kernel, vLLM's and SGLang's decode/prefill split: 0.253 ms against 0.215 ms for
+the prefill kernel alone on an H100; the split was removed, RESULTS.md has the row.)
 
 cuDNN and XLA run on contiguous q / k / v built from the paged cache ([B, S, H, D]); the chunk uses an
 explicit bottom-right causal mask (cuDNN's built-in causal mask is top-left aligned), the two sequences a
@@ -40,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from _timing import time_ms
-from autoglm_jax.model.attention import split_single_token_rows
 from pallas_kernels import ragged_paged_attention as rpa
 from pallas_kernels import ragged_prefill_attention as rpf
 from pallas_kernels._interpret import gpu_interpret
@@ -218,9 +215,6 @@ def bench_case(bench: Bench, ceiling: float, name: str, before: list[int], new: 
                    lambda *a, config=config: rpf.ragged_prefill_attention(*a, sm_scale=SM_SCALE, config=config))
     kernel("ragged_paged_attention (one warpgroup) default",
            lambda *a: rpa.ragged_paged_attention(*a, sm_scale=SM_SCALE))
-    if 1 in new and any(n > 1 for n in new):  # single-token rows beside prefills: the split applies
-        kernel("split: prefill kernel (multi-token sequences) + decode kernel (single-token rows)",
-               lambda *a: split_single_token_rows(*a, sm_scale=SM_SCALE))
 
 
 def main(argv=None):

@@ -65,27 +65,6 @@ def test_tiny_glm4_pallas_matmul_equals_xla(tmp_path, monkeypatch):
     assert {name for name, _, _ in kernel_calls} == {"matmul", "quantized_matmul"}
 
 
-def test_tiny_glm4_split_mixed_attention_equals_one_kernel(tmp_path, monkeypatch):
-    """``model.attention.SPLIT_SINGLE_TOKEN_ROWS``: mixed steps of the 512-token bucket (decodes beside a
-    prefill chunk) attended by the prefill kernel + the decode kernel give the one-kernel path's greedy tokens."""
-    from unittest import mock
-
-    from autoglm_jax.model import attention
-
-    save_tiny("Glm4ForCausalLM", tmp_path, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
-              hidden_size=128, intermediate_size=256)
-    # step 1: 7 + 40 + 300 + 165 tokens (512); step 2: three decodes + the last prompt's other 285 (bucket 512)
-    prompts = [{"prompt_token_ids": [5, 17, 42, 7, 99, 3, 11]}, {"prompt_token_ids": list(range(20, 60))},
-               {"prompt_token_ids": [(7 * i) % 250 + 3 for i in range(300)]},
-               {"prompt_token_ids": [(11 * i) % 250 + 3 for i in range(450)]}]
-    extra = dict(max_num_batched_tokens=512, max_model_len=512, num_pages=160)
-    one_kernel = _greedy(str(tmp_path), prompts, "pallas", **extra)
-    monkeypatch.setattr(attention, "SPLIT_SINGLE_TOKEN_ROWS", True)
-    with mock.patch.object(attention, "split_single_token_rows", wraps=attention.split_single_token_rows) as split:
-        assert_greedy_close(_greedy(str(tmp_path), prompts, "pallas", **extra), one_kernel)
-    assert split.call_count > 0
-
-
 @pytest.mark.parametrize("rows", [1, 8, 64])
 def test_one_shot_all_reduce_sums_over_gpus(rows):
     """The one-shot all-reduce kernel over every local GPU (needs >= 2): the float32 sum to bf16

@@ -436,9 +436,6 @@ class ModelRunner:
         return jax.device_get(out.result() if isinstance(out, Future) else out)
 
     def _dispatch_mixed(self, scheduled, rows) -> StepHandle:
-        # Sequences with more than one token first, single tokens (decodes) last: the split attention
-        # dispatch (``model.attention.split_single_token_rows``) then runs the prefill kernel over a prefix.
-        scheduled = tuple(sorted(scheduled, key=lambda seq: len(seq.token_ids) == 1))
         starts = np.zeros(len(scheduled) + 1, np.int64)  # = md.query_start_loc, host side
         np.cumsum([len(seq.token_ids) for seq in scheduled], out=starts[1:])
         token_bucket = self.ladder.token_bucket(int(starts[-1]))

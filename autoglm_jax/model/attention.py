@@ -65,18 +65,14 @@ def paged_attention_xla(q, k_cache, v_cache, layer, md: AttentionMetadata, sm_sc
 PREFILL_KERNEL_MIN_TOKENS = 512
 
 
-# Mixed steps in the prefill kernel's buckets: attend the single-token rows (decodes riding along with a
-# prefill) with the decode kernel instead (``split_single_token_rows``). Off until the GPU says: the prefill
-# kernel's CTAs walk the KV of each sequence among their 8 tokens one after another (8 decodes = 8 serial
-# walks at a quarter of the tile's rows), the decode kernel gives each sequence its own CTA and KV splits;
-# ``benchmarks/prefill_attention.py --only "serving mixed"`` times both on the offline benchmark's step.
-SPLIT_SINGLE_TOKEN_ROWS = False
 
 
 def paged_attention_pallas(q, k_cache, v_cache, layer, md: AttentionMetadata, sm_scale: float):
     """Decode-only steps: one sequence per CTA (``ragged_paged_attention``); prefill-sized buckets: the
-    warp-specialized ``ragged_prefill_attention`` (its single-token rows split off to the decode kernel
-    with ``SPLIT_SINGLE_TOKEN_ROWS``); other mixed steps: ``ragged_paged_attention``."""
+    warp-specialized ``ragged_prefill_attention``, the decode tokens riding along included (H100: 0.215 ms
+    on the offline benchmark's 2,048-token step, vs 0.253 ms with them split off to the decode kernel and
+    0.254 ms for the one-warpgroup kernel alone, RESULTS session 10); other mixed steps:
+    ``ragged_paged_attention``."""
     from pallas_kernels import ragged_paged_attention as rpa
     from pallas_kernels import ragged_prefill_attention as rpf
 
@@ -85,38 +81,8 @@ def paged_attention_pallas(q, k_cache, v_cache, layer, md: AttentionMetadata, sm
     _, _, page_size, num_kv_heads, _ = k_cache.shape
     if (not md.decode_only and q.shape[0] >= PREFILL_KERNEL_MIN_TOKENS
             and rpf.supports(q.shape[1], num_kv_heads, q.shape[2], q.dtype, page_size)):
-        if SPLIT_SINGLE_TOKEN_ROWS:
-            return split_single_token_rows(*args, sm_scale=sm_scale)
         return rpf.ragged_prefill_attention(*args, sm_scale=sm_scale)
     return rpa.ragged_paged_attention(*args, sm_scale=sm_scale, decode_only=md.decode_only)
-
-
-def split_single_token_rows(q, k_cache, v_cache, layer, seq_ids, positions, page_table, context_lens,
-                            query_start_loc, num_tokens, *, sm_scale: float):
-    """A mixed step's attention in two kernels, same result as the prefill kernel alone: the prefill kernel
-    over the tokens up to the end of the last sequence with more than one token (the rest its padding),
-    the decode kernel over the single-token rows (gathered first, the other rows its padding), whose outputs
-    replace those tokens'. Efficient when the runner lays multi-token sequences first (it does); correct
-    in any order (a single-token row among the first tokens is computed twice, the decode kernel's kept).
-    Shapes as ``ragged_paged_attention``; -> [T, Nq, D]."""
-    from pallas_kernels import ragged_paged_attention as rpa
-    from pallas_kernels import ragged_prefill_attention as rpf
-
-    num_tok = q.shape[0]
-    ends = query_start_loc[1:]                                   # [B]
-    lengths = ends - query_start_loc[:-1]
-    prefill_end = jnp.max(jnp.where(lengths > 1, ends, 0)).astype(jnp.int32)
-    out = rpf.ragged_prefill_attention(q, k_cache, v_cache, layer, seq_ids, positions, page_table, context_lens,
-                                       query_start_loc, jnp.minimum(prefill_end, num_tokens), sm_scale=sm_scale)
-    single = lengths == 1
-    order = jnp.argsort(~single, stable=True)                    # single-token rows first
-    rows, tokens = single[order], jnp.maximum(ends[order] - 1, 0)
-    num_rows = order.shape[0]
-    decode = rpa.ragged_paged_attention(
-        q[tokens], k_cache, v_cache, layer, jnp.arange(num_rows, dtype=jnp.int32), positions[tokens],
-        page_table[order], jnp.where(rows, context_lens[order], 0), jnp.arange(num_rows + 1, dtype=jnp.int32),
-        jnp.sum(rows, dtype=jnp.int32), sm_scale=sm_scale, decode_only=True)
-    return out.at[jnp.where(rows, tokens, num_tok)].set(decode, mode="drop")
 
 
 _IMPLEMENTATIONS = {"xla": paged_attention_xla, "pallas": paged_attention_pallas}

@@ -97,25 +97,3 @@ def test_full_batch_with_a_queue_keeps_several_decode_steps_per_call(tiny_llm):
     assert steps == 2 * (1 + 3), f"{steps} engine steps"
     assert batch[-1].outputs[0].token_ids == solo
     assert all(len(out.outputs[0].token_ids) == 1 + 3 * per_call for out in batch)
-
-
-def test_mixed_steps_lay_multi_token_sequences_before_single_tokens(tiny_llm, monkeypatch):
-    """The runner orders a mixed step's sequences so the prefill chunks precede the decodes riding along
-    (``model.attention.split_single_token_rows`` runs the prefill kernel over that prefix)."""
-    runner = tiny_llm.engine.runner
-    layouts = []
-    run_mixed = runner._run_mixed
-
-    def spy(inp):
-        qsl = np.asarray(inp.md.query_start_loc)
-        layouts.append([int(n) for n in np.diff(qsl) if n > 0])
-        return run_mixed(inp)
-
-    monkeypatch.setattr(runner, "_run_mixed", spy)
-    rng = np.random.default_rng(5)
-    tiny_llm.generate([random_prompt(rng, 5), random_prompt(rng, 90)], SamplingParams(temperature=0, max_tokens=4),
-                      use_tqdm=False)
-    mixed = [lengths for lengths in layouts if 1 in lengths and any(n > 1 for n in lengths)]
-    assert mixed, f"the workload must mix a prefill chunk with a decode: {layouts}"
-    for lengths in mixed:
-        assert lengths == sorted(lengths, key=lambda n: n == 1), lengths

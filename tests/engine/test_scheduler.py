@@ -173,6 +173,17 @@ def drive_static(scheduler, rng, steps):
     return admitted
 
 
+def finish_batch(scheduler, rng, members, outsider):
+    """Steps until every request of ``members`` finished, checking ``outsider`` is never scheduled; the
+    finished ids in order."""
+    finished = []
+    while not set(members) <= set(finished):
+        out = scheduler.schedule()
+        assert outsider not in by_id(out), f"{outsider}, not a member of the running batch, joined it"
+        finished.extend(scheduler.update(sample_all(out, rng)))
+    return finished
+
+
 def test_static_batch_fills_over_several_steps_when_the_token_budget_admits_only_some():
     # budget 16 holds two 8-token prompts: the batch of 4 is admitted over two steps, the first two members
     # decoding in the second (the old rule closed admission once a and b decoded: batches of 2)
@@ -192,12 +203,8 @@ def test_static_batch_fills_over_several_steps_when_the_token_budget_admits_only
     scheduler.update(sample_all(out, rng))
     assert scheduler.num_running == 4 and [r.request_id for r in scheduler.waiting] == ["e"]
     assert scheduler.admission_blocked(), "every member admitted: e waits for the next batch"
-    finished = []
-    while len(finished) < 4:
-        out = scheduler.schedule()
-        assert "e" not in by_id(out)
-        finished.extend(scheduler.update(sample_all(out, rng)))
-    assert sorted(finished) == list("abcd") and not scheduler.admission_blocked()
+    assert sorted(finish_batch(scheduler, rng, "abcd", outsider="e")) == list("abcd")
+    assert not scheduler.admission_blocked()
     assert [s.request_id for s in scheduler.schedule().scheduled] == ["e"]
 
 
@@ -212,11 +219,7 @@ def test_static_batch_excludes_requests_arriving_after_it_formed():
     scheduler.update(sample_all(out, rng))
     scheduler.add_request(make_request("late", 3))
     assert scheduler.admission_blocked()
-    finished = []
-    while "a" not in finished:
-        out = scheduler.schedule()
-        assert "late" not in by_id(out), "a request arriving after the batch formed joined it"
-        finished.extend(scheduler.update(sample_all(out, rng)))
+    finish_batch(scheduler, rng, "a", outsider="late")
     assert not scheduler.admission_blocked()
     assert [s.request_id for s in scheduler.schedule().scheduled] == ["late"]
 

@@ -3,7 +3,6 @@ each reach their kernel, and all three equal the plain-XLA attention (interprete
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from unittest import mock
 
@@ -41,53 +40,3 @@ def test_dispatch_reaches_its_kernel_and_matches_xla(case, kernel_context):
     ref = attention.paged_attention_xla(q, k_cache, v_cache, layer, md, sm_scale=0.125)
     n = int(num_tokens)
     assert_close(out[:n], ref[:n], what=case)
-
-
-SPLIT_CASES = {"multi_first": ([0, 16, 30, 45, 7], [200, 100, 1, 1, 1]),
-               "interleaved": ([30, 0, 45, 16, 3], [1, 200, 1, 100, 1]),
-               "singles_only": ([30, 40, 5], [1, 1, 1])}
-
-
-@pytest.mark.parametrize("case", list(SPLIT_CASES))
-def test_split_single_token_rows_composes_the_two_kernels(case, monkeypatch):
-    """The split's own logic (which tokens go to which kernel, the decode rows' gather and scatter, padding)
-    with both kernels replaced by the float32 reference (the interpreted kernels run in the gpu test below:
-    the GPU interpreter can starve its warpgroup threads on a 2-core CI machine)."""
-    calls = []
-
-    def reference(*args, sm_scale, decode_only=False):
-        calls.append(decode_only)
-        return rpa.ragged_paged_attention_reference(*args, sm_scale=sm_scale).astype(args[0].dtype)
-
-    monkeypatch.setattr(rpa, "ragged_paged_attention", reference)
-    monkeypatch.setattr(rpf, "ragged_prefill_attention", reference)
-    _check_split(case, contextlib.nullcontext)
-    assert calls == [False, True]  # the prefill kernel, then the decode kernel
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", list(SPLIT_CASES))
-def test_split_single_token_rows_matches_xla(case, kernel_context):
-    """``SPLIT_SINGLE_TOKEN_ROWS``: a prefill-sized mixed step runs the prefill kernel over the multi-token
-    sequences and the decode kernel over the single-token rows; the same attention as XLA's whatever the
-    order (the runner puts multi-token sequences first), padding tokens zero."""
-    spies = {name: mock.patch.object(module, name, wraps=getattr(module, name))
-             for module, name in ((rpa, "ragged_paged_attention"), (rpf, "ragged_prefill_attention"))}
-    with spies["ragged_paged_attention"] as paged, spies["ragged_prefill_attention"] as prefill:
-        _check_split(case, kernel_context)
-    assert (prefill.call_count, paged.call_count) == (1, 1) and paged.call_args.kwargs["decode_only"] is True
-
-
-def _check_split(case, kernel_context):
-    before, new = SPLIT_CASES[case]
-    q, k_cache, v_cache, layer, seq_ids, positions, page_table, context_lens, qsl, num_tokens = make_case(
-        before, new, num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16, token_bucket=512,
-        max_pages=34, seed=len(case), num_layers=1)
-    md = AttentionMetadata(seq_ids=seq_ids, positions=positions, slot_mapping=positions * 0, page_table=page_table,
-                           context_lens=context_lens, query_start_loc=qsl, num_tokens=num_tokens)
-    with kernel_context(), mock.patch.object(attention, "SPLIT_SINGLE_TOKEN_ROWS", True):
-        out = attention.paged_attention_pallas(q, k_cache, v_cache, layer, md, sm_scale=0.125)
-    ref = attention.paged_attention_xla(q, k_cache, v_cache, layer, md, sm_scale=0.125)
-    n = int(num_tokens)
-    assert_close(out[:n], ref[:n], what=case)
-    assert not out[n:].any(), "padding tokens must give zeros"
