@@ -359,9 +359,12 @@ class EngineCore:
 
         With async scheduling the step after this one is dispatched before this one's tokens are read
         back, when the scheduler can plan it without them (``Scheduler.schedule_ahead``): the device
-        runs it while the host post-processes this one, and the next call starts by reading it. Each
-        call still returns the outputs of exactly one step, the same as one step at a time; requests
-        that finish here drop the tokens the step ahead computed for them."""
+        runs it while the host post-processes this one, and the next call starts by reading it. When
+        the plan needs this step's tokens (a mixed step), the next step is dispatched as soon as they are
+        applied, before this step's outputs are built and returned. Each call still returns the outputs
+        of exactly one step, the same as one step at a time; requests that finish here drop the tokens
+        the step ahead computed for them, and requests added or aborted between calls take effect a step
+        later."""
         log = self.step_log
         if log is None:
             return self._step()
@@ -374,17 +377,29 @@ class EngineCore:
         changed: dict[str, RequestState] = {}
         current, self._in_flight = self._in_flight, None
         if current is None:
-            output = self.scheduler.schedule(self._lookahead())
-            for sequence_id in output.finished:  # could never fit the KV pool
-                self._finish_sequence(sequence_id, "error", changed)
-            if not output.scheduled:
-                self._record_step(output, 0)
+            current = self._schedule_and_dispatch(changed)
+            if current is None:
                 return self._collect(changed)
-            current = self._dispatch(output)
         if current.handle is not None:
             self._in_flight = self._dispatch_ahead(current)
         self._process(current, changed)
+        if current.handle is not None and self._in_flight is None:
+            # Not planned ahead (a mixed step: the plan needed this step's tokens, now applied): planned and
+            # dispatched here, before this step's outputs are built and the caller handles them.
+            self._in_flight = self._schedule_and_dispatch(changed, record_empty=False)
         return self._collect(changed)
+
+    def _schedule_and_dispatch(self, changed: dict, record_empty: bool = True) -> _StepInFlight | None:
+        """Schedules the next step and dispatches it; None when nothing is scheduled (recorded as an empty
+        step unless ``record_empty`` is False). Requests that can never fit the KV pool end here."""
+        output = self.scheduler.schedule(self._lookahead())
+        for sequence_id in output.finished:  # could never fit the KV pool
+            self._finish_sequence(sequence_id, "error", changed)
+        if not output.scheduled:
+            if record_empty:
+                self._record_step(output, 0)
+            return None
+        return self._dispatch(output)
 
     def _pipelined(self) -> bool:
         """Async scheduling through the runner's dispatch/collect. A wrapped runner (``parallel.multihost``

@@ -227,6 +227,35 @@ def test_next_step_is_dispatched_before_tokens_are_read(core, monkeypatch):
         assert (num_ahead > 3) if mode else (num_ahead == 0), f"async={mode}: {num_ahead} overlapped steps {events}"
 
 
+def test_a_mixed_steps_successor_is_dispatched_before_its_outputs_are_built(core, monkeypatch):
+    """A mixed step (prefill chunks: the scheduler cannot plan the next step without its tokens) is
+    followed, once its tokens are applied, by the next step's dispatch, before its outputs are built --
+    so building them and the caller's work between ``step()`` calls overlap the device."""
+    records, processing = [], []
+    process, collect = core._process, core._collect
+
+    def spy_process(current, changed):
+        processing.append(current.output.num_prefill_tokens > 0)
+        return process(current, changed)
+
+    def spy_collect(changed):
+        if processing:
+            records.append((processing.pop(), core._in_flight is not None, core.has_unfinished_requests()))
+        return collect(changed)
+
+    monkeypatch.setattr(core, "_process", spy_process)
+    monkeypatch.setattr(core, "_collect", spy_collect)
+    rng = np.random.default_rng(3)
+    requests = [(random_prompt(rng, n), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), f"m{n}")
+                for n in (90, 7, 70)]  # 90 and 70 tokens: prefilled over several 32-token steps
+    for mode in (False, True):
+        records.clear()
+        run(core, requests, mode)
+        mixed = [in_flight for is_mixed, in_flight, unfinished in records if is_mixed and unfinished]
+        assert len(mixed) >= 4, records
+        assert all(mixed) if mode else not any(mixed), f"async={mode}: {records}"
+
+
 def test_compiled_steps_run_on_the_launch_thread(core, monkeypatch):
     """``dispatch`` hands a compiled program to the runner's launch thread and returns: ``step()`` comes
     back (with the step ahead dispatched) while that program's call is still held on the other thread --
