@@ -160,8 +160,10 @@ def main(argv):
     profiles.append(("a", profiler))
 
     core.abort(next(iter(core.requests)))  # one free slot: each step admits one queued 1,000-token prompt
-    step_until(core, lambda: core._in_flight is None)
-    core.step()
+    for _ in range(3):  # the decode call in flight lands, then mixed steps (each dispatching the next)
+        core.step()
+    if not core._in_flight or not core._in_flight.output.num_prefill_tokens:
+        raise RuntimeError("regime (b) did not settle into mixed steps")
     rows, checksum, profiler = measure(core, wait, FLAGS.steps, FLAGS.profile)
     results.append(summarize(f"b) mixed, {running - 1} decodes + 1 prefill", rows, running - 1, checksum))
     profiles.append(("b", profiler))
