@@ -19,8 +19,9 @@ from the launch thread, the engine plans and builds it while the device runs the
 Host cost per step is kept to a few Python operations per row (hundreds of rows per step at a large
 batch): what stays with a batch slot while one sequence holds it (its page-table row, sampling
 parameters, on-device stop ids) lives in ``SlotInputs`` and is rewritten only where it changed; a step
-gathers its rows with one numpy index; its inputs go to the compiled program as numpy arrays (the call
-transfers them, several times cheaper than a ``jnp.asarray`` each); and results come back as one
+gathers its rows with one numpy index; its inputs go to the device as numpy arrays in one batched
+``jax.device_put`` at dispatch (or, for a program not compiled yet, the call transfers them; either is
+several times cheaper than a ``jnp.asarray`` each); and results come back as one
 ``SampledTokens`` per sequence converted with a few ``tolist`` calls rather than per-token numpy scalars.
 """
 
