@@ -65,8 +65,6 @@ def paged_attention_xla(q, k_cache, v_cache, layer, md: AttentionMetadata, sm_sc
 PREFILL_KERNEL_MIN_TOKENS = 512
 
 
-
-
 def paged_attention_pallas(q, k_cache, v_cache, layer, md: AttentionMetadata, sm_scale: float):
     """Decode-only steps: one sequence per CTA (``ragged_paged_attention``); prefill-sized buckets: the
     warp-specialized ``ragged_prefill_attention``, the decode tokens riding along included (H100: 0.215 ms

@@ -173,6 +173,16 @@ def drive_static(scheduler, rng, steps):
     return admitted
 
 
+def static_scheduler(requests=(), **overrides):
+    """Static batching, batches of 4, 16-token steps that prefill may fill; ``requests``: (id, prompt tokens,
+    max_tokens) queued in order."""
+    scheduler = make_scheduler(**{"max_batch_size": 4, "max_num_batched_tokens": 16, "prefill_ratio": 1.0,
+                                  "use_dynamic_batching": False, **overrides})
+    for request_id, num_tokens, max_tokens in requests:
+        scheduler.add_request(make_request(request_id, num_tokens, max_tokens=max_tokens))
+    return scheduler
+
+
 def finish_batch(scheduler, rng, members, outsider):
     """Steps until every request of ``members`` finished, checking ``outsider`` is never scheduled; the
     finished ids in order."""
@@ -187,10 +197,7 @@ def finish_batch(scheduler, rng, members, outsider):
 def test_static_batch_fills_over_several_steps_when_the_token_budget_admits_only_some():
     # budget 16 holds two 8-token prompts: the batch of 4 is admitted over two steps, the first two members
     # decoding in the second (the old rule closed admission once a and b decoded: batches of 2)
-    scheduler = make_scheduler(max_batch_size=4, max_num_batched_tokens=16, prefill_ratio=1.0,
-                               use_dynamic_batching=False)
-    for name in "abcde":
-        scheduler.add_request(make_request(name, 8, max_tokens=6))
+    scheduler = static_scheduler([(name, 8, 6) for name in "abcde"])
     rng = random.Random(0)
     out = scheduler.schedule()
     assert [s.request_id for s in out.scheduled] == ["a", "b"]
@@ -225,10 +232,7 @@ def test_static_batch_excludes_requests_arriving_after_it_formed():
 
 
 def test_static_batch_excludes_late_arrival_while_members_still_wait():
-    scheduler = make_scheduler(max_batch_size=4, max_num_batched_tokens=16, prefill_ratio=1.0,
-                               use_dynamic_batching=False)
-    for name in "abc":
-        scheduler.add_request(make_request(name, 8, max_tokens=8))
+    scheduler = static_scheduler([(name, 8, 8) for name in "abc"])
     rng = random.Random(0)
     scheduler.update(sample_all(scheduler.schedule(), rng))  # a, b admitted; c a waiting member
     scheduler.add_request(make_request("late", 2))  # would fit the step's budget behind c
@@ -278,10 +282,7 @@ def test_static_batch_preempted_member_alone_in_queue_keeps_the_batch_open():
 
 @pytest.mark.parametrize("how", ["abort", "stop"])
 def test_static_batch_member_finished_while_waiting_does_not_hold_the_batch_open(how):
-    scheduler = make_scheduler(max_batch_size=4, max_num_batched_tokens=16, prefill_ratio=1.0,
-                               use_dynamic_batching=False)
-    for name in "abc":
-        scheduler.add_request(make_request(name, 8, max_tokens=2))
+    scheduler = static_scheduler([(name, 8, 2) for name in "abc"])
     rng = random.Random(0)
     scheduler.update(sample_all(scheduler.schedule(), rng))  # a, b admitted; c a waiting member
     scheduler.add_request(make_request("late", 3))
@@ -290,11 +291,7 @@ def test_static_batch_member_finished_while_waiting_does_not_hold_the_batch_open
     else:
         scheduler.finish("c", FinishReason.STOP)
     assert scheduler.admission_blocked(), "no member waits: late is not admitted into the running batch"
-    finished = []
-    while len(finished) < 2:
-        out = scheduler.schedule()
-        assert "late" not in by_id(out)
-        finished.extend(scheduler.update(sample_all(out, rng)))
+    finish_batch(scheduler, rng, "ab", outsider="late")
     assert not scheduler.admission_blocked()
     assert [s.request_id for s in scheduler.schedule().scheduled] == ["late"], "the next batch forms"
 
@@ -316,19 +313,12 @@ def test_static_batch_member_that_never_fits_does_not_hold_the_batch_open():
     assert out.finished == ("huge",) and [s.request_id for s in out.scheduled] == ["b"], "late is not a member"
     scheduler.update(sample_all(out, rng))
     assert scheduler.admission_blocked(), "no member waits any more: late waits for b"
-    finished = []
-    while "b" not in finished:
-        out = scheduler.schedule()
-        assert "late" not in by_id(out)
-        finished.extend(scheduler.update(sample_all(out, rng)))
+    finish_batch(scheduler, rng, "b", outsider="late")
     assert [s.request_id for s in scheduler.schedule().scheduled] == ["late"], "the next batch forms"
 
 
 def test_static_batching_schedule_ahead_plans_only_when_no_member_waits():
-    scheduler = make_scheduler(max_batch_size=4, max_num_batched_tokens=16, prefill_ratio=1.0,
-                               use_dynamic_batching=False)
-    for name in "abc":
-        scheduler.add_request(make_request(name, 8, max_tokens=8))
+    scheduler = static_scheduler([(name, 8, 8) for name in "abc"])
     rng = random.Random(0)
     scheduler.update(sample_all(scheduler.schedule(), rng))  # a, b admitted and decoding; c waits
     scheduler.schedule()  # pending: a, b decode; c's prefill samples too
@@ -343,11 +333,7 @@ def test_static_batching_schedule_ahead_plans_only_when_no_member_waits():
 
 
 def test_static_batching_schedule_ahead_declines_while_a_member_would_be_admitted():
-    scheduler = make_scheduler(max_batch_size=4, max_num_batched_tokens=16, prefill_ratio=1.0,
-                               use_dynamic_batching=False)
-    scheduler.add_request(make_request("a", 8, max_tokens=8))
-    scheduler.add_request(make_request("b", 8, max_tokens=8))
-    scheduler.add_request(make_request("c", 14, max_tokens=8))  # 8 + 8 + 14 > 16: c waits
+    scheduler = static_scheduler([("a", 8, 8), ("b", 8, 8), ("c", 14, 8)])  # 8 + 8 + 14 > 16: c waits
     out = scheduler.schedule()
     assert [s.request_id for s in out.scheduled] == ["a", "b"]
     assert scheduler.schedule_ahead(0, {"a": 1, "b": 1}) is None, "c (a member) would be admitted next step"
