@@ -54,6 +54,10 @@ flags.DEFINE_list("batch", ["1", "8", "64"], "Batch sizes.")
 flags.DEFINE_list("context", ["1024", "4096"], "Context lengths (tokens already in the cache).")
 flags.DEFINE_list("backends", ["pallas", "xla"], "Attention backends.")
 flags.DEFINE_integer("steps", 16, "Decode steps per jitted call.")
+flags.DEFINE_list("xla_gemm_backends", ["auto"], "Runner mode: ModelRunner xla_gemm_backend values to measure "
+                  "(engine.xla_options: auto, triton, cublas), each with every attention backend.")
+flags.DEFINE_list("mixed_tokens", [], "Runner mode: also time the mixed (prefill) step program at these token "
+                  "buckets (powers of two), on all-padding input: every GEMM at full M, attention skipped.")
 flags.DEFINE_integer("page_size", 16, "KV page size.")
 flags.DEFINE_list("scan_layers", ["false"], "Layer loops to measure: false = unrolled over per-layer weight buffers "
                   "(the engine's GPU default), true = lax.scan over the stacked weights.")
@@ -93,23 +97,28 @@ def decode_input(batch: int, context: int, runner: ModelRunner, steps: int) -> D
 def decode_ms_per_step(runner: ModelRunner, inp: DecodeInput, repeats: int = 5) -> float:
     """Median wall ms per decode step of ``repeats`` back-to-back calls of the runner's (compiled) decode
     program on ``inp`` (``--steps`` steps each), each waited for."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(runner._run_decode(inp))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / FLAGS.steps * 1e3
+    return statistics.median(_timed(lambda: runner._run_decode(inp)) for _ in range(repeats)) / FLAGS.steps
 
 
-def run_backend(config: ModelConfig, backend: str, scan_layers: bool, batches, contexts, bandwidth: float,
-                weight_bytes: int):
+def _timed(fn) -> float:
+    """Wall ms of one call of ``fn``, waited for."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return (time.perf_counter() - start) * 1e3
+
+
+def run_backend(config: ModelConfig, backend: str, gemm: str, scan_layers: bool, batches, contexts,
+                bandwidth: float, weight_bytes: int):
     model = build_model(config, None, jnp.bfloat16, backend)
     max_context = max(contexts) + FLAGS.steps + 1
     pages_per_seq = -(-max_context // FLAGS.page_size)
-    runner = ModelRunner(model, config, max_batch_size=max(batches), max_num_batched_tokens=max(batches),
+    mixed_tokens = [int(t) for t in FLAGS.mixed_tokens]
+    runner = ModelRunner(model, config, max_batch_size=max(batches),
+                         max_num_batched_tokens=max(batches + mixed_tokens),
                          max_sequence_length=pages_per_seq * FLAGS.page_size, page_size=FLAGS.page_size,
                          num_pages=max(batches) * pages_per_seq + 1, cache_dtype=jnp.bfloat16,
-                         decode_steps_per_call=FLAGS.steps, max_logprobs=FLAGS.max_logprobs, scan_layers=scan_layers)
+                         decode_steps_per_call=FLAGS.steps, max_logprobs=FLAGS.max_logprobs, scan_layers=scan_layers,
+                         xla_gemm_backend=gemm)
     # never time on zeros; the zeroed pool is donated, so the random one takes its place (no second pool)
     fill = jax.jit(lambda a, key: jax.random.normal(key, a.shape, a.dtype), donate_argnums=0)
     kv = runner.state.kv
@@ -117,6 +126,17 @@ def run_backend(config: ModelConfig, backend: str, scan_layers: bool, batches, c
                                           output_counts=runner.state.output_counts, prompt_mask=runner.state.prompt_mask)
     del kv
     rows = []
+    label = backend + (" scan" if scan_layers else "") + ("" if gemm == "auto" else f" {gemm}")
+    for tokens in mixed_tokens:
+        if tokens not in runner.ladder.token_buckets:
+            raise app.UsageError(f"--mixed_tokens={tokens} is not a token bucket {runner.ladder.token_buckets}")
+        inp = runner._empty_step_input(tokens)
+        jax.block_until_ready(runner._run_mixed(inp))
+        ms = statistics.median(_timed(lambda r=runner, i=inp: r._run_mixed(i)) for _ in range(5))  # a step a call
+        tflops = 2 * config.num_parameters() * tokens / ms / 1e9
+        print(f"{label:11s} mixed {tokens:5d} tokens (all padding): {ms:7.2f} ms, GEMMs {tflops:5.0f} TFLOP/s",
+              flush=True)
+        rows.append((label + " mixed (padding)", tokens, 0, tokens / ms * 1e3, ms, float("nan"), 0.0))
     per_token_kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
     for batch in batches:
         for context in contexts:
@@ -130,7 +150,6 @@ def run_backend(config: ModelConfig, backend: str, scan_layers: bool, batches, c
             if FLAGS.profile_runner:
                 profile = profile_device(lambda r=runner, i=inp: r._run_decode(i), warmup=0)
                 print((profile.by_kind() if FLAGS.profile_by_kind else profile).format(FLAGS.profile_top), flush=True)
-            label = backend + (" scan" if scan_layers else "")
             rows.append((label, batch, context, batch / ms_step * 1e3, ms_step, roofline_ms / ms_step, compile_s))
             print(f"{label:11s} batch {batch:4d} ctx {context:5d}: {batch / ms_step * 1e3:9.1f} tok/s "
                   f"{ms_step:7.2f} ms/step  roofline {roofline_ms:6.2f} ms ({roofline_ms / ms_step:.2f})  "
@@ -242,10 +261,11 @@ def main(argv):
           f"{weight_bytes / bandwidth * 1e3:.2f} ms/step", flush=True)
     rows = []
     for scan in FLAGS.scan_layers:
-        for backend in FLAGS.backends:
-            rows += run_backend(config, backend, scan.lower() in ("true", "1"), batches, contexts, bandwidth,
-                                weight_bytes)
-    print("\n| backend (layers unrolled unless 'scan') | batch | context | tok/s | ms/step | fraction of roofline | first call (s) |")
+        for gemm in FLAGS.xla_gemm_backends:
+            for backend in FLAGS.backends:
+                rows += run_backend(config, backend, gemm, scan.lower() in ("true", "1"), batches, contexts,
+                                    bandwidth, weight_bytes)
+    print("\n| backend (layers unrolled unless 'scan'; XLA GEMMs if not auto) | batch (mixed: tokens) | context | tok/s | ms/step | fraction of roofline | first call (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.1f} |")

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from autoglm_jax.engine.scheduler_config import SchedulerConfig
+from autoglm_jax.engine.xla_options import XLA_GEMM_BACKENDS
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -38,6 +39,9 @@ class EngineConfig:
     xla_autotune_seed: XLA GEMM autotuning results copied into the compilation cache before the first
         compile (``engine.autotune_seed``): "auto" = the results shipped for this card (if any), a directory =
         those, None = none (XLA autotunes every GEMM fusion the cache lacks).
+    xla_gemm_backend: the emitter XLA compiles the step programs' GEMMs with (``engine.xla_options``):
+        "triton" (XLA's default, autotuned Triton fusions), "cublas", or "auto" = Triton for programs of
+        fewer than 64 matmul rows (batch-1 decode: split-K GEMVs), cuBLAS from 64 rows (faster on the H100).
     executable_cache: save the compiled step programs under compilation_cache_dir/executables and load
         them on the next start without tracing (``engine.executable_cache``). None = on GPU only: XLA:CPU
         cannot run an executable deserialized in a process that compiled the same program itself.
@@ -84,6 +88,7 @@ class EngineConfig:
     max_waiting_requests: int = 4096
     compilation_cache_dir: str | None = os.path.join(os.path.expanduser("~"), ".cache", "autoglm_jax", "xla")
     xla_autotune_seed: str | None = "auto"
+    xla_gemm_backend: str = "auto"
     warmup: bool = True
     show_progress: bool = True  # tqdm bar while weights load
     tensor_parallel_size: int = 1
@@ -117,6 +122,8 @@ class EngineConfig:
             raise ValueError(f"data_parallel_backend={self.data_parallel_backend!r}; choose auto, process or thread")
         if self.matmul_backend not in ("auto", "xla", "pallas"):
             raise ValueError(f"matmul_backend={self.matmul_backend!r}; choose auto, xla or pallas")
+        if self.xla_gemm_backend not in XLA_GEMM_BACKENDS:
+            raise ValueError(f"xla_gemm_backend={self.xla_gemm_backend!r}; choose one of {XLA_GEMM_BACKENDS}")
         if self.executable_cache not in (None, True, False):
             raise ValueError(f"executable_cache={self.executable_cache!r}; choose True, False or None (auto)")
         if self.async_scheduling not in (None, True, False):

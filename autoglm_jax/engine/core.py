@@ -227,7 +227,8 @@ class EngineCore:
             page_size=cfg.page_size, num_pages=pool_plan.num_pages, cache_dtype=self.dtype,
             decode_steps_per_call=cfg.decode_steps_per_call, max_logprobs=cfg.max_logprobs,
             eos_token_ids=self.eos_token_ids, mesh=mesh, scan_layers=scan_layers,
-            executable_cache_dir=resolve_executable_cache(cfg.executable_cache, cfg.compilation_cache_dir))
+            executable_cache_dir=resolve_executable_cache(cfg.executable_cache, cfg.compilation_cache_dir),
+            xla_gemm_backend=cfg.xla_gemm_backend)
         # seconds to the weights on the device (after a tensor-parallel load: with the runner built)
         if overlap:
             self.weights_seconds = self._load_while_compiling(load, cfg.warmup)

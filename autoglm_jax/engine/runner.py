@@ -50,6 +50,7 @@ from autoglm_jax.engine.device_state import TOKEN_NOT_COUNTED, TOKEN_OUTPUT, TOK
 from autoglm_jax.engine.memory import is_out_of_memory, park_on_host, program_need_bytes
 from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from autoglm_jax.engine.step_functions import DecodeInput, StepInput, decode_loop, mixed_step
+from autoglm_jax.engine.xla_options import gemm_compiler_options
 from autoglm_jax.model.attention_metadata import AttentionMetadata
 from autoglm_jax.sampler import SamplingTensors, HostRows
 
@@ -140,11 +141,18 @@ class StepHandle:
         return self.query_start_loc is None
 
 
+@dataclasses.dataclass(frozen=True)
+class StepFunction:
+    """A jitted step function and the XLA compiler options it compiles with (sorted (name, value) pairs)."""
+    jitted: object
+    options: tuple
+
+
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config: ModelConfig, *, max_batch_size: int,
                  max_num_batched_tokens: int, max_sequence_length: int, page_size: int, num_pages: int,
                  cache_dtype, decode_steps_per_call: int, max_logprobs: int, eos_token_ids=(), mesh=None,
-                 scan_layers: bool = True, executable_cache_dir: str | None = None):
+                 scan_layers: bool = True, executable_cache_dir: str | None = None, xla_gemm_backend: str = "auto"):
         """``model``: the model with its weights, or its abstract form (``nnx.eval_shape``, already
         unstacked when ``scan_layers=False``): then no device memory is touched, ``start_compiling``
         compiles the ladder from shapes alone, and ``bind_weights`` brings the weights and the KV pool.
@@ -153,7 +161,10 @@ class ModelRunner:
         unstacks the model's layer weights in place (``DecoderLayers.unstack``) so the steps run the
         layers unrolled over per-layer buffers. ``executable_cache_dir``: where warmup saves the compiled
         step programs and loads them from on the next start, skipping tracing (``executable_cache``;
-        one device only, not over a mesh)."""
+        one device only, not over a mesh). ``xla_gemm_backend``: the GEMM emitter XLA compiles each step
+        program with, by its rows (``engine.xla_options``)."""
+        gemm_compiler_options(xla_gemm_backend, 1)  # ValueError naming the choices
+        self.xla_gemm_backend = xla_gemm_backend
         self.config = model_config
         self.mesh = mesh
         self.scan_layers = scan_layers
@@ -196,9 +207,9 @@ class ModelRunner:
         self._last_launch: Future | None = None
 
     def _make_steps(self, mixed_fn, decode_fn) -> None:
-        self._mixed = jax.jit(self._counted(mixed_fn), static_argnames=("num_logprobs",), donate_argnums=(1,))
-        self._decode = jax.jit(self._counted(decode_fn), static_argnames=("max_steps", "num_logprobs"),
-                               donate_argnums=(1,))
+        self._step_fns = {"mixed": (self._counted(mixed_fn), ("num_logprobs",)),
+                          "decode": (self._counted(decode_fn), ("max_steps", "num_logprobs"))}
+        self._jitted: dict[tuple, object] = {}  # (kind, compiler options) -> the jitted step function
         # Warmed-up programs by (kind, argument shapes): called directly, so a program loaded from the
         # executable cache is never traced; shapes not warmed up go through the jitted functions.
         self._executables: dict[tuple, object] = {}
@@ -335,20 +346,21 @@ class ModelRunner:
         ``compile_seconds`` the whole call's."""
         began = time.perf_counter()
         params, state = abstract_arguments(self.params), abstract_arguments(self.state)
-        programs = [("mixed", self._mixed, self._empty_step_input(tokens), {"num_logprobs": self.num_logprobs})
+        programs = [("mixed", self._empty_step_input(tokens), {"num_logprobs": self.num_logprobs})
                     for tokens in self.ladder.token_buckets]
-        programs += [("decode", self._decode, self._empty_decode_input(rows),
+        programs += [("decode", self._empty_decode_input(rows),
                       {"max_steps": self.decode_steps_per_call, "num_logprobs": self.num_logprobs})
                      for rows in self.ladder.decode_batches]
-        programs = [(kind, fn, (params, state, self._replicated(inp)), static, self._program_key(kind, inp))
-                    for kind, fn, inp, static in programs]
+        programs = [(kind, self._step_function(kind, inp), (params, state, self._replicated(inp)),
+                     static, self._program_key(kind, inp)) for kind, inp, static in programs]
         fingerprints = [None] * len(programs)
         loaded = [None] * len(programs)
         workers = max(1, min(len(programs), compile_threads or os.cpu_count() or 1))
         self.compile_timings = []
         with ThreadPoolExecutor(workers, thread_name_prefix="warmup") as pool:
             if self.executable_cache is not None:  # loading releases the GIL: all programs at once
-                fingerprints = [fingerprint(kind, self.graphdef, args, static) for kind, _, args, static, _ in programs]
+                fingerprints = [fingerprint(kind, self.graphdef, args, {**static, "xla_options": repr(fn.options)})
+                                for kind, fn, args, static, _ in programs]
                 loaded = list(pool.map(self.executable_cache.load, fingerprints))
 
             def compile_one(timing: ProgramTiming, fp, lowered):
@@ -368,7 +380,7 @@ class ModelRunner:
                 if self._stop_compiling.is_set():
                     break
                 start = time.perf_counter()
-                lowered = fn.lower(*args, **static)
+                lowered = fn.jitted.lower(*args, **static)
                 self.compile_timings.append(timing := ProgramTiming(key, time.perf_counter() - start))
                 pending.append(pool.submit(compile_one, timing, fp, lowered))
             for future in pending:
@@ -514,6 +526,18 @@ class ModelRunner:
         if self._last_launch is not None:
             concurrent.futures.wait([self._last_launch])
 
+    def _step_function(self, kind: str, inp) -> StepFunction:
+        """The jitted ``kind`` step for ``inp``'s shape, compiled with the XLA options of its matmul rows
+        (a decode step's batch rows, a mixed step's token bucket); one jitted function per option set."""
+        rows = inp.token_ids.shape[0]
+        options = gemm_compiler_options(self.xla_gemm_backend, rows)
+        key = (kind, tuple(sorted(options.items())))
+        if key not in self._jitted:
+            fn, static_argnames = self._step_fns[kind]
+            self._jitted[key] = StepFunction(jax.jit(fn, static_argnames=static_argnames, donate_argnums=(1,),
+                                                     compiler_options=options or None), key[1])
+        return self._jitted[key]
+
     @staticmethod
     def _program_key(kind: str, inp) -> tuple:
         return (kind, *(np.shape(x) for x in jax.tree.leaves(inp)))
@@ -524,7 +548,8 @@ class ModelRunner:
         if program is not None:
             self.state, out = program(self.params, self.state, inp)
         else:
-            self.state, out = self._mixed(self.params, self.state, inp, num_logprobs=self.num_logprobs)
+            self.state, out = self._step_function("mixed", inp).jitted(self.params, self.state, inp,
+                                                                         num_logprobs=self.num_logprobs)
         self.slot_tokens = out.slot_tokens
         return out
 
@@ -534,8 +559,8 @@ class ModelRunner:
         if program is not None:
             self.state, out = program(self.params, self.state, inp)
         else:
-            self.state, out = self._decode(self.params, self.state, inp, max_steps=self.decode_steps_per_call,
-                                           num_logprobs=self.num_logprobs)
+            self.state, out = self._step_function("decode", inp).jitted(
+                self.params, self.state, inp, max_steps=self.decode_steps_per_call, num_logprobs=self.num_logprobs)
         self.slot_tokens = out.slot_tokens
         return out
 

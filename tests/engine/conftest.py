@@ -41,7 +41,9 @@ def jit_cache_sizes(runner) -> tuple[int, int]:
     """Compiled programs per step kind (mixed, decode): the warmed-up executables the runner calls
     directly, plus whatever the jitted fallbacks compiled for shapes warmup did not cover."""
     kinds = [key[0] for key in runner._executables]
-    return (kinds.count("mixed") + runner._mixed._cache_size(), kinds.count("decode") + runner._decode._cache_size())
+    fallback = {kind: sum(fn.jitted._cache_size() for (k, _), fn in runner._jitted.items() if k == kind)
+                for kind in ("mixed", "decode")}
+    return kinds.count("mixed") + fallback["mixed"], kinds.count("decode") + fallback["decode"]
 
 
 def num_ladder_buckets(runner) -> int:

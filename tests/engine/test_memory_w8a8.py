@@ -54,10 +54,12 @@ def _memory(config, quantization: str | None, kind: str, rows: int, tokens: int,
         if quantization is not None:
             assert isinstance(runner.params["layers"]["gate_up"].get_value()[0], PallasW8A8Weight)  # [N, K]
         if kind == "decode":
-            lowered = runner._decode.lower(params, state, runner._empty_decode_input(rows), max_steps=2,
-                                           num_logprobs=0)
+            inp = runner._empty_decode_input(rows)
+            lowered = runner._step_function("decode", inp).jitted.lower(params, state, inp, max_steps=2,
+                                                                        num_logprobs=0)
         else:
-            lowered = runner._mixed.lower(params, state, runner._empty_step_input(tokens), num_logprobs=0)
+            inp = runner._empty_step_input(tokens)
+            lowered = runner._step_function("mixed", inp).jitted.lower(params, state, inp, num_logprobs=0)
     return lowered.compile().memory_analysis()
 
 
