@@ -213,7 +213,7 @@ class ModelRunner:
     def _make_steps(self, mixed_fn, decode_fn) -> None:
         self._step_fns = {"mixed": (self._counted(mixed_fn), ("num_logprobs",)),
                           "decode": (self._counted(decode_fn), ("max_steps", "num_logprobs"))}
-        self._jitted: dict[tuple, object] = {}  # (kind, compiler options) -> the jitted step function
+        self._jitted: dict[tuple, StepFunction] = {}  # (kind, compiler options) -> the jitted step function
         # Warmed-up programs by (kind, argument shapes): called directly, so a program loaded from the
         # executable cache is never traced; shapes not warmed up go through the jitted functions.
         self._executables: dict[tuple, object] = {}
