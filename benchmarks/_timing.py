@@ -13,18 +13,20 @@ import jax
 import jax.numpy as jnp
 
 
+def batch_ms(fn, *args, iterations: int) -> float:
+    """Wall ms per call of ``iterations`` queued calls of ``fn(*args)``, blocked on once."""
+    start = time.perf_counter()
+    for _ in range(iterations):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / iterations * 1e3
+
+
 def time_ms(fn, *args, iterations: int = 20) -> float:
     """Median wall time per call (ms) over 5 batches of ``iterations`` queued calls, after a warm-up.
     (CUPTI via ``mosaic.gpu.profiler.measure`` returned no timings on these machines.)"""
     jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(iterations):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / iterations * 1e3)
-    return statistics.median(times)
+    return statistics.median(batch_ms(fn, *args, iterations=iterations) for _ in range(5))
 
 
 def copy_bandwidth(num_bytes: int = 1 << 30, warmup_s: float = 1.0, max_s: float = 3.0) -> float:
@@ -41,12 +43,8 @@ def copy_bandwidth(num_bytes: int = 1 << 30, warmup_s: float = 1.0, max_s: float
         jax.block_until_ready(copy(x))
     times, began = [], time.perf_counter()
     while len(times) < 20 and (len(times) < 3 or time.perf_counter() - began < max_s):
-        start = time.perf_counter()
-        for _ in range(10):
-            out = copy(x)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / 10)
-    return 2 * x.nbytes / min(times)
+        times.append(batch_ms(copy, x, iterations=10))
+    return 2 * x.nbytes / (min(times) / 1e3)
 
 
 def time_chained_ms(fn, a, weights: list[tuple], iterations: int = 10) -> float:

@@ -2,7 +2,8 @@
 
 For each attention backend (our Pallas kernels, plain XLA), batch size and context length: the engine's
 jitted multi-step decode loop (``engine.step_functions.decode_loop`` through ``ModelRunner``), timed
-over ``--steps`` tokens per call, reported as tokens/s, ms/step and the fraction of the decode roofline
+over ``--steps`` tokens per call (a batch padded to the runner's decode bucket, as the engine pads it: on a GPU
+one sequence runs the 8-row program), reported as tokens/s, ms/step and the fraction of the decode roofline
 (the weights a step reads + KV bytes per step over the HBM bandwidth measured in the same run; an untied input
 embedding table is gathered, not read, so it is left out). The transformers
 baseline at the same shape is ``benchmarks/hf_decode.py``, run after this process exits (JAX holds most of
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from _timing import copy_bandwidth
+from _timing import batch_ms, copy_bandwidth
 
 from autoglm_jax.checkpoint.loader import build_model
 from autoglm_jax.config import ModelConfig
@@ -80,25 +81,31 @@ flags.DEFINE_string("dtype", "bfloat16", "--engine: weights/activations/KV dtype
 
 
 def decode_input(batch: int, context: int, runner: ModelRunner, steps: int) -> DecodeInput:
+    """``batch`` sequences at ``context`` tokens, padded to the runner's decode bucket as the engine pads
+    them (on a GPU one sequence runs the 8-row program: ``engine.buckets``); padding rows take the padding
+    slot, page 0 and no tokens."""
+    rows = runner.ladder.decode_batch(batch)
     pages_per_seq = runner.max_pages_per_sequence
-    table = np.zeros((batch, pages_per_seq), np.int32)
+    table = np.zeros((rows, pages_per_seq), np.int32)
     for b in range(batch):
         table[b] = 1 + b * pages_per_seq + np.arange(pages_per_seq)
     rng = np.random.default_rng(batch)
-    sampling = SamplingTensors.from_params([None] * batch, [0] * batch, [0] * batch, batch, (),
+    sampling = SamplingTensors.from_params([None] * batch, [0] * batch, [0] * batch, rows, (),
                                            stop_ids_width=STOP_IDS_WIDTH)
+    real = np.arange(rows) < batch
     return DecodeInput(
-        token_ids=jnp.asarray(rng.integers(0, runner.config.vocab_size, batch), jnp.int32),
-        positions=jnp.full((batch,), context, jnp.int32), page_table=jnp.asarray(table),
-        row_slots=jnp.arange(batch, dtype=jnp.int32), sampling=sampling,
-        max_new=jnp.full((batch,), steps, jnp.int32), stop_ids=jnp.full((batch, STOP_IDS_WIDTH), -1, jnp.int32),
+        token_ids=jnp.asarray(np.where(real, rng.integers(0, runner.config.vocab_size, rows), 0), jnp.int32),
+        positions=jnp.asarray(np.where(real, context, 0), jnp.int32), page_table=jnp.asarray(table),
+        row_slots=jnp.asarray(np.where(real, np.arange(rows), runner.max_batch_size), jnp.int32),
+        sampling=sampling, max_new=jnp.asarray(np.where(real, steps, 0), jnp.int32),
+        stop_ids=jnp.full((rows, STOP_IDS_WIDTH), -1, jnp.int32),
         num_steps=jnp.asarray(steps, jnp.int32), slot_tokens=runner.slot_tokens)
 
 
 def decode_ms_per_step(runner: ModelRunner, inp: DecodeInput, repeats: int = 5) -> float:
     """Median wall ms per decode step of ``repeats`` back-to-back calls of the runner's (compiled) decode
     program on ``inp`` (``--steps`` steps each), each waited for."""
-    return statistics.median(_timed(lambda: runner._run_decode(inp)) for _ in range(repeats)) / FLAGS.steps
+    return statistics.median(batch_ms(runner._run_decode, inp, iterations=1) for _ in range(repeats)) / FLAGS.steps
 
 
 def streamed_parameters(config: ModelConfig) -> int:
@@ -112,13 +119,6 @@ def step_matmul_flops(config: ModelConfig, tokens: int, sampled_rows: int) -> fl
     """FLOPs of a step's GEMMs: every token through the decoder layers, the lm_head for sampled rows only."""
     lm_head = config.vocab_size * config.hidden_size
     return 2.0 * tokens * (streamed_parameters(config) - lm_head) + 2.0 * sampled_rows * lm_head
-
-
-def _timed(fn) -> float:
-    """Wall ms of one call of ``fn``, waited for."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return (time.perf_counter() - start) * 1e3
 
 
 def run_backend(config: ModelConfig, backend: str, gemm: str, scan_layers: bool, batches, contexts,
@@ -146,7 +146,7 @@ def run_backend(config: ModelConfig, backend: str, gemm: str, scan_layers: bool,
             raise app.UsageError(f"--mixed_tokens={tokens} is not a token bucket {runner.ladder.token_buckets}")
         inp = runner._empty_step_input(tokens)
         jax.block_until_ready(runner._run_mixed(inp))
-        ms = statistics.median(_timed(lambda r=runner, i=inp: r._run_mixed(i)) for _ in range(5))  # a step a call
+        ms = statistics.median(batch_ms(runner._run_mixed, inp, iterations=1) for _ in range(5))  # a step a call
         tflops = step_matmul_flops(config, tokens, runner.ladder.rows_for_tokens(tokens)) / ms / 1e9
         print(f"{label:11s} mixed {tokens:5d} tokens (all padding): {ms:7.2f} ms, GEMMs {tflops:5.0f} TFLOP/s",
               flush=True)
@@ -164,8 +164,10 @@ def run_backend(config: ModelConfig, backend: str, gemm: str, scan_layers: bool,
             if FLAGS.profile_runner:
                 profile = profile_device(lambda r=runner, i=inp: r._run_decode(i), warmup=0)
                 print((profile.by_kind() if FLAGS.profile_by_kind else profile).format(FLAGS.profile_top), flush=True)
-            rows.append((label, batch, context, batch / ms_step * 1e3, ms_step, roofline_ms / ms_step, compile_s))
-            print(f"{label:11s} batch {batch:4d} ctx {context:5d}: {batch / ms_step * 1e3:9.1f} tok/s "
+            program = runner.ladder.decode_batch(batch)
+            name = label if program == batch else f"{label} ({program}-row program)"
+            rows.append((name, batch, context, batch / ms_step * 1e3, ms_step, roofline_ms / ms_step, compile_s))
+            print(f"{name:11s} batch {batch:4d} ctx {context:5d}: {batch / ms_step * 1e3:9.1f} tok/s "
                   f"{ms_step:7.2f} ms/step  roofline {roofline_ms:6.2f} ms ({roofline_ms / ms_step:.2f})  "
                   f"first call {compile_s:.1f} s", flush=True)
     del runner, model

@@ -42,7 +42,6 @@ def _generate(**overrides):
 def test_options_reach_xla_for_programs_at_the_threshold(monkeypatch, warmup):
     """An option XLA does not know fails the compile of exactly the programs it is given: the 16- and
     32-token mixed programs (rows >= 16 here), not the decode programs of <= 8 rows, which then serve."""
-    monkeypatch.setattr(xla_options, "CUBLAS_MIN_ROWS", 16)
     bogus = lambda backend, rows: {"xla_gpu_no_such_option": True} if rows >= 16 else {}
     monkeypatch.setattr(runner_module, "gemm_compiler_options", bogus)
     with pytest.raises(Exception, match="No such compile option: 'xla_gpu_no_such_option'"):
