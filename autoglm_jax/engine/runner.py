@@ -350,13 +350,10 @@ class ModelRunner:
         ``compile_seconds`` the whole call's."""
         began = time.perf_counter()
         params, state = abstract_arguments(self.params), abstract_arguments(self.state)
-        programs = [("mixed", self._empty_step_input(tokens), {"num_logprobs": self.num_logprobs})
-                    for tokens in self.ladder.token_buckets]
-        programs += [("decode", self._empty_decode_input(rows),
-                      {"max_steps": self.decode_steps_per_call, "num_logprobs": self.num_logprobs})
-                     for rows in self.ladder.decode_batches]
+        programs = [("mixed", self._empty_step_input(tokens)) for tokens in self.ladder.token_buckets]
+        programs += [("decode", self._empty_decode_input(rows)) for rows in self.ladder.decode_batches]
         programs = [(kind, self._step_function(kind, inp), (params, state, self._replicated(inp)),
-                     static, self._program_key(kind, inp)) for kind, inp, static in programs]
+                     self._static_arguments(kind), self._program_key(kind, inp)) for kind, inp in programs]
         fingerprints = [None] * len(programs)
         loaded = [None] * len(programs)
         workers = max(1, min(len(programs), compile_threads or os.cpu_count() or 1))
@@ -542,6 +539,19 @@ class ModelRunner:
                                                      compiler_options=options or None), key[1])
         return self._jitted[key]
 
+    def _static_arguments(self, kind: str) -> dict:
+        """The static keyword arguments of the ``kind`` step function."""
+        if kind == "mixed":
+            return {"num_logprobs": self.num_logprobs}
+        return {"max_steps": self.decode_steps_per_call, "num_logprobs": self.num_logprobs}
+
+    def lower_step(self, kind: str, inp, params=None, state=None):
+        """The ``kind`` step lowered for ``inp`` as the engine compiles it (XLA options, static arguments),
+        on ``params`` / ``state`` (default: the runner's own; abstract values work too)."""
+        return self._step_function(kind, inp).jitted.lower(self.params if params is None else params,
+                                                           self.state if state is None else state, inp,
+                                                           **self._static_arguments(kind))
+
     @staticmethod
     def _program_key(kind: str, inp) -> tuple:
         return (kind, *(np.shape(x) for x in jax.tree.leaves(inp)))
@@ -553,7 +563,7 @@ class ModelRunner:
             self.state, out = program(self.params, self.state, inp)
         else:
             self.state, out = self._step_function("mixed", inp).jitted(self.params, self.state, inp,
-                                                                         num_logprobs=self.num_logprobs)
+                                                                         **self._static_arguments("mixed"))
         self.slot_tokens = out.slot_tokens
         return out
 
@@ -563,8 +573,8 @@ class ModelRunner:
         if program is not None:
             self.state, out = program(self.params, self.state, inp)
         else:
-            self.state, out = self._step_function("decode", inp).jitted(
-                self.params, self.state, inp, max_steps=self.decode_steps_per_call, num_logprobs=self.num_logprobs)
+            self.state, out = self._step_function("decode", inp).jitted(self.params, self.state, inp,
+                                                                          **self._static_arguments("decode"))
         self.slot_tokens = out.slot_tokens
         return out
 

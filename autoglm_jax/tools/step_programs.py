@@ -81,9 +81,7 @@ class StepPrograms:
         tokens = token_bucket or runner.ladder.token_buckets[-1]
         if tokens not in runner.ladder.token_buckets:
             raise ValueError(f"token_bucket={tokens} is not on the ladder {runner.ladder.token_buckets}")
-        inp = runner._empty_step_input(tokens)
-        lowered = runner._step_function("mixed", inp).jitted.lower(runner.params, runner.state, inp,
-                                                                   num_logprobs=runner.num_logprobs)
+        lowered = runner.lower_step("mixed", runner._empty_step_input(tokens))
         return StepProgram("prefill", tokens, runner.ladder.rows_for_tokens(tokens), self.context,
                            lowered, lowered.compile())
 
@@ -93,7 +91,5 @@ class StepPrograms:
         rows = batch or runner.ladder.decode_batches[-1]
         if rows not in runner.ladder.decode_batches:
             raise ValueError(f"batch={rows} is not on the ladder {runner.ladder.decode_batches}")
-        inp = runner._empty_decode_input(rows)
-        lowered = runner._step_function("decode", inp).jitted.lower(
-            runner.params, runner.state, inp, max_steps=runner.decode_steps_per_call, num_logprobs=runner.num_logprobs)
+        lowered = runner.lower_step("decode", runner._empty_decode_input(rows))
         return StepProgram("decode", rows, rows, self.context, lowered, lowered.compile())

@@ -53,13 +53,8 @@ def _memory(config, quantization: str | None, kind: str, rows: int, tokens: int,
         params, state = abstract_arguments(runner.params), abstract_arguments(runner.state)
         if quantization is not None:
             assert isinstance(runner.params["layers"]["gate_up"].get_value()[0], PallasW8A8Weight)  # [N, K]
-        if kind == "decode":
-            inp = runner._empty_decode_input(rows)
-            lowered = runner._step_function("decode", inp).jitted.lower(params, state, inp, max_steps=2,
-                                                                        num_logprobs=0)
-        else:
-            inp = runner._empty_step_input(tokens)
-            lowered = runner._step_function("mixed", inp).jitted.lower(params, state, inp, num_logprobs=0)
+        inp = runner._empty_decode_input(rows) if kind == "decode" else runner._empty_step_input(tokens)
+        lowered = runner.lower_step(kind, inp, params, state)  # max_steps 2, no logprobs: the runner's settings
     return lowered.compile().memory_analysis()
 
 
