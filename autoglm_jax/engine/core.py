@@ -60,6 +60,18 @@ def resolve_async_scheduling(setting: bool | None) -> bool:
     return True if setting is None else setting
 
 
+GPU_GIL_SWITCH_INTERVAL_MS = 0.5
+
+
+def resolve_gil_switch_interval(setting_ms: float | None) -> float | None:
+    """The engine arg ``gil_switch_interval_ms`` as seconds for ``sys.setswitchinterval``, or None to leave
+    Python's. None = ``GPU_GIL_SWITCH_INTERVAL_MS`` on GPU (the launch thread starts step programs while the
+    engine thread works), Python's own elsewhere (on CPU the "device" shares the host's cores)."""
+    if setting_ms is None:
+        return GPU_GIL_SWITCH_INTERVAL_MS / 1000 if jax.default_backend() == "gpu" else None
+    return setting_ms / 1000
+
+
 def serving_model_shapes(cfg: EngineConfig, model_config, dtype, attention_backend: str, scan_layers: bool):
     """The model ``load_model`` gives and the runner serves (quantized, matmul backend applied, unstacked
     when not ``scan_layers``) as abstract values only (``nnx.eval_shape``): shapes, dtypes and graph for
@@ -188,6 +200,9 @@ class EngineCore:
             mesh = engine_mesh(cfg.tensor_parallel_size, cfg.data_parallel_size)
         self.mesh = mesh
         enable_compilation_cache(cfg.compilation_cache_dir)
+        interval = resolve_gil_switch_interval(cfg.gil_switch_interval_ms)
+        if interval is not None:
+            sys.setswitchinterval(interval)  # process-wide (EngineConfig.gil_switch_interval_ms)
         seed_for_engine(cfg.compilation_cache_dir, cfg.xla_autotune_seed)
         start = time.perf_counter()
         self.dtype = resolve_dtype(cfg.dtype)
@@ -359,10 +374,10 @@ class EngineCore:
         """Runs one step; returns the outputs of requests that changed (cumulative).
 
         With async scheduling the step after this one is dispatched before this one's tokens are read
-        back, when the scheduler can plan it without them (``Scheduler.schedule_ahead``): the device
-        runs it while the host post-processes this one, and the next call starts by reading it. When
-        the plan needs this step's tokens (a mixed step), the next step is dispatched as soon as they are
-        applied, before this step's outputs are built and returned. Each call still returns the outputs
+        back, decode calls and mixed steps alike (``Scheduler.schedule_ahead``): the device runs it while
+        the host post-processes this one, and the next call starts by reading it. When only this step's
+        tokens can decide the plan (a preemption, a request that never fits), the next step is dispatched
+        as soon as they are applied, before this step's outputs are built and returned. Each call still returns the outputs
         of exactly one step, the same as one step at a time; requests that finish here drop the tokens
         the step ahead computed for them, and requests added or aborted between calls take effect a step
         later."""
@@ -385,7 +400,7 @@ class EngineCore:
             self._in_flight = self._dispatch_ahead(current)
         self._process(current, changed)
         if current.handle is not None and self._in_flight is None:
-            # Not planned ahead (a mixed step: the plan needed this step's tokens, now applied): planned and
+            # Not planned ahead (only this step's tokens, now applied, could decide it): planned and
             # dispatched here, before this step's outputs are built and the caller handles them.
             self._in_flight = self._schedule_and_dispatch(changed, record_empty=False)
         return self._collect(changed)
@@ -421,9 +436,8 @@ class EngineCore:
 
     def _dispatch_ahead(self, current: _StepInFlight) -> _StepInFlight | None:
         """Plans and dispatches the step after ``current`` before its tokens are read (None when the plan
-        needs them). Its sequences take their first token from the device (``scheduler.PENDING_TOKEN``)."""
-        lookahead = self._lookahead(all_decoding=True)  # after ``current`` every running request decodes
-        output = self.scheduler.schedule_ahead(lookahead, current.handle.num_sampled)
+        needs them). Its decodes take their token from the device (``scheduler.PENDING_TOKEN``)."""
+        output = self.scheduler.schedule_ahead(self.config.decode_steps_per_call - 1, current.handle.num_sampled)
         return None if output is None else self._dispatch(output)
 
     def _process(self, current: _StepInFlight, changed: dict) -> None:
@@ -469,15 +483,10 @@ class EngineCore:
             num_preemptions=len(output.preempted), num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting, kv_cache_utilization=self.allocator.utilization)
 
-    def _lookahead(self, all_decoding: bool | None = None) -> int:
+    def _lookahead(self) -> int:
         """Extra decode steps of the next call: none while prefill work is running or a waiting request
-        could be admitted (a full batch keeps decoding several steps per call with a queue behind it).
-        ``all_decoding``: whether every running request has one token to feed (None = look)."""
-        if all_decoding is None:
-            all_decoding = all(r.num_uncomputed_tokens == 1 for r in self.scheduler.running)
-        if not all_decoding or not self.scheduler.admission_blocked():
-            return 0
-        return self.config.decode_steps_per_call - 1
+        could be admitted (a full batch keeps decoding several steps per call with a queue behind it)."""
+        return self.scheduler.next_lookahead(self.config.decode_steps_per_call - 1)
 
     def _row(self, scheduled, state: RequestState, seq: SequenceState, request: Request) -> RowRequest:
         params = state.params

@@ -2,7 +2,8 @@
 
 Owns: the fingerprint of one step program (everything that decides its code: the source of this
 package and of ``pallas_kernels`` with their tuning tables, jax / jaxlib versions, the platform version
-(CUDA), the device kind and count, the model's graph definition and the abstract values - shape, dtype, sharding - of every
+(CUDA), the device kind and count, the process's ``XLA_FLAGS`` (compiler options from the environment), the
+model's graph definition and the abstract values - shape, dtype, sharding - of every
 argument; ``abstract_arguments`` gives those values, which programs are also lowered from, before any
 weight exists) and saving / loading serialized executables under ``<dir>/<fingerprint>.exe``. It does not
 own which programs exist (``ModelRunner.warmup``) or calling them.
@@ -89,8 +90,8 @@ def fingerprint(name: str, graphdef, args: tuple, static: dict) -> str:
     devices = jax.devices()
     leaves, treedef = jax.tree.flatten(args)
     parts = [name, source_digest(), jax.__version__, jax.lib.__version__, devices[0].client.platform_version,
-             devices[0].device_kind, str(len(devices)), repr(graphdef), str(treedef), repr(sorted(static.items())),
-             *map(_abstract, leaves)]
+             devices[0].device_kind, str(len(devices)), os.environ.get("XLA_FLAGS", ""), repr(graphdef), str(treedef),
+             repr(sorted(static.items())), *map(_abstract, leaves)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

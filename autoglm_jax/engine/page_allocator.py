@@ -98,6 +98,18 @@ class PageAllocator:
             self._refcounts[page] = 1
         return pages
 
+    def unallocate(self, pages: list[int]) -> None:
+        """Undo of the ``allocate`` calls that returned ``pages`` (the last allocations, in order): they go
+        back to the front of the free list as they were, so the next ``allocate`` hands them out again.
+        Each must have exactly one owner."""
+        for page in pages:
+            self._check_allocated(page, times=1)
+            if self._refcounts[page] != 1:
+                raise PageOwnershipError(f"page {page} has {self._refcounts[page]} owners: only a fresh allocation can be undone")
+        for page in pages:
+            self._refcounts[page] = 0
+        self._free.extendleft(reversed(pages))
+
     def share(self, page: int) -> None:
         """Add an owner to an allocated page (prefix sharing); it is freed when all owners free it."""
         self._check_allocated(page, times=1)

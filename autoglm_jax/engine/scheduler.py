@@ -18,13 +18,17 @@ One step (``schedule`` then ``update``, strictly alternating):
   if that is the requester itself it simply waits. A request whose tokens need more pages than the
   whole pool is finished with ``FinishReason.ERROR`` (reported in ``SchedulerOutput.finished``).
 
-Async scheduling (``schedule_ahead``): while a step is pending, the next one may be planned before its
-tokens are known, assuming every sequence samples all the tokens it may (a sequence that samples fewer
-finishes with the pending step). That plan feeds ``PENDING_TOKEN`` (the runner takes the token from the
-device) and becomes the pending step when ``update`` consumes the current one; entries of requests
-that finish or are aborted meanwhile are then skipped. It is only made when it is the plan ``schedule``
-would make after the update, up to sequences that stop early: all running requests sample in the
-pending step, the first waiting request could not be admitted, and the pages fit without preemption.
+Async scheduling (``schedule_ahead``): while a step is pending, the next one is planned before its tokens
+are known (as vLLM's async scheduling does), by ``schedule``'s own code on the state ``update`` would leave
+if every sequence sampled all the tokens it may: each running request advanced past its pending entry,
+with one ``PENDING_TOKEN`` placeholder per token it samples (a decode feeds ``PENDING_TOKEN``: the runner
+takes the token from the device), and those that reach their length limit with the pending step released
+at once (they are finished by ``update``). The plan may hold decodes, prefill chunks of known tokens and
+admissions, so mixed steps are planned ahead as well as decode calls. It becomes the pending step when
+``update`` consumes the current one; entries of requests that finish or are aborted meanwhile are then
+skipped. It is the plan ``schedule`` would make after the update, up to sequences that stop early (a
+stop token or string): a plan that would preempt, fail a request as never fitting or form a new static
+batch is not made (None; nothing changes) and ``schedule`` decides after the update.
 
 Length rules (``max_sequence_length`` = M): prompts must have 1 .. M - 1 tokens (``add_request``
 raises ``ValueError`` otherwise); generation stops with ``FinishReason.LENGTH`` when the sequence
@@ -34,6 +38,8 @@ reaches ``min(prompt + max_tokens, M)`` tokens.
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import heapq
 import itertools
 import time
@@ -48,6 +54,10 @@ from autoglm_jax.engine.step_plan import StepPlan
 __all__ = ["PENDING_TOKEN", "Scheduler", "SchedulerConfig", "SchedulerOutput", "ScheduledSequence"]
 
 PENDING_TOKEN = -1  # token id of an entry planned ahead: the pending step samples it (it stays on the device)
+
+
+class _CannotPlanAhead(Exception):
+    """``schedule_ahead`` met a decision only ``schedule`` may take after the update (see there)."""
 
 
 class Scheduler:
@@ -65,6 +75,8 @@ class Scheduler:
         self._pending: SchedulerOutput | None = None  # last non-empty output awaiting update()
         self._pending_requests: dict[str, Request] = {}  # the requests _pending was planned for
         self._ahead: tuple[SchedulerOutput, dict[str, Request]] | None = None  # schedule_ahead()'s plan
+        self._released_ahead: set[str] = set()  # requests released by schedule_ahead, finished by update()
+        self._undo: list[Callable[[], None]] | None = None  # while schedule_ahead plans: how to take it back
         self._batch_waiting: set[str] = set()  # static batching: members of the current batch not yet admitted
         self.num_preemptions = 0  # total over the scheduler's life
 
@@ -95,7 +107,15 @@ class Scheduler:
         finished: the queue is empty, admission is closed (static batching: every member of the running
         batch is admitted), no batch slot is free, or its first chunk's pages do not fit the free pool.
         The engine then runs multi-step decode calls: nothing could join the batch anyway."""
-        return not self._would_admit([], [], num_decodes=len(self._running))
+        return not self._would_admit(num_decodes=len(self._running))
+
+    def next_lookahead(self, max_lookahead_tokens: int) -> int:
+        """Extra decode steps for the next call: ``max_lookahead_tokens`` when every running request decodes
+        and ``admission_blocked()`` (nothing could join the batch anyway), else 0 (a step with prefill work
+        runs the mixed program, which samples once)."""
+        if max_lookahead_tokens and all(map(self._is_decoding, self._running)) and self.admission_blocked():
+            return max_lookahead_tokens
+        return 0
 
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
@@ -131,7 +151,10 @@ class Scheduler:
             raise KeyError(f"request {request_id!r} is not queued or running (unknown or already finished)")
         del self._token_limits[request_id]
         if request.status is RequestStatus.RUNNING:
-            self._release(request)
+            if request_id in self._released_ahead:
+                self._released_ahead.remove(request_id)  # its pages and slot went with schedule_ahead
+            else:
+                self._release(request)
         else:
             self._waiting.remove(request)
             self._batch_waiting.discard(request_id)
@@ -157,7 +180,16 @@ class Scheduler:
             raise RuntimeError("schedule() called before update() consumed the previous step's output")
         if num_lookahead_tokens < 0:
             raise ValueError(f"num_lookahead_tokens={num_lookahead_tokens} must be >= 0")
+        self._check_released_ahead()
+        output = self._plan(num_lookahead_tokens)
+        self._set_pending(None if output.is_empty else output)
+        return output
+
+    def _plan(self, num_lookahead_tokens: int) -> SchedulerOutput:
+        """``schedule``'s decisions (module docstring), on the requests as they are now."""
         if not (self.config.use_dynamic_batching or self._running or self._batch_waiting):
+            if self._undo is not None:
+                raise _CannotPlanAhead  # the next static batch forms after the update
             # static batching, the last batch done: the requests waiting now form the next one
             self._batch_waiting = {r.request_id for r in itertools.islice(self._waiting, self.config.max_batch_size)}
         admission_open = self._admission_open()
@@ -171,70 +203,87 @@ class Scheduler:
             self._schedule_running(request, plan, is_decoding=False)
         if admission_open and not plan.preempted:
             self._admit_waiting(plan)
-        output = plan.build()
-        self._set_pending(None if output.is_empty else output)
-        return output
+        return plan.build()
 
-    def schedule_ahead(self, num_lookahead_tokens: int, num_sampled: Mapping[str, int]) -> SchedulerOutput | None:
+    def schedule_ahead(self, max_lookahead_tokens: int, num_sampled: Mapping[str, int]) -> SchedulerOutput | None:
         """Async scheduling: plan the step after the pending one before its tokens are known.
 
         ``num_sampled[request_id]``: tokens the pending step samples for that sequence unless it stops
-        (1 + its lookahead in a decode call, 1 in a mixed step). Each running request is assumed to get
-        all of them; one that reaches its length limit so is left out. Entries feed ``PENDING_TOKEN``.
-        Returns None, changing nothing, when the plan could differ from what ``schedule`` would do after
-        ``update`` unless sequences stop early: a running request samples nothing in the pending step,
-        the first waiting request would be admitted (counting what sequences reaching their length limit
-        release), or the pages do not fit without preemption. (One that only a stop token or string frees
-        room for is admitted a step later than one step at a time would.) The plan becomes the pending
-        step when ``update`` consumes the current one."""
+        (1 + its lookahead in a decode call, 1 in a mixed step); every sequence the pending step samples
+        for must be listed. ``max_lookahead_tokens``: the lookahead of a decode call (``next_lookahead``
+        decides, on the state after the pending step). Returns the plan, or None when only ``schedule``
+        after the update may decide (module docstring; the plan is then not made and nothing changes
+        but the release of the requests that reach their length limit with the pending step). A sequence
+        that samples fewer tokens than ``num_sampled`` says must be finished (``finish``) after ``update``.
+        The plan becomes the pending step when ``update`` consumes the current one."""
         if self._pending is None or self._ahead is not None:
             raise RuntimeError("schedule_ahead() needs a pending step and no plan ahead of it")
-        growth = self._growth_ahead(num_lookahead_tokens, num_sampled)
-        if growth is None:
+        if max_lookahead_tokens < 0:
+            raise ValueError(f"max_lookahead_tokens={max_lookahead_tokens} must be >= 0")
+        self._check_released_ahead()
+        pending = {e.request_id: e for e in self._pending.scheduled
+                   if self._requests.get(e.request_id) is self._pending_requests[e.request_id]}
+        if any(e.sample and num_sampled.get(i, 0) < 1 for i, e in pending.items()):
+            return None  # a sequence that samples nothing: no state after the step to plan from
+        self._release_finishing(pending, num_sampled)
+        self._undo = []
+        try:
+            with self._after_pending(pending, num_sampled):
+                output = self._plan(self.next_lookahead(max_lookahead_tokens))
+        except _CannotPlanAhead:
+            for undo in reversed(self._undo):
+                undo()
             return None
-        entries = []
-        for request, num_tokens, lookahead, missing in growth:
-            if missing:
-                request.pages.extend(self.allocator.allocate(missing))
-            entries.append(ScheduledSequence(
-                request_id=request.request_id, slot=request.slot, token_ids=(PENDING_TOKEN,),
-                start_position=num_tokens - 1, page_ids=tuple(request.pages), sample=True, is_new=False,
-                is_decode=True, num_lookahead_tokens=lookahead))
-        output = SchedulerOutput(scheduled=tuple(entries), num_lookahead_tokens=num_lookahead_tokens)
-        self._ahead = (output, {request.request_id: request for request, *_ in growth})
+        finally:
+            self._undo = None
+        if output.is_empty:
+            return None
+        self._ahead = (output, {e.request_id: self._requests[e.request_id] for e in output.scheduled})
         return output
 
-    def _growth_ahead(self, num_lookahead_tokens: int, num_sampled: Mapping[str, int]):
-        """[(request, its tokens after the pending step, lookahead, pages to add)] of the requests that
-        go on decoding, or None when ``schedule_ahead`` must not plan (see there)."""
-        if self._running and num_sampled.get(self._running[-1].request_id, 0) < 1:
-            return None  # the newest request is mid-prefill (the usual reason to stop): no need to look at all
-        growth, finishing = [], []
-        usable_pages, pages_needed = self.allocator.num_usable_pages, self.allocator.pages_needed
-        for request in self._running:
-            count = num_sampled.get(request.request_id, 0)
-            if count < 1:
-                return None
-            num_tokens = request.num_tokens + count
-            if num_tokens >= self._max_total_tokens(request):
-                finishing.append(request)  # reaches its length limit with the pending step
-                continue
-            lookahead = self._lookahead_at(request, num_tokens, num_lookahead_tokens) if num_lookahead_tokens else 0
-            pages = pages_needed(num_tokens + lookahead)
-            if pages > usable_pages:
-                return None
-            growth.append((request, num_tokens, lookahead, max(0, pages - len(request.pages))))
-        missing = sum(g[3] for g in growth)
-        if not growth or not self.allocator.can_allocate(missing) or self._would_admit(growth, finishing, num_decodes=len(growth)):
-            return None
-        return growth
+    def _release_finishing(self, pending: dict[str, ScheduledSequence], num_sampled: Mapping[str, int]) -> None:
+        """Releases the pages and slots of the running requests that reach their length limit with the
+        pending step (``update`` finishes them): the step after it may give them to others, as ``schedule``
+        after the update would. Those pages are not read again after the pending step, which the device
+        runs before any step planned later."""
+        for request_id in pending:
+            request = self._requests[request_id]
+            count = num_sampled.get(request_id, 0)
+            if count and request.status is RequestStatus.RUNNING and request.num_tokens + count >= self._max_total_tokens(request):
+                self._release(request)
+                self._released_ahead.add(request_id)
 
-    def _would_admit(self, growth: list, finishing: list[Request], num_decodes: int) -> bool:
-        """Whether ``schedule`` would act on the first waiting request in the step after the pending
-        one (``growth`` decoding, the ``finishing`` requests' slots and pages released, ``num_decodes``
-        decode tokens in it): admit it, or fail it as never fitting. Its prefill budget is ``StepPlan``'s."""
-        free_slots = len(self._free_slots) + len(finishing)
-        if not (self._waiting and free_slots and self._admission_open()):
+    @contextlib.contextmanager
+    def _after_pending(self, pending: dict[str, ScheduledSequence], num_sampled: Mapping[str, int]):
+        """The running requests as ``update`` leaves them if each samples all its ``num_sampled`` tokens:
+        cached tokens past their pending entry, and one ``PENDING_TOKEN`` per sampled token (restored on exit)."""
+        advanced = []
+        for request in self._running:
+            entry = pending.get(request.request_id)
+            if entry is None:
+                continue  # not in the pending step (no prefill budget was left for it)
+            count = num_sampled.get(request.request_id, 0)
+            advanced.append((request, request.num_computed_tokens, len(request.output_token_ids)))
+            request.num_computed_tokens = entry.end_position + max(0, count - 1)
+            request.output_token_ids.extend([PENDING_TOKEN] * count)
+        try:
+            yield
+        finally:
+            for request, num_computed, num_outputs in advanced:
+                request.num_computed_tokens = num_computed
+                del request.output_token_ids[num_outputs:]
+
+    def _check_released_ahead(self) -> None:
+        if self._released_ahead:
+            raise RuntimeError(
+                f"requests {sorted(self._released_ahead)} were planned to reach their length limit in the last step "
+                "but were neither finished by update() nor with finish(): a sequence that samples fewer tokens "
+                "than schedule_ahead() was told must be finished")
+
+    def _would_admit(self, num_decodes: int) -> bool:
+        """Whether the next ``schedule`` would act on the first waiting request (``num_decodes`` decode
+        tokens in the step): admit it, or fail it as never fitting. Its prefill budget is ``StepPlan``'s."""
+        if not (self._waiting and self._free_slots and self._admission_open()):
             return False
         request = self._waiting[0]
         limit = self.config.max_num_batched_tokens
@@ -243,9 +292,7 @@ class Scheduler:
         if num_new == 0:
             return False
         pages = self.allocator.pages_needed(request.num_computed_tokens + num_new)  # no lookahead while waiting
-        released = sum(self.allocator.refcount(page) == 1 for r in finishing for page in r.pages)
-        free_pages = self.allocator.num_free + released - sum(g[3] for g in growth)
-        return pages > self.allocator.num_usable_pages or pages <= free_pages
+        return pages > self.allocator.num_usable_pages or self.allocator.can_allocate(pages)
 
     def _set_pending(self, output: SchedulerOutput | None, requests: dict[str, Request] | None = None) -> None:
         self._pending = output
@@ -343,6 +390,8 @@ class Scheduler:
         if self._never_fits(request, num_tokens, plan):
             return False
         while not self._grow_pages(request, num_tokens):
+            if self._undo is not None:
+                raise _CannotPlanAhead  # a preemption: decided after the update
             victim = self._running[-1]
             self._preempt(victim, plan)
             if victim is request:
@@ -355,14 +404,23 @@ class Scheduler:
             return True
         if not self.allocator.can_allocate(missing):
             return False
+        if self._undo is not None:
+            self._undo.append(functools.partial(self._take_back_pages, request, len(request.pages)))
         request.pages.extend(self.allocator.allocate(missing))
         return True
+
+    def _take_back_pages(self, request: Request, num_kept: int) -> None:
+        """Undo of page allocations (a declined plan ahead): the pages past ``num_kept`` go back as they were."""
+        self.allocator.unallocate(request.pages[num_kept:])
+        del request.pages[num_kept:]
 
     def _never_fits(self, request: Request, num_tokens: int, plan: StepPlan) -> bool:
         """Finish with ERROR a request that needs more pages than the pool has."""
         needed = self.allocator.pages_needed(num_tokens)
         if needed <= self.allocator.num_usable_pages:
             return False
+        if self._undo is not None:
+            raise _CannotPlanAhead  # finished with ERROR after the update
         plan.withdraw(request.request_id)
         self.finish(request.request_id, FinishReason.ERROR)
         request.error_message = (
@@ -425,6 +483,10 @@ class Scheduler:
             plan.add(self._entry(request, num_new, num_lookahead, is_new=True, is_decode=self._is_decoding(request)))
 
     def _admit(self, request: Request, num_tokens: int) -> None:
+        if self._undo is not None:
+            self._undo.append(functools.partial(
+                self._take_back_admission, request, request.status, request.first_scheduled_time,
+                request.request_id in self._batch_waiting))
         self._batch_waiting.discard(request.request_id)
         request.status = RequestStatus.RUNNING
         request.slot = heapq.heappop(self._free_slots)
@@ -432,6 +494,20 @@ class Scheduler:
         if request.first_scheduled_time is None:
             request.first_scheduled_time = self._clock()
         self._running.append(request)
+
+    def _take_back_admission(self, request: Request, status: RequestStatus, first_scheduled_time: float | None,
+                             batch_member: bool) -> None:
+        """Undo of ``_admit`` (a declined plan ahead): the request waits first in the queue as before."""
+        assert self._running[-1] is request, "admissions are taken back newest first"
+        self._running.pop()
+        self.allocator.unallocate(request.pages)
+        request.pages = []
+        heapq.heappush(self._free_slots, request.slot)
+        request.slot = None
+        request.status, request.first_scheduled_time = status, first_scheduled_time
+        self._waiting.appendleft(request)
+        if batch_member:
+            self._batch_waiting.add(request.request_id)
 
     @staticmethod
     def _entry(request: Request, num_new: int, num_lookahead: int, is_new: bool, is_decode: bool) -> ScheduledSequence:

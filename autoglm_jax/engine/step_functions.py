@@ -27,7 +27,7 @@ from autoglm_jax.sampler import SamplerOutput, SamplingTensors, gather_logprobs,
 class StepInput:
     """One mixed step over T flat tokens and B rows (sequences)."""
 
-    token_ids: jax.Array        # [T] int32
+    token_ids: jax.Array        # [T] int32 (< 0: PENDING_TOKEN, the row slot's last sampled token)
     token_kind: jax.Array       # [T] int32: device_state.TOKEN_* (which penalty state a token feeds)
     md: AttentionMetadata       # token -> sequence/page mapping
     logits_indices: jax.Array   # [B] int32: flat index of each row's last token
@@ -80,11 +80,14 @@ class DecodeOutput:
 
 
 def mixed_step(graphdef, params, state: DeviceState, inp: StepInput, *, num_logprobs: int):
-    """Forward all T tokens, sample one token per row. Returns (new state, StepOutput)."""
+    """Forward all T tokens, sample one token per row. Returns (new state, StepOutput). A negative token
+    id (``scheduler.PENDING_TOKEN``: a decode planned before the previous step's tokens were read) is
+    that row's slot's last sampled token, taken from ``inp.slot_tokens``."""
     model = nnx.merge(graphdef, params)
     token_slots = inp.row_slots[inp.md.seq_ids]
-    state = record_step_tokens(state, inp.token_ids, inp.token_kind, token_slots, inp.reset_slots)
-    hidden, kv = model.hidden_states(inp.token_ids, state.kv, inp.md)
+    token_ids = feed_tokens(inp.token_ids, inp.slot_tokens, token_slots)
+    state = record_step_tokens(state, token_ids, inp.token_kind, token_slots, inp.reset_slots)
+    hidden, kv = model.hidden_states(token_ids, state.kv, inp.md)
     state = dataclasses.replace(state, kv=kv)
     logits = model.logits(hidden[inp.logits_indices])
     counts, mask = slot_rows(state, inp.row_slots)

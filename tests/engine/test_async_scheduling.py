@@ -1,6 +1,6 @@
-"""Async scheduling (``EngineConfig.async_scheduling``): the next decode step is dispatched before the
-current one's tokens are read back, its input tokens never leave the device, and the outputs are
-exactly those of one step at a time.
+"""Async scheduling (``EngineConfig.async_scheduling``): the next step (a decode call or a mixed step) is
+dispatched before the current one's tokens are read back, its input tokens never leave the device, and
+the outputs are exactly those of one step at a time.
 
 Engine tests run the shared tiny engine (``tiny_llm``) twice on the same workload, switching
 ``core.async_scheduling`` in between (no second compile): every step's outputs identical (greedy and
@@ -9,7 +9,8 @@ byte-level vocabulary, max_tokens; more requests than slots in a pool made tight
 requests wait and are preempted); identical final outputs, logprob values to float rounding, when
 requests arrive and one is aborted between steps (they take effect a step later); an abort while a
 step ahead holds the request; no recompilation; and the dispatch order that proves the overlap.
-Scheduler tests cover ``Scheduler.schedule_ahead`` on its own.
+Scheduler tests cover ``Scheduler.schedule_ahead`` on its own, and a property test checks that the steps
+it plans equal those one step at a time plans after each update (no early stops).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import contextlib
 import random
 import threading
 
+import hypothesis
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from autoglm_jax.default_model import default_model_path
-from autoglm_jax.engine.request import FinishReason
+from autoglm_jax.engine.request import FinishReason, RequestStatus
 from autoglm_jax.engine.scheduler import PENDING_TOKEN
 from autoglm_jax.sampling_params import SamplingParams
 from autoglm_jax.tokenizer import Tokenizer
@@ -192,45 +195,50 @@ def test_abort_during_a_step_ahead_then_reuse_of_the_id(core):
 
 def test_next_step_is_dispatched_before_tokens_are_read(core, monkeypatch):
     """The order that only async scheduling produces: step N+1 enqueued (its tokens taken from step
-    N's device output) before step N's results are fetched to the host."""
+    N's device output) before step N's results are fetched to the host -- decode calls and mixed steps."""
     runner = core.runner
     events = []
     launch = runner._launch
 
     def dispatch(kind, inp):
         out = launch(kind, inp)  # the program's outputs, or the launch thread's Future of them
-        events.append(("dispatch", id(out), bool((np.asarray(inp.token_ids) < 0).any())))
+        events.append(("dispatch", id(out), kind if (np.asarray(inp.token_ids) < 0).any() else None))
         return out
 
     monkeypatch.setattr(runner, "_launch", dispatch)
     fetch = runner._fetch
     monkeypatch.setattr(runner, "_fetch", lambda out: events.append(("fetch", id(out), None)) or fetch(out))
     rng = np.random.default_rng(1)
-    requests = [(random_prompt(rng, n), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), f"r{n}")
-                for n in (6, 11)]
+    # 6 and 11 tokens decode together; 90 and 70 arrive with them and prefill over several 32-token mixed
+    # steps next to those decodes, whose tokens the mixed steps take from the device too
+    requests = [(random_prompt(rng, n), SamplingParams(temperature=0, max_tokens=m, ignore_eos=True), f"r{n}")
+                for n, m in ((6, 30), (11, 30), (90, 4), (70, 4))]
 
-    def overlapped() -> int:
-        """Decode steps fed from the device whose predecessor had not been fetched at dispatch."""
-        count, fetched = 0, set()
-        for index, (kind, key, from_device) in enumerate(events):
-            if kind == "fetch":
+    def overlapped() -> dict[str, int]:
+        """Steps fed from the device whose predecessor had not been fetched at dispatch, by program."""
+        count, fetched = {"decode": 0, "mixed": 0}, set()
+        for index, (event, key, from_device) in enumerate(events):
+            if event == "fetch":
                 fetched.add(key)
             elif from_device:
-                previous = [k for kind_, k, _ in events[:index] if kind_ == "dispatch"][-1]
-                count += previous not in fetched
+                previous = [k for event_, k, _ in events[:index] if event_ == "dispatch"][-1]
+                count[from_device] += previous not in fetched
         return count
 
     for mode in (False, True):
         events.clear()
         run(core, requests, mode)
         num_ahead = overlapped()
-        assert (num_ahead > 3) if mode else (num_ahead == 0), f"async={mode}: {num_ahead} overlapped steps {events}"
+        if mode:
+            assert num_ahead["decode"] > 3 and num_ahead["mixed"] >= 3, f"{num_ahead} overlapped steps {events}"
+        else:
+            assert num_ahead == {"decode": 0, "mixed": 0}, f"sync: {num_ahead} overlapped steps {events}"
 
 
 def test_a_mixed_steps_successor_is_dispatched_before_its_outputs_are_built(core, monkeypatch):
-    """A mixed step (prefill chunks: the scheduler cannot plan the next step without its tokens) is
-    followed, once its tokens are applied, by the next step's dispatch, before its outputs are built --
-    so building them and the caller's work between ``step()`` calls overlap the device."""
+    """A mixed step (prefill chunks) is followed by the next step's dispatch before its outputs are built
+    -- planned ahead, or once its tokens are applied where only they decide the plan -- so building them
+    and the caller's work between ``step()`` calls overlap the device."""
     records, processing = [], []
     process, collect = core._process, core._collect
 
@@ -345,23 +353,161 @@ def test_schedule_ahead_declines_what_only_the_pending_tokens_decide():
 
 @pytest.mark.parametrize("num_pages, admitted", [(8, True), (7, False)])
 def test_schedule_ahead_with_a_waiting_request(num_pages, admitted):
-    """With a free slot, the plan is made only if the waiting request's first chunk could not get a page
-    anyway (with 7 pages the decodes hold all 6 usable ones): one step at a time would not admit it."""
+    """A free slot: the plan admits the waiting request (a mixed step; its decodes feed PENDING_TOKEN) when
+    its first chunk gets a page -- with 7 pages the decodes hold all 6 usable ones, and the plan is the
+    decodes alone, as one step at a time would make."""
     scheduler, _, pending = _decoding_scheduler(max_tokens=(40, 40), num_pages=num_pages)
-    scheduler.add_request(make_request("waiting", 4))
+    waiting = make_request("waiting", 4)
+    scheduler.add_request(waiting)
     ahead = scheduler.schedule_ahead(0, {"r0": 4, "r1": 4})
-    assert (ahead is None) == admitted
-    if not admitted:
-        assert [e.num_lookahead_tokens for e in ahead.scheduled] == [0, 0] and scheduler.allocator.num_free == 0
+    entries = [(e.request_id, e.token_ids, e.is_new, e.is_decode) for e in ahead.scheduled]
+    decodes = [("r0", (PENDING_TOKEN,), False, True), ("r1", (PENDING_TOKEN,), False, True)]
+    if admitted:
+        assert entries == decodes + [("waiting", waiting.prompt_token_ids, True, False)]
+        assert scheduler.running[-1] is waiting and scheduler.num_waiting == 0
+    else:
+        assert entries == decodes and scheduler.allocator.num_free == 0
+        assert scheduler.waiting == (waiting,)
 
 
-def test_schedule_ahead_counts_the_slot_a_length_limit_frees():
-    """Slots full; r1 reaches max_tokens with the pending step, so the step after it admits the waiting
-    request one step at a time: no plan ahead. Without that, a plan (nothing could be admitted)."""
-    scheduler, _, pending = _decoding_scheduler(max_tokens=(16, 3), max_batch_size=2)
-    scheduler.add_request(make_request("waiting", 4))
-    assert scheduler.schedule_ahead(0, {e.request_id: 1 + e.num_lookahead_tokens for e in pending.scheduled}) is None
-    scheduler, _, pending = _decoding_scheduler(max_tokens=(16, 16), max_batch_size=2)
-    scheduler.add_request(make_request("waiting", 4))
-    assert scheduler.schedule_ahead(0, {"r0": 4, "r1": 4}) is not None
+def test_schedule_ahead_gives_the_slot_a_length_limit_frees():
+    """Slots full; r1 reaches max_tokens with the pending step: its slot and pages are released at once,
+    and the plan admits the waiting request into them, as one step at a time would after the update."""
+    scheduler, (r0, r1), pending = _decoding_scheduler(max_tokens=(16, 3), max_batch_size=2)
+    waiting = make_request("waiting", 4)
+    scheduler.add_request(waiting)
+    r1_slot = r1.slot
+    ahead = scheduler.schedule_ahead(3, {e.request_id: 1 + e.num_lookahead_tokens for e in pending.scheduled})
+    assert [(e.request_id, e.is_new, e.num_lookahead_tokens) for e in ahead.scheduled] == [("r0", False, 0), ("waiting", True, 0)]
+    assert waiting.slot == r1_slot and r1.pages == [] and scheduler.running == (r0, waiting)
+    with pytest.raises(RuntimeError, match="planned to reach their length limit"):
+        scheduler._check_released_ahead()  # until update() finishes r1
+    assert scheduler.update({"r0": [1, 2, 3, 4], "r1": [5, 6]}) == ("r1",)
+    assert r1.finish_reason is FinishReason.LENGTH and r1.output_token_ids == [7, 5, 6]
+    scheduler.update({"r0": [8], "waiting": [9]})
+    assert scheduler.allocator.num_free + sum(len(r.pages) for r in scheduler.running) == scheduler.allocator.num_usable_pages
+
+
+def test_schedule_ahead_released_request_that_stops_early_is_finished_by_the_engine():
+    """r1 was planned to reach its limit but stops at its first token: update() leaves it running-but-
+    released, the engine's finish(STOP) ends it, and nothing is released twice."""
+    scheduler, (r0, r1), pending = _decoding_scheduler(max_tokens=(16, 3), max_batch_size=2)
+    assert scheduler.schedule_ahead(3, {"r0": 4, "r1": 2}) is not None
+    assert scheduler.update({"r0": [1, 2, 3, 4], "r1": [5]}) == ()
+    with pytest.raises(RuntimeError, match="sampled fewer tokens|must be finished"):
+        scheduler.schedule_ahead(3, {"r0": 4})
+    scheduler.finish("r1", FinishReason.STOP)
+    assert r1.finish_reason is FinishReason.STOP and r1.pages == [] and r1.slot is None
+    scheduler.update({"r0": [6, 7, 8, 9]})
+    assert scheduler.allocator.num_free + len(r0.pages) == scheduler.allocator.num_usable_pages
+
+
+def test_a_declined_plan_ahead_takes_back_its_pages_and_admissions():
+    """The plan grows r0 and r1 by a page each, admits "small", then meets "huge", whose 50-token chunk
+    can never fit the 11-page pool (an ERROR only ``schedule`` gives, after the update): everything it did
+    is undone exactly -- the free list in its order, the queue, slots, statuses."""
+    scheduler, (r0, r1), pending = _decoding_scheduler(prompts=(8, 8), max_tokens=(40, 40), num_pages=12,
+                                                       max_num_batched_tokens=64, prefill_ratio=1.0)
+    small, huge = make_request("small", 3), make_request("huge", 50)
+    scheduler.add_request(small)
+    scheduler.add_request(huge)
+    free, slots = list(scheduler.allocator._free), sorted(scheduler._free_slots)
+    pages = (list(r0.pages), list(r1.pages))
+    assert scheduler.schedule_ahead(0, {"r0": 4, "r1": 4}) is None
+    assert list(scheduler.allocator._free) == free and sorted(scheduler._free_slots) == slots
+    assert (r0.pages, r1.pages) == pages and scheduler.running == (r0, r1) and scheduler.waiting == (small, huge)
+    assert small.slot is None and small.pages == [] and small.status is RequestStatus.WAITING
+    assert (r0.num_computed_tokens, r0.output_token_ids) == (8, [7]), "the state after the pending step leaked"
+    assert scheduler.update({"r0": [1, 2, 3, 4], "r1": [5, 6, 7, 8]}) == ()
+    out = scheduler.schedule()  # one step at a time: huge fails, small is admitted
+    assert out.finished == ("huge",) and "small" in {e.request_id for e in out.scheduled}
+
+
+# ----------------------------------------------------------------------------- plans ahead == plans after
+
+
+def _token(request_id: str, position: int) -> int:
+    return random.Random(f"{request_id}@{position}").randrange(1, 50_000)
+
+
+def _tokens(scheduler, output) -> dict[str, list[int]]:
+    """Every sampling sequence's tokens as the runner gives them: 1 + its lookahead, up to its length
+    limit; token values keyed by (request, position), so two schedulers get the same ones."""
+    tokens = {}
+    for e in output.scheduled:
+        if e.sample:
+            count = min(1 + e.num_lookahead_tokens, scheduler._max_total_tokens(scheduler.get_request(e.request_id)) - e.end_position)
+            tokens[e.request_id] = [_token(e.request_id, e.end_position + i) for i in range(count)]
+    return tokens
+
+
+def _shape(requests: dict, output) -> list[tuple]:
+    """An output as it reaches the device, PENDING_TOKEN replaced by the token it stands for (known once
+    the step before is applied); page and slot numbers left out (the order pages were freed in differs)."""
+    rows = []
+    for e in output.scheduled:
+        history = requests[e.request_id].all_token_ids
+        tokens = tuple(history[e.start_position + i] if t == PENDING_TOKEN else t for i, t in enumerate(e.token_ids))
+        rows.append((e.request_id, e.start_position, tokens, e.sample, e.is_new, e.is_decode, e.num_lookahead_tokens,
+                     len(e.page_ids)))
+    return rows
+
+
+def _serve(scheduler, specs, max_lookahead: int, ahead: bool) -> tuple[list, int]:
+    """Runs requests (prompt tokens, max_tokens) queued at the start to the end, the way the engine does:
+    with ``ahead``, each step after the first is planned by schedule_ahead while its predecessor is
+    pending (or by schedule after the update when declined). Returns the shapes of the steps as they run
+    and how many were planned ahead."""
+    requests = {f"q{i}": make_request(f"q{i}", n, m) for i, (n, m) in enumerate(specs)}
+    for request in requests.values():
+        scheduler.add_request(request)
+    shapes, planned_ahead, pending = [], 0, None
+    for _ in range(1000):
+        if pending is None:
+            pending = scheduler.schedule(scheduler.next_lookahead(max_lookahead))
+            if pending.is_empty:  # nothing left, or only a request failed as never fitting
+                pending = None
+                if not scheduler.has_unfinished:
+                    break
+                continue
+        nxt = scheduler.schedule_ahead(max_lookahead, {i: len(t) for i, t in _tokens(scheduler, pending).items()}) if ahead else None
+        tokens = _tokens(scheduler, pending)
+        scheduler.update(tokens)
+        shapes.append(_shape(requests, pending))
+        planned_ahead += nxt is not None
+        pending = nxt
+    assert not scheduler.has_unfinished
+    assert scheduler.allocator.num_free == scheduler.allocator.num_usable_pages
+    return shapes, planned_ahead
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(
+    specs=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12)), min_size=1, max_size=8),
+    max_batch_size=st.integers(1, 4), num_pages=st.integers(6, 40), max_lookahead=st.integers(0, 3),
+    budget=st.sampled_from([8, 16]), dynamic=st.booleans())
+def test_plans_ahead_equal_plans_after_the_update(specs, max_batch_size, num_pages, max_lookahead, budget, dynamic):
+    """Without early stops, the steps run with async scheduling are exactly those of one step at a time:
+    same sequences, positions, tokens (PENDING_TOKEN standing for the right one), flags and lookahead --
+    through chunked prefill, admissions into slots a length limit frees, preemption and never-fitting
+    requests (declined ahead, decided after the update)."""
+    make = lambda: make_scheduler(num_pages=num_pages, page_size=4, max_batch_size=max_batch_size,  # noqa: E731
+                                  max_num_batched_tokens=budget, max_sequence_length=40, prefill_ratio=0.5,
+                                  use_dynamic_batching=dynamic)
+    want, _ = _serve(make(), specs, max_lookahead, ahead=False)
+    got, planned_ahead = _serve(make(), specs, max_lookahead, ahead=True)
+    assert got == want
+    hypothesis.event("some planned ahead" if planned_ahead else "none planned ahead")
+
+
+def test_mixed_steps_are_planned_ahead():
+    """A fixed workload with chunked prefill behind decodes: most steps, mixed ones included, are planned
+    ahead, and they equal one step at a time."""
+    specs = [(30, 12), (9, 6), (25, 10), (4, 12), (17, 3), (12, 8)]
+    make = lambda: make_scheduler(num_pages=40, max_batch_size=3, max_num_batched_tokens=8)  # noqa: E731
+    want, _ = _serve(make(), specs, 2, ahead=False)
+    got, planned_ahead = _serve(make(), specs, 2, ahead=True)
+    assert got == want
+    mixed = [shape for shape in got[1:] if any(not row[5] for row in shape)]
+    assert len(mixed) >= 8 and planned_ahead >= len(got) - 2, (len(mixed), planned_ahead, len(got))
 

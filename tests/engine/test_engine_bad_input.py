@@ -87,3 +87,29 @@ def test_unknown_matmul_backend_is_refused_by_name():
     assert EngineConfig(matmul_backend="pallas").matmul_backend == "pallas"
     with pytest.raises(ValueError, match="matmul_backend='cublas'"):
         EngineConfig(matmul_backend="cublas")
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "0.5"])
+def test_bad_gil_switch_interval_is_refused_by_name(bad):
+    from autoglm_jax.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="gil_switch_interval_ms"):
+        EngineConfig(gil_switch_interval_ms=bad)
+
+
+def test_gil_switch_interval_is_set_for_the_engine_process(tiny_model_dir, monkeypatch):
+    """An engine built with gil_switch_interval_ms sets Python's switch interval; the default leaves it
+    alone on CPU and is 0.5 ms on GPU."""
+    import sys
+
+    from autoglm_jax.engine.core import EngineCore, resolve_gil_switch_interval
+
+    calls = []
+    monkeypatch.setattr(sys, "setswitchinterval", calls.append)  # the process's own setting stays as it is
+    EngineCore(model=tiny_model_dir, gil_switch_interval_ms=0.25, warmup=False, num_pages=16, max_batch_size=2,
+               max_sequence_length=64, show_progress=False)
+    assert calls == [pytest.approx(0.00025)]
+    monkeypatch.setattr("jax.default_backend", lambda: "cpu")
+    assert resolve_gil_switch_interval(None) is None and resolve_gil_switch_interval(2) == 0.002
+    monkeypatch.setattr("jax.default_backend", lambda: "gpu")
+    assert resolve_gil_switch_interval(None) == pytest.approx(0.0005)

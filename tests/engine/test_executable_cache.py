@@ -53,7 +53,8 @@ def test_second_start_loads_every_program_and_traces_nothing(tmp_path):
     assert warm["tokens"] == cold["tokens"]
 
 
-def test_fingerprint_names_everything_that_changes_the_program():
+def test_fingerprint_names_everything_that_changes_the_program(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     args = (jnp.zeros((4, 8), jnp.float32),)
     base = fingerprint("decode", "graph", args, {"max_steps": 4})
     assert base == fingerprint("decode", "graph", (jnp.ones((4, 8), jnp.float32),), {"max_steps": 4})  # values: no
@@ -62,6 +63,8 @@ def test_fingerprint_names_everything_that_changes_the_program():
     assert base != fingerprint("decode", "graph", args, {"max_steps": 8})
     assert base != fingerprint("decode", "graph", (jnp.zeros((4, 16), jnp.float32),), {"max_steps": 4})
     assert base != fingerprint("decode", "graph", (jnp.zeros((4, 8), jnp.bfloat16),), {"max_steps": 4})
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")  # compiler options from the environment
+    assert base != fingerprint("decode", "graph", args, {"max_steps": 4})
 
 
 def test_broken_or_missing_files_are_cache_misses(tmp_path):

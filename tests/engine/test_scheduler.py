@@ -12,7 +12,7 @@ import pytest
 from autoglm_jax.engine.buckets import BucketLadder
 from autoglm_jax.engine.page_allocator import PageAllocator
 from autoglm_jax.engine.request import FinishReason, Request, RequestStatus
-from autoglm_jax.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from autoglm_jax.engine.scheduler import PENDING_TOKEN, Scheduler, SchedulerConfig, SchedulerOutput
 from autoglm_jax.engine.step_plan import StepPlan
 
 
@@ -332,11 +332,25 @@ def test_static_batching_schedule_ahead_plans_only_when_no_member_waits():
     assert ahead is not None and {s.request_id for s in ahead.scheduled} == {"a", "b", "c"}
 
 
-def test_static_batching_schedule_ahead_declines_while_a_member_would_be_admitted():
-    scheduler = static_scheduler([("a", 8, 8), ("b", 8, 8), ("c", 14, 8)])  # 8 + 8 + 14 > 16: c waits
+def test_static_batching_schedule_ahead_admits_a_waiting_member():
+    scheduler = static_scheduler([("a", 8, 8), ("b", 8, 8), ("c", 14, 8), ("d", 3, 8)])  # 8 + 8 + 14 > 16: c waits
     out = scheduler.schedule()
     assert [s.request_id for s in out.scheduled] == ["a", "b"]
-    assert scheduler.schedule_ahead(0, {"a": 1, "b": 1}) is None, "c (a member) would be admitted next step"
+    scheduler.add_request(make_request("late", 2))
+    ahead = scheduler.schedule_ahead(0, {"a": 1, "b": 1})
+    assert [(s.request_id, s.is_new, s.token_ids[:1]) for s in ahead.scheduled] == [
+        ("a", False, (PENDING_TOKEN,)), ("b", False, (PENDING_TOKEN,)), ("c", True, scheduler.get_request("c").prompt_token_ids[:1])]
+    assert "late" not in by_id(ahead), "not a member of the running batch"
+
+
+def test_static_batching_schedule_ahead_leaves_the_next_batch_to_schedule():
+    """Every member reaches its length limit with the pending step: the next batch forms after the update."""
+    scheduler = static_scheduler([("a", 8, 1), ("b", 8, 1)])
+    assert set(by_id(scheduler.schedule())) == {"a", "b"}
+    scheduler.add_request(make_request("next", 2))
+    assert scheduler.schedule_ahead(0, {"a": 1, "b": 1}) is None
+    assert scheduler.update({"a": [5], "b": [6]}) == ("a", "b")
+    assert [s.request_id for s in scheduler.schedule().scheduled] == ["next"]
 
 
 def test_dynamic_batching_admits_while_others_decode():
@@ -578,7 +592,10 @@ def check_output(scheduler: Scheduler, output: SchedulerOutput) -> None:
     assert not set(output.preempted) & set(by_id(output))
     for seq in output.scheduled:
         request = scheduler.get_request(seq.request_id)
-        assert seq.token_ids == request.all_token_ids[seq.start_position : seq.end_position]
+        if request is None:
+            continue  # planned ahead, then stopped or aborted: its entry is skipped
+        known = request.all_token_ids[seq.start_position : seq.end_position]  # PENDING_TOKEN: sampled since
+        assert all(t == k or t == PENDING_TOKEN for t, k in zip(seq.token_ids, known, strict=True))
         assert seq.start_position == request.num_computed_tokens
         assert len(seq.page_ids) * PAGE_SIZE >= seq.end_position + seq.num_lookahead_tokens
         assert seq.sample == (seq.end_position == request.num_tokens)
@@ -590,20 +607,41 @@ def expected_total(request: Request) -> int:
 
 
 def run_step(scheduler: Scheduler, rng: random.Random, lookahead: int, stats: dict) -> None:
+    """One step; with ``stats["ahead"]`` as the async engine runs it: the step after it is planned by
+    ``schedule_ahead`` before its tokens are applied, and a sequence may stop before its last token."""
     batch = stats.get("batch")
-    if batch is not None and not scheduler.running and not any(scheduler.get_request(r) for r in batch):
-        batch.clear()  # static batching: the last batch is done, the requests waiting now form the next
-        batch.update(r.request_id for r in scheduler.waiting[: scheduler.config.max_batch_size])
-    output = scheduler.schedule(num_lookahead_tokens=lookahead)
+    output = stats.pop("pending", None)
+    if output is None:  # (a plan ahead never forms a static batch)
+        if batch is not None and not scheduler.running and not any(scheduler.get_request(r) for r in batch):
+            batch.clear()  # static batching: the last batch is done, the requests waiting now form the next
+            batch.update(r.request_id for r in scheduler.waiting[: scheduler.config.max_batch_size])
+        output = scheduler.schedule(num_lookahead_tokens=scheduler.next_lookahead(lookahead) if "ahead" in stats else lookahead)
     check_output(scheduler, output)
     if batch is not None:
         assert {s.request_id for s in output.scheduled if s.is_new} <= batch, "admitted a non-member"
         assert {r.request_id for r in scheduler.running} <= batch
     stats["preemptions"] += len(output.preempted)
-    scheduler.update(sample_all(output, rng, extra=lookahead))
+    tokens = {i: t for i, t in sample_all(output, rng, extra=output.num_lookahead_tokens).items() if scheduler.get_request(i)}
+    if "ahead" not in stats or output.is_empty:
+        scheduler.update(tokens)
+        return
+    limits = {i: scheduler._max_total_tokens(scheduler.get_request(i)) for i in tokens}
+    ends = {e.request_id: e.end_position for e in output.scheduled}
+    tokens = {i: t[: limits[i] - ends[i]] for i, t in tokens.items()}  # as the runner's max_new cuts them
+    ahead = scheduler.schedule_ahead(lookahead, {i: len(t) for i, t in tokens.items()})
+    stats["ahead"] += ahead is not None
+    stopping = {i for i in tokens if rng.random() < 0.1}
+    scheduler.update({i: t[: rng.randrange(1, len(t) + 1)] if i in stopping else t for i, t in tokens.items()})
+    for request_id in stopping:
+        if scheduler.get_request(request_id) is not None:
+            scheduler.finish(request_id, FinishReason.STOP)
+            stats["stopped"].add(request_id)
+    if ahead is not None:
+        stats["pending"] = ahead
 
 
-def run_operations(ops, seed: int, max_batch_size: int, stats: dict, use_dynamic_batching: bool = True) -> None:
+def run_operations(ops, seed: int, max_batch_size: int, stats: dict, use_dynamic_batching: bool = True,
+                   ahead: bool = False) -> None:
     scheduler = make_scheduler(
         num_pages=NUM_PAGES, page_size=PAGE_SIZE, max_batch_size=max_batch_size,
         max_num_batched_tokens=8, max_sequence_length=MAX_SEQ, prefill_ratio=0.5,
@@ -611,6 +649,8 @@ def run_operations(ops, seed: int, max_batch_size: int, stats: dict, use_dynamic
     )
     if not use_dynamic_batching:
         stats["batch"] = set()  # the current static batch's members, tracked from the outside
+    if ahead:
+        stats.update(ahead=0, stopped=set())  # steps planned ahead, requests that stopped early
     rng, requests, cut_short = random.Random(seed), [], set()
     for op in ops:
         if op[0] == "add":
@@ -629,6 +669,9 @@ def run_operations(ops, seed: int, max_batch_size: int, stats: dict, use_dynamic
         check_invariants(scheduler)
     for _ in range(2000):  # drive to completion
         if not scheduler.has_unfinished:
+            if "pending" in stats:  # a plan ahead for requests that finished since: every entry skipped
+                scheduler.update({})
+                stats.pop("pending")
             break
         run_step(scheduler, rng, rng.randrange(3), stats)
         check_invariants(scheduler)
@@ -636,7 +679,7 @@ def run_operations(ops, seed: int, max_batch_size: int, stats: dict, use_dynamic
     assert scheduler.allocator.num_free == NUM_PAGES - 1
     for request in requests:
         assert request.is_finished
-        if request.request_id in cut_short:
+        if request.request_id in cut_short | stats.get("stopped", set()):
             continue
         # Cached tokens at the end: all but the last sampled one.
         fits = scheduler.allocator.pages_needed(expected_total(request) - 1) <= NUM_PAGES - 1
@@ -661,6 +704,18 @@ def test_random_operations_static_batching_admits_only_members_and_finishes_ever
     stats = {"preemptions": 0}
     run_operations(ops, seed, max_batch_size, stats, use_dynamic_batching=False)
     hypothesis.event("preempted" if stats["preemptions"] else "not preempted")
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(ops=st.lists(operations, min_size=10, max_size=50), seed=st.integers(0, 2**16), max_batch_size=st.integers(1, 4),
+                  dynamic=st.booleans())
+def test_random_operations_with_steps_planned_ahead(ops, seed, max_batch_size, dynamic):
+    """The same with async scheduling: plans made before their predecessor's tokens, sequences stopping
+    early, aborts and stops while a plan ahead holds them -- pages and slots stay consistent and every
+    request finishes with its expected length."""
+    stats = {"preemptions": 0}
+    run_operations(ops, seed, max_batch_size, stats, use_dynamic_batching=dynamic, ahead=True)
+    hypothesis.event("planned ahead" if stats["ahead"] else "none planned ahead")
 
 
 def test_property_driver_exercises_preemption():
