@@ -101,7 +101,9 @@ class PageAllocator:
     def unallocate(self, pages: list[int]) -> None:
         """Undo of the ``allocate`` calls that returned ``pages`` (the last allocations, in order): they go
         back to the front of the free list as they were, so the next ``allocate`` hands them out again.
-        Each must have exactly one owner."""
+        Each must have exactly one owner and be listed once; nothing changes otherwise."""
+        if len(set(pages)) != len(pages):
+            raise PageOwnershipError(f"pages {pages} list a page twice: a page is allocated once")
         for page in pages:
             self._check_allocated(page, times=1)
             if self._refcounts[page] != 1:

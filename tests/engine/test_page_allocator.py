@@ -95,3 +95,28 @@ def test_rejects_negative_counts():
         allocator.allocate(-1)
     with pytest.raises(ValueError, match="num_tokens=-1"):
         allocator.pages_needed(-1)
+
+
+def test_unallocate_undoes_the_last_allocations_exactly():
+    allocator = PageAllocator(num_pages=9, page_size=4)
+    allocator.free(allocator.allocate(3))  # pages 1-3 go to the back: the free list is 4..8, 1, 2, 3
+    before = list(allocator._free)
+    first, second = allocator.allocate(2), allocator.allocate(4)
+    allocator.unallocate(second)  # newest first, as a declined plan is taken back
+    allocator.unallocate(first)
+    assert list(allocator._free) == before and allocator.num_free == 8
+    assert allocator.allocate(6) == first + second, "the same pages come out again, in the same order"
+
+
+def test_unallocate_refuses_pages_that_are_not_fresh_allocations():
+    allocator = PageAllocator(num_pages=9, page_size=4)
+    page, = allocator.allocate(1)
+    allocator.share(page)
+    with pytest.raises(PageOwnershipError, match="2 owners"):
+        allocator.unallocate([page])
+    with pytest.raises(PageOwnershipError):
+        allocator.unallocate([5])  # free: never allocated
+    other, = allocator.allocate(1)
+    with pytest.raises(PageOwnershipError, match="twice"):
+        allocator.unallocate([other, other])
+    assert allocator.refcount(page) == 2 and allocator.refcount(other) == 1 and allocator.num_free == 6
