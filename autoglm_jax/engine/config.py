@@ -39,8 +39,8 @@ class EngineConfig:
     gil_switch_interval_ms: how long the engine thread may hold Python's GIL while another thread waits for
         it (``sys.setswitchinterval``; process-wide). The runner's launch thread needs the GIL briefly to
         start each step program, while the engine thread runs the host work of the step before: at
-        Python's default 5 ms the device waited for that hand-off (H100 offline serving: 8,968 tok/s
-        at 0.5 ms vs 8,480-8,531 at the default). None = 0.5 ms on GPU, Python's own setting elsewhere.
+        Python's default 5 ms the device waited for that hand-off (H100 offline serving, one machine:
+        9,052 tok/s at 0.5 ms vs 8,568 at 5 ms). None = 0.5 ms on GPU, Python's own setting elsewhere.
     xla_autotune_seed: XLA GEMM autotuning results copied into the compilation cache before the first
         compile (``engine.autotune_seed``): "auto" = the results shipped for this card (if any), a directory =
         those, None = none (XLA autotunes every GEMM fusion the cache lacks).
@@ -135,7 +135,8 @@ class EngineConfig:
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling={self.async_scheduling!r}; choose True, False or None (auto)")
         interval = self.gil_switch_interval_ms
-        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0):
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float))
+                                     or not interval > 0):
             raise ValueError(f"gil_switch_interval_ms={interval!r} must be None (auto) or a number of milliseconds > 0")
         if self.scan_layers not in (None, True, False):
             raise ValueError(f"scan_layers={self.scan_layers!r}; choose True, False or None (auto)")

@@ -377,10 +377,10 @@ class EngineCore:
         back, decode calls and mixed steps alike (``Scheduler.schedule_ahead``): the device runs it while
         the host post-processes this one, and the next call starts by reading it. When only this step's
         tokens can decide the plan (a preemption, a request that never fits), the next step is dispatched
-        as soon as they are applied, before this step's outputs are built and returned. Each call still returns the outputs
-        of exactly one step, the same as one step at a time; requests that finish here drop the tokens
-        the step ahead computed for them, and requests added or aborted between calls take effect a step
-        later."""
+        as soon as they are applied, before this step's outputs are built and returned. Each call still
+        returns the outputs of exactly one step, the same as one step at a time; requests that finish here
+        drop the tokens the step ahead computed for them, and requests added or aborted between calls take
+        effect a step later."""
         log = self.step_log
         if log is None:
             return self._step()

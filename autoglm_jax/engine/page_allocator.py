@@ -107,7 +107,8 @@ class PageAllocator:
         for page in pages:
             self._check_allocated(page, times=1)
             if self._refcounts[page] != 1:
-                raise PageOwnershipError(f"page {page} has {self._refcounts[page]} owners: only a fresh allocation can be undone")
+                raise PageOwnershipError(
+                    f"page {page} has {self._refcounts[page]} owners: only a fresh allocation can be undone")
         for page in pages:
             self._refcounts[page] = 0
         self._free.extendleft(reversed(pages))

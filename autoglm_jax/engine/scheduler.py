@@ -249,7 +249,8 @@ class Scheduler:
         for request_id in pending:
             request = self._requests[request_id]
             count = num_sampled.get(request_id, 0)
-            if count and request.status is RequestStatus.RUNNING and request.num_tokens + count >= self._max_total_tokens(request):
+            limit = self._max_total_tokens(request)
+            if count and request.status is RequestStatus.RUNNING and request.num_tokens + count >= limit:
                 self._release(request)
                 self._released_ahead.add(request_id)
 

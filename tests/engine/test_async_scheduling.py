@@ -378,14 +378,16 @@ def test_schedule_ahead_gives_the_slot_a_length_limit_frees():
     scheduler.add_request(waiting)
     r1_slot = r1.slot
     ahead = scheduler.schedule_ahead(3, {e.request_id: 1 + e.num_lookahead_tokens for e in pending.scheduled})
-    assert [(e.request_id, e.is_new, e.num_lookahead_tokens) for e in ahead.scheduled] == [("r0", False, 0), ("waiting", True, 0)]
+    entries = [(e.request_id, e.is_new, e.num_lookahead_tokens) for e in ahead.scheduled]
+    assert entries == [("r0", False, 0), ("waiting", True, 0)]
     assert waiting.slot == r1_slot and r1.pages == [] and scheduler.running == (r0, waiting)
     with pytest.raises(RuntimeError, match="planned to reach their length limit"):
         scheduler._check_released_ahead()  # until update() finishes r1
     assert scheduler.update({"r0": [1, 2, 3, 4], "r1": [5, 6]}) == ("r1",)
     assert r1.finish_reason is FinishReason.LENGTH and r1.output_token_ids == [7, 5, 6]
     scheduler.update({"r0": [8], "waiting": [9]})
-    assert scheduler.allocator.num_free + sum(len(r.pages) for r in scheduler.running) == scheduler.allocator.num_usable_pages
+    allocator = scheduler.allocator
+    assert allocator.num_free + sum(len(r.pages) for r in scheduler.running) == allocator.num_usable_pages
 
 
 def test_schedule_ahead_released_request_that_stops_early_is_finished_by_the_engine():
@@ -436,7 +438,8 @@ def _tokens(scheduler, output) -> dict[str, list[int]]:
     tokens = {}
     for e in output.scheduled:
         if e.sample:
-            count = min(1 + e.num_lookahead_tokens, scheduler._max_total_tokens(scheduler.get_request(e.request_id)) - e.end_position)
+            limit = scheduler._max_total_tokens(scheduler.get_request(e.request_id))
+            count = min(1 + e.num_lookahead_tokens, limit - e.end_position)
             tokens[e.request_id] = [_token(e.request_id, e.end_position + i) for i in range(count)]
     return tokens
 
@@ -470,8 +473,8 @@ def _serve(scheduler, specs, max_lookahead: int, ahead: bool) -> tuple[list, int
                 if not scheduler.has_unfinished:
                     break
                 continue
-        nxt = scheduler.schedule_ahead(max_lookahead, {i: len(t) for i, t in _tokens(scheduler, pending).items()}) if ahead else None
         tokens = _tokens(scheduler, pending)
+        nxt = scheduler.schedule_ahead(max_lookahead, {i: len(t) for i, t in tokens.items()}) if ahead else None
         scheduler.update(tokens)
         shapes.append(_shape(requests, pending))
         planned_ahead += nxt is not None
