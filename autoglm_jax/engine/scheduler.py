@@ -28,7 +28,7 @@ admissions, so mixed steps are planned ahead as well as decode calls. It becomes
 ``update`` consumes the current one; entries of requests that finish or are aborted meanwhile are then
 skipped. It is the plan ``schedule`` would make after the update, up to sequences that stop early (a
 stop token or string): a plan that would preempt, fail a request as never fitting or form a new static
-batch is not made (None; nothing changes) and ``schedule`` decides after the update.
+batch is not made (None; nothing changes but that early release) and ``schedule`` decides after the update.
 
 Length rules (``max_sequence_length`` = M): prompts must have 1 .. M - 1 tokens (``add_request``
 raises ``ValueError`` otherwise); generation stops with ``FinishReason.LENGTH`` when the sequence
