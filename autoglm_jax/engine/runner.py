@@ -352,16 +352,17 @@ class ModelRunner:
         params, state = abstract_arguments(self.params), abstract_arguments(self.state)
         programs = [("mixed", self._empty_step_input(tokens)) for tokens in self.ladder.token_buckets]
         programs += [("decode", self._empty_decode_input(rows)) for rows in self.ladder.decode_batches]
-        programs = [(kind, self._step_function(kind, inp), (params, state, self._replicated(inp)),
-                     self._static_arguments(kind), self._program_key(kind, inp)) for kind, inp in programs]
+        programs = [(kind, self._step_function(kind, inp), self._replicated(inp), self._program_key(kind, inp))
+                    for kind, inp in programs]
         fingerprints = [None] * len(programs)
         loaded = [None] * len(programs)
         workers = max(1, min(len(programs), compile_threads or os.cpu_count() or 1))
         self.compile_timings = []
         with ThreadPoolExecutor(workers, thread_name_prefix="warmup") as pool:
             if self.executable_cache is not None:  # loading releases the GIL: all programs at once
-                fingerprints = [fingerprint(kind, self.graphdef, args, {**static, "xla_options": repr(fn.options)})
-                                for kind, fn, args, static, _ in programs]
+                fingerprints = [fingerprint(kind, self.graphdef, (params, state, inp),
+                                            {**self._static_arguments(kind), "xla_options": repr(fn.options)})
+                                for kind, fn, inp, _ in programs]
                 loaded = list(pool.map(self.executable_cache.load, fingerprints))
 
             def compile_one(timing: ProgramTiming, fp, lowered):
@@ -373,7 +374,7 @@ class ModelRunner:
                     self.executable_cache.save(fp, compiled)
 
             pending = []  # traced and lowered here, one after another; each compiles in the pool meanwhile
-            for (kind, fn, args, static, key), fp, executable in zip(programs, fingerprints, loaded):
+            for (kind, _, inp, key), fp, executable in zip(programs, fingerprints, loaded):
                 if executable is not None:
                     self._executables[key] = executable
                     self.num_loaded_executables += 1
@@ -381,7 +382,7 @@ class ModelRunner:
                 if self._stop_compiling.is_set():
                     break
                 start = time.perf_counter()
-                lowered = fn.jitted.lower(*args, **static)
+                lowered = self.lower_step(kind, inp, params, state)
                 self.compile_timings.append(timing := ProgramTiming(key, time.perf_counter() - start))
                 pending.append(pool.submit(compile_one, timing, fp, lowered))
             for future in pending:
