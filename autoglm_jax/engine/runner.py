@@ -27,6 +27,7 @@ several times cheaper than a ``jnp.asarray`` each); and results come back as one
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -141,6 +142,16 @@ class StepHandle:
         return self.query_start_loc is None
 
 
+class LaunchRecord(NamedTuple):
+    """One step program called on the launch thread (``ModelRunner.launch_log``), perf_counter seconds."""
+
+    kind: str        # "mixed" or "decode"
+    t_submit: float  # handed to the launch thread (the engine thread's dispatch)
+    t_enter: float   # the launch thread took it up (the previous call had returned)
+    t_call: float    # the program call began (after the Python that builds its arguments)
+    t_return: float  # the call returned (XLA returns after the program's last host-read predicate)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepFunction:
     """A jitted step function and the XLA compiler options it compiles with (sorted (name, value) pairs)."""
@@ -209,6 +220,8 @@ class ModelRunner:
         self._stop_compiling = threading.Event()
         self._launcher: ThreadPoolExecutor | None = None  # the launch thread (module docstring), made on first use
         self._last_launch: Future | None = None
+        self.launch_log: collections.deque | None = None  # a LaunchRecord per launched call while set (StepLog)
+        self.call_started = 0.0  # perf_counter when the last program call began (``_run``)
 
     def _make_steps(self, mixed_fn, decode_fn) -> None:
         self._step_fns = {"mixed": (self._counted(mixed_fn), ("num_logprobs",)),
@@ -519,7 +532,16 @@ class ModelRunner:
         # The host inputs go to the device now, while the steps before this one run: made by the call, the
         # transfers would wait until the launch thread returns from the previous call (the device idle).
         inp = self._replicated(inp) if self.mesh is not None else jax.device_put(dataclasses.replace(inp, slot_tokens=None))
-        self._last_launch = self._launcher.submit(lambda: run(dataclasses.replace(inp, slot_tokens=self.slot_tokens)))
+        launch_log, t_submit = self.launch_log, time.perf_counter()
+
+        def call():
+            t_enter = time.perf_counter()
+            out = run(dataclasses.replace(inp, slot_tokens=self.slot_tokens))
+            if launch_log is not None:
+                launch_log.append(LaunchRecord(kind, t_submit, t_enter, self.call_started, time.perf_counter()))
+            return out
+
+        self._last_launch = self._launcher.submit(call)
         return self._last_launch
 
     def wait_launched(self) -> None:
@@ -558,24 +580,22 @@ class ModelRunner:
         return (kind, *(np.shape(x) for x in jax.tree.leaves(inp)))
 
     def _run_mixed(self, inp: StepInput):
-        inp = self._replicated(inp)
-        program = self._executables.get(self._program_key("mixed", inp))
-        if program is not None:
-            self.state, out = program(self.params, self.state, inp)
-        else:
-            self.state, out = self._step_function("mixed", inp).jitted(self.params, self.state, inp,
-                                                                         **self._static_arguments("mixed"))
-        self.slot_tokens = out.slot_tokens
-        return out
+        return self._run("mixed", inp)
 
     def _run_decode(self, inp: DecodeInput):
+        return self._run("decode", inp)
+
+    def _run(self, kind: str, inp):
+        """Calls the ``kind`` program on ``inp`` (the compiled one, else the jitted function) with the
+        runner's state, which it replaces; ``call_started`` is when the program call began."""
         inp = self._replicated(inp)
-        program = self._executables.get(self._program_key("decode", inp))
+        program = self._executables.get(self._program_key(kind, inp))
+        self.call_started = time.perf_counter()
         if program is not None:
             self.state, out = program(self.params, self.state, inp)
         else:
-            self.state, out = self._step_function("decode", inp).jitted(self.params, self.state, inp,
-                                                                          **self._static_arguments("decode"))
+            self.state, out = self._step_function(kind, inp).jitted(self.params, self.state, inp,
+                                                                     **self._static_arguments(kind))
         self.slot_tokens = out.slot_tokens
         return out
 

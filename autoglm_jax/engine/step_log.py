@@ -99,6 +99,11 @@ class StepLog:
         self.rows: collections.deque[StepRecord] = collections.deque(maxlen=capacity)
         self.origin: float | None = None  # the first row's wall starts here (moves on as the ring drops rows)
         self._clock = FetchClock(runner) if runner is not None and hasattr(runner, "_fetch") else None
+        # The runner's launch thread logs each program call it makes (LaunchRecord) while a log is attached.
+        self.launches: collections.deque | None = None
+        self._runner = runner if runner is not None and hasattr(runner, "launch_log") else None
+        if self._runner is not None:
+            self.launches = self._runner.launch_log = collections.deque(maxlen=capacity)
         self._begin: tuple | None = None  # (t_begin, cpu_begin, blocked_s, fetch cpu_s, ahead) of the step running
         self._call: tuple | None = None   # (t_tokens, mixed, prefill, rows, steps, generated) of its call
 
@@ -107,6 +112,9 @@ class StepLog:
         if self._clock is not None:
             self._clock.remove()
             self._clock = None
+        if self._runner is not None and self._runner.launch_log is self.launches:
+            self._runner.launch_log = None
+        self._runner = None
         self._begin = None
 
     # ------------------------------------------------------------------ fed by EngineCore.step
@@ -152,7 +160,10 @@ class StepLog:
         self.rows.append(StepRecord(t_begin, call[0], t_end, *call[1:], blocked, cpu_end - cpu_begin - fetch_cpu, ahead))
 
     def summary(self, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> dict:
-        return summarize_steps(list(self.rows), self.origin, buckets)
+        summary = summarize_steps(list(self.rows), self.origin, buckets)
+        if self.launches is not None:
+            summary["launches"] = summarize_launches(list(self.launches))
+        return summary
 
 
 # ---------------------------------------------------------------------- the summary
@@ -207,6 +218,37 @@ def summarize_steps(rows: list[StepRecord], origin: float | None = None,
     }
 
 
+def summarize_launches(records: list) -> dict:
+    """The launch thread's calls (``runner.LaunchRecord``s, in call order): how each call followed the one
+    before. ``queued``: handed over before the previous call returned, so the launch thread could start
+    it at once; ``handoff_ms``: for those, the previous call's return to this one's program call (the
+    device idles at least this long when the previous call returned at its program's end); ``late_ms``:
+    for the others, how long after the previous call's return the engine thread handed it over;
+    ``arguments_ms``: the launch thread's Python from taking a call up to the program call. ``call_ms``:
+    each kind's program calls (a call holds its thread until the program's last host-read predicate)."""
+    pairs = list(zip(records, records[1:]))
+    queued = [b.t_call - a.t_return for a, b in pairs if b.t_submit <= a.t_return]
+    late = [b.t_submit - a.t_return for a, b in pairs if b.t_submit > a.t_return]
+    call_ms = {kind: value_summary([(r.t_return - r.t_call) * 1e3 for r in records if r.kind == kind])
+               for kind in KINDS}
+    return {"calls": len(records), "queued_fraction": len(queued) / len(pairs) if pairs else None,
+            "handoff_ms": value_summary([g * 1e3 for g in queued]), "late_ms": value_summary([g * 1e3 for g in late]),
+            "arguments_ms": value_summary([(r.t_call - r.t_enter) * 1e3 for r in records]), "call_ms": call_ms}
+
+
+def format_launch_summary(launches: dict) -> str:
+    """``summarize_launches``' result as one line."""
+    if not launches["calls"]:
+        return "launch thread: no calls recorded"
+    calls = ", ".join(f"{kind} {_ms(stats)}" for kind, stats in launches["call_ms"].items() if stats)
+    return (f"launch thread: {launches['calls']:,} calls, {_number(launches['queued_fraction'], '.0%')} queued before "
+            f"the previous returned; hand-off after the previous call's return mean / p50 / p90 / max "
+            f"{_ms(launches['handoff_ms'])} / {_ms(launches['handoff_ms'], 'p50')} / "
+            f"{_ms(launches['handoff_ms'], 'p90')} / {_ms(launches['handoff_ms'], 'max')} ms; "
+            f"late hand-overs {_ms(launches['late_ms'])} ms mean; arguments {_ms(launches['arguments_ms'])} ms mean; "
+            f"call ms mean: {calls}")
+
+
 def _number(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -241,4 +283,6 @@ def format_step_summary(summary: dict) -> str:
     lines.append(f"host busy in step(): {summary['host_s']:.2f} s ({summary['host_fraction']:.1%} of the span); "
                  f"engine loop outside step(): {summary['loop_gap_s']:.2f} s "
                  f"(mean {_ms(summary['loop_gap_ms'])} ms, max {_ms(summary['loop_gap_ms'], 'max')} ms between calls)")
+    if "launches" in summary:
+        lines.append(format_launch_summary(summary["launches"]))
     return "\n".join(lines)

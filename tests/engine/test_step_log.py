@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from autoglm_jax.engine.scheduler_output import ScheduledSequence, SchedulerOutput
-from autoglm_jax.engine.step_log import StepLog, StepRecord, format_step_summary, summarize_steps
+from autoglm_jax.engine.runner import LaunchRecord
+from autoglm_jax.engine.step_log import (StepLog, StepRecord, format_launch_summary, format_step_summary,
+                                         summarize_launches, summarize_steps)
 from autoglm_jax.sampling_params import SamplingParams
 from tests.engine.conftest import random_prompt
 
@@ -95,8 +97,9 @@ def core(tiny_llm, monkeypatch):
     settle(core)
 
 
-def run_scripted(core) -> list[StepRecord]:
-    """Three requests queued together (prompts of PROMPT_LENGTHS tokens, MAX_TOKENS each), stepped to the end."""
+def run_scripted(core, logs: list | None = None) -> list[StepRecord]:
+    """Three requests queued together (prompts of PROMPT_LENGTHS tokens, MAX_TOKENS each), stepped to the end
+    (the StepLog is appended to ``logs`` when given)."""
     rng = np.random.default_rng(3)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, ignore_eos=True)
     log = core.enable_step_log()
@@ -105,6 +108,8 @@ def run_scripted(core) -> list[StepRecord]:
     while core.has_unfinished_requests() or core._in_flight is not None:
         core.step()
     assert core.disable_step_log() is log and core.step_log is None
+    if logs is not None:
+        logs.append(log)
     return list(log.rows)
 
 
@@ -143,3 +148,35 @@ def test_the_same_mixed_calls_with_and_without_async_scheduling(core):
         return [(r.prefill_tokens, r.decode_rows, r.generated) for r in run_scripted(core) if r.mixed]
 
     assert mixed(False) == mixed(True)
+
+
+def test_launch_records_of_a_scripted_workload(core):
+    """With async scheduling every engine call is one program call on the runner's launch thread (the
+    ladder is compiled): one LaunchRecord each, in the calls' order, with ordered timestamps; the runner
+    stops logging when the step log is detached."""
+    runner, logs = core.runner, []
+    assert runner.launch_log is None
+    core.async_scheduling = True
+    rows = run_scripted(core, logs)
+    launches = list(logs[0].launches)
+    assert runner.launch_log is None
+    assert [r.kind == "mixed" for r in launches] == [r.mixed for r in rows]
+    assert all(r.t_submit <= r.t_enter <= r.t_call <= r.t_return for r in launches)
+    assert all(a.t_return <= b.t_enter for a, b in zip(launches, launches[1:]))  # one launch thread, in order
+    summary = logs[0].summary()["launches"]
+    assert summary["calls"] == len(rows) and summary["call_ms"]["decode"] is not None
+    assert format_launch_summary(summary).startswith(f"launch thread: {len(rows)} calls")
+
+
+def test_summarize_launches_splits_queued_calls_from_late_ones():
+    records = [LaunchRecord("mixed", 0.000, 0.000, 0.001, 0.050),
+               LaunchRecord("decode", 0.020, 0.051, 0.052, 0.150),   # queued: program called 2 ms after the return
+               LaunchRecord("decode", 0.160, 0.160, 0.161, 0.260),   # handed over 10 ms after the return
+               LaunchRecord("mixed", 0.200, 0.262, 0.266, 0.300)]    # queued: 6 ms
+    s = summarize_launches(records)
+    assert s["calls"] == 4 and s["queued_fraction"] == pytest.approx(2 / 3)
+    assert s["handoff_ms"]["mean"] == pytest.approx(4.0) and s["handoff_ms"]["max"] == pytest.approx(6.0)
+    assert s["late_ms"]["mean"] == pytest.approx(10.0)
+    assert s["arguments_ms"]["max"] == pytest.approx(4.0)
+    assert s["call_ms"]["decode"]["mean"] == pytest.approx(98.5) and s["call_ms"]["mixed"]["mean"] == pytest.approx(41.5)
+    assert summarize_launches([])["queued_fraction"] is None
