@@ -14,7 +14,10 @@ The launch thread exists because a call does not always return when its kernels 
 a decode call's ``while`` loop (its multi-step decode) from the calling thread, reading the loop
 predicate back every iteration, so that thread is held until the call's last iteration. Launched from
 the engine's thread, the next step could only be planned after that, with the device idle meanwhile;
-from the launch thread, the engine plans and builds it while the device runs the current one.
+from the launch thread, the engine plans and builds it while the device runs the current one. That
+call returns when its program is nearly done, and the device then idles until the launch thread starts
+the next program, for which it needs the GIL: the engine thread, woken by the same return to
+post-process the tokens, first waits for that start (``_await_next_call``).
 
 Host cost per step is kept to a few Python operations per row (hundreds of rows per step at a large
 batch): what stays with a batch slot while one sequence holds it (its page-table row, sampling
@@ -56,6 +59,7 @@ from autoglm_jax.model.attention_metadata import AttentionMetadata
 from autoglm_jax.sampler import SamplingTensors, HostRows
 
 log = logging.getLogger(__name__)
+HANDOFF_TIMEOUT_S = 0.05  # _await_next_call's bound (the launch thread normally starts the call in < 1 ms)
 STOP_IDS_WIDTH = 16  # on-device stop ids per row in the decode loop (eos + stop_token_ids, padded)
 
 
@@ -222,6 +226,9 @@ class ModelRunner:
         self._last_launch: Future | None = None
         self.launch_log: collections.deque | None = None  # a LaunchRecord per launched call while set (StepLog)
         self.call_started = 0.0  # perf_counter when the last program call began (``_run``)
+        self._handoff = threading.Condition()  # the launch thread's progress, for _await_next_call
+        self._launches_submitted = 0  # calls handed to the launch thread (engine thread)
+        self._launches_called = 0     # of those, the last whose program call is about to begin (launch thread)
 
     def _make_steps(self, mixed_fn, decode_fn) -> None:
         self._step_fns = {"mixed": (self._counted(mixed_fn), ("num_logprobs",)),
@@ -460,8 +467,12 @@ class ModelRunner:
 
     def _fetch(self, out):
         """Device -> host: the one place the host waits for a step (``out``: its outputs, or the launch
-        thread's Future of them)."""
-        return jax.device_get(out.result() if isinstance(out, Future) else out)
+        thread's Future of them; then also for the next program's call to begin: ``_await_next_call``)."""
+        if isinstance(out, Future):
+            result = out.result()
+            self._await_next_call(out)
+            out = result
+        return jax.device_get(out)
 
     def _dispatch_mixed(self, scheduled, rows) -> StepHandle:
         starts = np.zeros(len(scheduled) + 1, np.int64)  # = md.query_start_loc, host side
@@ -533,16 +544,35 @@ class ModelRunner:
         # transfers would wait until the launch thread returns from the previous call (the device idle).
         inp = self._replicated(inp) if self.mesh is not None else jax.device_put(dataclasses.replace(inp, slot_tokens=None))
         launch_log, t_submit = self.launch_log, time.perf_counter()
+        self._launches_submitted += 1
+        index = self._launches_submitted
 
         def call():
             t_enter = time.perf_counter()
-            out = run(dataclasses.replace(inp, slot_tokens=self.slot_tokens))
+            args = dataclasses.replace(inp, slot_tokens=self.slot_tokens)
+            with self._handoff:
+                self._launches_called = index
+                self._handoff.notify_all()
+            out = run(args)
             if launch_log is not None:
                 launch_log.append(LaunchRecord(kind, t_submit, t_enter, self.call_started, time.perf_counter()))
             return out
 
-        self._last_launch = self._launcher.submit(call)
-        return self._last_launch
+        self._last_launch = future = self._launcher.submit(call)
+        future.launch_index = index
+        return future
+
+    def _await_next_call(self, future: Future) -> None:
+        """After launch ``future``'s call returned: waits (GIL released) until the launch thread calls the
+        step program handed over after it, if one was. The device is idle from the returned call's end
+        until that program starts, and the launch thread needs the GIL to start it; the engine thread,
+        about to post-process the returned call's tokens for ~10-20 ms of Python, would hold the GIL
+        most of that time."""
+        index = getattr(future, "launch_index", None)
+        if index is None or self._launches_submitted <= index:
+            return
+        with self._handoff:
+            self._handoff.wait_for(lambda: self._launches_called > index, timeout=HANDOFF_TIMEOUT_S)
 
     def wait_launched(self) -> None:
         """Returns once every dispatched step's program has been called (their outputs may still be

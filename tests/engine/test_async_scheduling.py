@@ -15,9 +15,11 @@ it plans equal those one step at a time plans after each update (no early stops)
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import random
 import threading
+import time
 
 import hypothesis
 import numpy as np
@@ -295,6 +297,46 @@ def test_compiled_steps_run_on_the_launch_thread(core, monkeypatch):
         core.step()
     assert released and all(released), "a decode call's hold timed out: step() waited for it"
     assert all(name.startswith("autoglm-launch") for name in threads), threads
+
+
+class _SlowPickup(concurrent.futures.ThreadPoolExecutor):
+    """A launch thread that takes each handed-over call up 20 ms late (as one waiting for the GIL; under
+    the runner's HANDOFF_TIMEOUT_S)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(lambda: (time.sleep(0.02), fn(*args, **kwargs))[1])
+
+
+def test_collect_returns_once_the_next_program_call_began(core, monkeypatch):
+    """After a launched call returns, the next program must start before the engine thread takes the GIL
+    for the returned call's tokens: ``collect`` of call k returns only once call k + 1 (when handed over
+    already) has begun, even when the launch thread is slow to take it up."""
+    runner, events = core.runner, []
+    monkeypatch.setattr(runner, "_launcher", _SlowPickup(1, thread_name_prefix="autoglm-launch"))
+    for name in ("_run_mixed", "_run_decode"):
+        original = getattr(runner, name)
+        monkeypatch.setattr(runner, name, lambda inp, original=original: (events.append("call"), original(inp))[1])
+    for name, event in (("dispatch", "dispatch"), ("collect", "collected")):
+        original = getattr(runner, name)
+
+        def wrapped(*args, original=original, event=event):
+            result = original(*args)
+            events.append(event)
+            return result
+        monkeypatch.setattr(runner, name, wrapped)
+    core.async_scheduling = True
+    rng = np.random.default_rng(4)
+    for n in (5, 9, 40):
+        core.add_request(random_prompt(rng, n), SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), f"n{n}")
+    while core.has_unfinished_requests() or core._in_flight is not None:
+        core.step()
+    checked = 0
+    for k, at in enumerate(i for i, event in enumerate(events) if event == "collected"):
+        before = events[:at]
+        handed_over = before.count("dispatch")
+        assert before.count("call") >= min(handed_over, k + 2), f"collect {k}: {before}"
+        checked += handed_over >= k + 2
+    assert checked >= 3, events
 
 
 def test_no_recompilation_with_async_scheduling(tiny_llm, core):
