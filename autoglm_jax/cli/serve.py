@@ -57,6 +57,8 @@ flags.DEFINE_enum("xla_gemm_backend", "auto", ["auto", "triton", "cublas"], "Emi
                   "program: auto (Triton below 64 matmul rows, cuBLAS from 64), triton (XLA's default) or cublas.")
 flags.DEFINE_float("gil_switch_interval_ms", None, "Python's GIL switch interval while serving (process-wide); "
                    "default 0.5 ms on GPU so the runner's launch thread starts each step program promptly.")
+flags.DEFINE_enum("python_gc", "auto", ["auto", "tuned", "default"], "Python's garbage collector while serving "
+                  "(process-wide): tuned = the start-up heap frozen and collections rarer; auto = tuned on GPU.")
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices one model replica is split over.")
 flags.DEFINE_integer("data_parallel_size", 1, "Engine replicas behind one load-balancing front.")
 flags.DEFINE_enum("data_parallel_backend", "auto", ["auto", "process", "thread"], "Data-parallel replicas as one "
@@ -67,7 +69,7 @@ flags.DEFINE_string("compilation_cache_dir", EngineConfig.compilation_cache_dir,
 _ENGINE_FLAGS = ("model", "tokenizer", "dtype", "seed", "max_batch_size", "max_sequence_length",
                  "max_num_batched_tokens", "prefill_ratio", "decode_steps_per_call", "page_size", "num_pages",
                  "async_scheduling", "memory_fraction", "max_waiting_requests", "max_logprobs", "attention_backend",
-                 "matmul_backend", "xla_gemm_backend", "gil_switch_interval_ms", "tensor_parallel_size",
+                 "matmul_backend", "xla_gemm_backend", "gil_switch_interval_ms", "python_gc", "tensor_parallel_size",
                  "data_parallel_size", "data_parallel_backend")
 
 

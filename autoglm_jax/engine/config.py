@@ -14,6 +14,7 @@ from autoglm_jax.engine.scheduler_config import SchedulerConfig
 from autoglm_jax.engine.xla_options import XLA_GEMM_BACKENDS
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+PYTHON_GC_MODES = ("auto", "tuned", "default")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,13 @@ class EngineConfig:
         start each step program, while the engine thread runs the host work of the step before: at
         Python's default 5 ms the device waited for that hand-off (H100 offline serving, one machine:
         9,052 tok/s at 0.5 ms vs 8,568 at 5 ms). None = 0.5 ms on GPU, Python's own setting elsewhere.
+    python_gc: Python's cyclic garbage collector while serving (process-wide): "tuned" = the heap alive
+        once the engine is built is collected and frozen (``gc.freeze``: start-up objects -- JAX, the model's
+        graph -- are never scanned again) and the first generation's threshold raised to
+        ``engine.core.GC_THRESHOLD0`` allocations, so per-step objects die by reference count before a
+        collection starts (at Python's 700 a long-lived-generation collection paused the engine for
+        ~0.3 s on this workplace's CPU; vLLM and SGLang freeze the start-up heap too); "default" = Python's
+        own; "auto" = tuned on GPU, Python's own elsewhere.
     xla_autotune_seed: XLA GEMM autotuning results copied into the compilation cache before the first
         compile (``engine.autotune_seed``): "auto" = the results shipped for this card (if any), a directory =
         those, None = none (XLA autotunes every GEMM fusion the cache lacks).
@@ -79,6 +87,7 @@ class EngineConfig:
     decode_steps_per_call: int = 8
     async_scheduling: bool | None = None
     gil_switch_interval_ms: float | None = None
+    python_gc: str = "auto"
     executable_cache: bool | None = None
     use_dynamic_batching: bool = True
     adaptive_batching: bool = True
@@ -138,6 +147,8 @@ class EngineConfig:
         if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float))
                                      or not interval > 0):
             raise ValueError(f"gil_switch_interval_ms={interval!r} must be None (auto) or a number of milliseconds > 0")
+        if self.python_gc not in PYTHON_GC_MODES:
+            raise ValueError(f"python_gc={self.python_gc!r}; choose one of {PYTHON_GC_MODES}")
         if self.scan_layers not in (None, True, False):
             raise ValueError(f"scan_layers={self.scan_layers!r}; choose True, False or None (auto)")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import itertools
 import logging
 import numbers
@@ -70,6 +71,23 @@ def resolve_gil_switch_interval(setting_ms: float | None) -> float | None:
     if setting_ms is None:
         return GPU_GIL_SWITCH_INTERVAL_MS / 1000 if jax.default_backend() == "gpu" else None
     return setting_ms / 1000
+
+
+GC_THRESHOLD0 = 50_000  # first-generation threshold of Python's GC with python_gc="tuned" (Python's: 700)
+
+
+def resolve_python_gc(mode: str) -> bool:
+    """The engine arg ``python_gc``: True = tune the collector (``tune_python_gc``). "auto" = on GPU only."""
+    return mode == "tuned" or (mode == "auto" and jax.default_backend() == "gpu")
+
+
+def tune_python_gc() -> None:
+    """Collects and freezes the heap alive now (never scanned again) and raises the first generation's
+    threshold to GC_THRESHOLD0 (process-wide; ``EngineConfig.python_gc``)."""
+    gc.collect()
+    gc.freeze()
+    _, threshold1, threshold2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, threshold1, threshold2)
 
 
 def serving_model_shapes(cfg: EngineConfig, model_config, dtype, attention_backend: str, scan_layers: bool):
@@ -272,6 +290,8 @@ class EngineCore:
                 print(f"[autoglm] {message}", file=sys.stderr)
             else:
                 log.info(message)
+        if resolve_python_gc(cfg.python_gc):
+            tune_python_gc()  # process-wide (EngineConfig.python_gc)
 
     def _load_while_compiling(self, load, compile_first: bool) -> float:
         """Loads the weights (``load()``: config, model, source) into the runner made from their abstract

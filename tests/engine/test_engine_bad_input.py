@@ -97,6 +97,37 @@ def test_bad_gil_switch_interval_is_refused_by_name(bad):
         EngineConfig(gil_switch_interval_ms=bad)
 
 
+@pytest.mark.parametrize("bad", ["on", None, True])
+def test_bad_python_gc_is_refused_by_name(bad):
+    from autoglm_jax.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="python_gc"):
+        EngineConfig(python_gc=bad)
+
+
+def test_python_gc_is_tuned_for_the_engine_process(tiny_model_dir, monkeypatch):
+    """python_gc="tuned" collects and freezes the heap once the engine is built and raises the first
+    generation's threshold (later generations keep theirs); "default" leaves the collector alone, and
+    "auto" tunes it on GPU only."""
+    import gc
+
+    from autoglm_jax.engine.core import GC_THRESHOLD0, EngineCore, resolve_python_gc
+
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))  # the process's own collector stays as it is
+    monkeypatch.setattr(gc, "set_threshold", lambda *t: calls.append(t))
+    _, threshold1, threshold2 = gc.get_threshold()
+    for mode, expected in (("default", []), ("tuned", ["freeze", (GC_THRESHOLD0, threshold1, threshold2)])):
+        calls.clear()
+        EngineCore(model=tiny_model_dir, python_gc=mode, warmup=False, num_pages=16, max_batch_size=2,
+                   max_sequence_length=64, show_progress=False)
+        assert calls == expected, mode
+    monkeypatch.setattr("jax.default_backend", lambda: "cpu")
+    assert not resolve_python_gc("auto") and resolve_python_gc("tuned") and not resolve_python_gc("default")
+    monkeypatch.setattr("jax.default_backend", lambda: "gpu")
+    assert resolve_python_gc("auto") and not resolve_python_gc("default")
+
+
 def test_gil_switch_interval_is_set_for_the_engine_process(tiny_model_dir, monkeypatch):
     """An engine built with gil_switch_interval_ms sets Python's switch interval; the default leaves it
     alone on CPU and is 0.5 ms on GPU."""
