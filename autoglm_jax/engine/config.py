@@ -47,7 +47,7 @@ class EngineConfig:
         graph -- are never scanned again) and the first generation's threshold raised to
         ``engine.core.GC_THRESHOLD0`` allocations, so per-step objects die by reference count before a
         collection starts (at Python's 700 a long-lived-generation collection paused the engine for
-        ~0.3 s on this workplace's CPU; vLLM and SGLang freeze the start-up heap too); "default" = Python's
+        ~0.3 s on this workplace's CPU; vLLM's engine core freezes its start-up heap too); "default" = Python's
         own; "auto" = tuned on GPU, Python's own elsewhere.
     xla_autotune_seed: XLA GEMM autotuning results copied into the compilation cache before the first
         compile (``engine.autotune_seed``): "auto" = the results shipped for this card (if any), a directory =

@@ -24,6 +24,10 @@ dispatch included). Times are ``time.perf_counter`` seconds:
   ahead              the call was dispatched by an earlier ``step()`` (before the previous call's tokens
                      were read: the device had it queued); False = the device idled while the host planned it
 
+While attached it also keeps the runner's ``LaunchRecord``s (``runner.launch_log``: one per program call
+the launch thread makes) and summarizes them (``summarize_launches``): how soon each program was called
+after the one before returned, the device's idle time at that boundary.
+
 Wall attribution (``summarize_steps``): each call owns the time from the previous call's t_tokens (the
 log's first ``step()`` entry for the first) to its own t_tokens, so the calls' walls add up to the span.
 Host busy in a step = (t_end - t_begin) - blocked_s; the engine loop's time between steps (outside
