@@ -34,6 +34,21 @@ class EngineStoppedError(RuntimeError):
     """The engine is not running (not started, or stopped)."""
 
 
+def _set_all(events: list) -> None:
+    for event in events:
+        event.set()
+
+
+def wake_loops(wakeups: dict) -> None:
+    """Sets each asyncio loop's events (loop -> [asyncio.Event]) from another thread: one
+    ``call_soon_threadsafe`` per loop. A loop closed meanwhile has nobody left to wake."""
+    for loop, events in wakeups.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, events)
+        except RuntimeError:  # the loop is closed
+            pass
+
+
 class RequestHandle:
     """A submitted request: the latest cumulative output, completion, and waiting (threads or asyncio)."""
 
@@ -50,7 +65,11 @@ class RequestHandle:
     def done(self) -> bool:
         return self._done
 
-    def _publish(self, output: RequestOutput | None, error: BaseException | None = None) -> None:
+    def _publish(self, output: RequestOutput | None, error: BaseException | None = None,
+                 wakeups: dict | None = None) -> None:
+        """Makes ``output`` (or ``error``) the latest and wakes the waiters: threads at once, asyncio ones
+        through their loops -- added to ``wakeups`` (loop -> events) when given, for ``wake_loops`` to
+        wake with one cross-thread call per loop (a step publishes hundreds of outputs)."""
         with self._cond:
             if output is not None:
                 self._latest = output
@@ -59,8 +78,14 @@ class RequestHandle:
             self._version += 1
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
+        if wakeups is None:
+            wakeups = {}
+            for loop, event in waiters:
+                wakeups.setdefault(loop, []).append(event)
+            wake_loops(wakeups)
+            return
         for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+            wakeups.setdefault(loop, []).append(event)
 
     def _snapshot(self):
         if self._error is not None:
@@ -223,12 +248,14 @@ class AutoGLMEngine:
                 self._fail_all(error)
                 continue
             self._window.record_step(time.monotonic() - start, core.scheduler.num_running)
+            wakeups: dict = {}
             for output in outputs:
                 handle = self._handles.get(output.request_id)
                 if handle is not None:
-                    handle._publish(output)
+                    handle._publish(output, wakeups=wakeups)
                     if output.finished:
                         self._handles.pop(output.request_id, None)
+            wake_loops(wakeups)
         self._abort_remaining()
 
     def _drain_inbox(self, block: bool) -> bool:

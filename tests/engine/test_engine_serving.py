@@ -137,3 +137,48 @@ def test_static_batching_runs_each_batch_to_completion(tiny_model_dir):
         assert jit_cache_sizes(engine.core.runner) == (1, 2)
     finally:
         engine.stop(drain=False)
+
+
+def test_one_step_wakes_each_asyncio_loop_once():
+    """Outputs published with a ``wakeups`` dict reach every asyncio consumer through one cross-thread
+    call per loop (a step publishes hundreds); a loop closed meanwhile is skipped without an error."""
+    from autoglm_jax.engine.async_engine import RequestHandle, wake_loops
+
+    class Output:
+        def __init__(self, finished):
+            self.finished = finished
+
+    handles = [RequestHandle(f"r{i}") for i in range(20)]
+    seen = {h.request_id: [] for h in handles}
+    ready, calls = concurrent.futures.Future(), []
+
+    async def consume(handle):
+        async for output in handle:
+            seen[handle.request_id].append(output.finished)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: (calls.append(args[0]), original(*args))[1]
+        tasks = [asyncio.create_task(consume(h)) for h in handles]
+        await asyncio.sleep(0.05)  # every consumer waits on its handle
+        ready.set_result(loop)
+        await asyncio.gather(*tasks)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as client:
+        done = client.submit(asyncio.run, main())
+        ready.result(timeout=10)
+        for finished in (False, True):
+            while not all(h._async_waiters for h in handles):  # each consumer awaits its next output
+                time.sleep(0.01)
+            wakeups: dict = {}
+            for handle in handles:
+                handle._publish(Output(finished), wakeups=wakeups)
+            assert len(wakeups) == 1 and len(next(iter(wakeups.values()))) == len(handles)
+            wake_loops(wakeups)
+        done.result(timeout=10)
+    assert len(calls) == 2, calls  # one call per step, not one per handle
+    assert all(outputs == [False, True] for outputs in seen.values()), seen
+    closed = asyncio.new_event_loop()
+    closed.close()
+    wake_loops({closed: [asyncio.Event()]})
