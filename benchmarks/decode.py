@@ -75,6 +75,8 @@ flags.DEFINE_bool("profile_by_kind", False, "--engine: merge the printed ops by 
                   "gemm_fusion_dot), e.g. with XLA_FLAGS=--xla_gpu_enable_command_buffer= to see every kernel.")
 flags.DEFINE_integer("max_logprobs", 0, "Runner mode: top logprobs every decode step computes (the engine's "
                      "max_logprobs; 20 by default there, 0 here).")
+flags.DEFINE_bool("memory_analysis", False, "Runner mode: print each decode program's temporary and output bytes "
+                  "(XLA's memory analysis: what the KV pool must leave free).")
 flags.DEFINE_bool("profile_runner", False, "Runner mode: also trace one call per shape and print its --profile_top ops "
                   "(by kind with --profile_by_kind) and idle gaps.")
 flags.DEFINE_string("dtype", "bfloat16", "--engine: weights/activations/KV dtype (float32 for a CPU smoke run).")
@@ -155,6 +157,11 @@ def run_backend(config: ModelConfig, backend: str, gemm: str, scan_layers: bool,
     for batch in batches:
         for context in contexts:
             inp = decode_input(batch, context, runner, FLAGS.steps)
+            if FLAGS.memory_analysis:  # before the first call: the analysis compiles the program on its own
+                memory = runner.lower_step("decode", inp).compile().memory_analysis()
+                print(f"{label:11s} decode program, {runner.ladder.decode_batch(batch)} rows: temp "
+                      f"{memory.temp_size_in_bytes / 2**30:.2f} GiB, outputs {memory.output_size_in_bytes / 2**30:.2f} "
+                      f"GiB (aliased {memory.alias_size_in_bytes / 2**30:.2f} GiB)", flush=True)
             start = time.perf_counter()
             jax.block_until_ready(runner._run_decode(inp))
             compile_s = time.perf_counter() - start
