@@ -42,6 +42,7 @@ from _timing import batch_ms, copy_bandwidth
 from autoglm_jax.checkpoint.loader import build_model
 from autoglm_jax.config import ModelConfig
 from autoglm_jax.engine.core import EngineCore
+from autoglm_jax.engine.memory import program_need_bytes
 from autoglm_jax.engine.runner import STOP_IDS_WIDTH, ModelRunner
 from autoglm_jax.engine.step_log import format_step_summary
 from autoglm_jax.engine.step_functions import DecodeInput
@@ -75,8 +76,8 @@ flags.DEFINE_bool("profile_by_kind", False, "--engine: merge the printed ops by 
                   "gemm_fusion_dot), e.g. with XLA_FLAGS=--xla_gpu_enable_command_buffer= to see every kernel.")
 flags.DEFINE_integer("max_logprobs", 0, "Runner mode: top logprobs every decode step computes (the engine's "
                      "max_logprobs; 20 by default there, 0 here).")
-flags.DEFINE_bool("memory_analysis", False, "Runner mode: print each decode program's temporary and output bytes "
-                  "(XLA's memory analysis: what the KV pool must leave free).")
+flags.DEFINE_bool("memory_analysis", False, "Runner mode: print the device bytes each decode program needs beyond "
+                  "its arguments (what the engine's KV pool leaves free for it: memory.program_need_bytes).")
 flags.DEFINE_bool("profile_runner", False, "Runner mode: also trace one call per shape and print its --profile_top ops "
                   "(by kind with --profile_by_kind) and idle gaps.")
 flags.DEFINE_string("dtype", "bfloat16", "--engine: weights/activations/KV dtype (float32 for a CPU smoke run).")
@@ -158,10 +159,10 @@ def run_backend(config: ModelConfig, backend: str, gemm: str, scan_layers: bool,
         for context in contexts:
             inp = decode_input(batch, context, runner, FLAGS.steps)
             if FLAGS.memory_analysis:  # before the first call: the analysis compiles the program on its own
-                memory = runner.lower_step("decode", inp).compile().memory_analysis()
-                print(f"{label:11s} decode program, {runner.ladder.decode_batch(batch)} rows: temp "
-                      f"{memory.temp_size_in_bytes / 2**30:.2f} GiB, outputs {memory.output_size_in_bytes / 2**30:.2f} "
-                      f"GiB (aliased {memory.alias_size_in_bytes / 2**30:.2f} GiB)", flush=True)
+                need = program_need_bytes(runner.lower_step("decode", inp).compile())
+                need = "unknown" if need is None else f"{need / 2**30:.2f} GiB"
+                print(f"{label:11s} decode program, {runner.ladder.decode_batch(batch)} rows: needs {need} beyond "
+                      f"its arguments (memory.program_need_bytes)", flush=True)
             start = time.perf_counter()
             jax.block_until_ready(runner._run_decode(inp))
             compile_s = time.perf_counter() - start

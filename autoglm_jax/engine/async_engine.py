@@ -78,14 +78,12 @@ class RequestHandle:
             self._version += 1
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
-        if wakeups is None:
-            wakeups = {}
-            for loop, event in waiters:
-                wakeups.setdefault(loop, []).append(event)
-            wake_loops(wakeups)
-            return
+        own = wakeups is None
+        wakeups = {} if own else wakeups
         for loop, event in waiters:
             wakeups.setdefault(loop, []).append(event)
+        if own:
+            wake_loops(wakeups)
 
     def _snapshot(self):
         if self._error is not None:
