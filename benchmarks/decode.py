@@ -12,6 +12,8 @@ the GPU memory while it runs):
     PYTHONPATH=. python3 benchmarks/decode.py --batch=1,8,64 --context=1024,4096 && \
       PYTHONPATH=. python3 benchmarks/hf_decode.py --batch=1 --context=1024
 
+``--kv_cache_dtype=fp8`` runs either mode over a float8 e4m3fn KV pool (its bytes in the roofline).
+
 ``--engine`` decodes through ``EngineCore`` instead (scheduler, host input assembly and output
 processing included) with async scheduling off, then on, in the same engine: tokens/s, ms per decode
 step, the same compiled decode program's ms per step called back to back (the "engine overhead" column:
@@ -46,7 +48,8 @@ from autoglm_jax.engine.memory import program_need_bytes
 from autoglm_jax.engine.runner import STOP_IDS_WIDTH, ModelRunner
 from autoglm_jax.engine.step_log import format_step_summary
 from autoglm_jax.engine.step_functions import DecodeInput
-from autoglm_jax.model.kv_cache import KVCache
+from autoglm_jax.model.attention import to_cache_dtype
+from autoglm_jax.model.kv_cache import KVCache, resolve_kv_cache_dtype
 from autoglm_jax.sampler import SamplingTensors
 from autoglm_jax.sampling_params import SamplingParams
 from autoglm_jax.tools.device_profile import backend_planes, profile_device
@@ -81,6 +84,8 @@ flags.DEFINE_bool("memory_analysis", False, "Runner mode: print the device bytes
 flags.DEFINE_bool("profile_runner", False, "Runner mode: also trace one call per shape and print its --profile_top ops "
                   "(by kind with --profile_by_kind) and idle gaps.")
 flags.DEFINE_string("dtype", "bfloat16", "--engine: weights/activations/KV dtype (float32 for a CPU smoke run).")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"], "KV pool dtype (EngineConfig.kv_cache_dtype): "
+                  "auto = the model's (bf16 in runner mode), fp8 = float8 e4m3fn pages.")
 
 
 def decode_input(batch: int, context: int, runner: ModelRunner, steps: int) -> DecodeInput:
@@ -130,20 +135,23 @@ def run_backend(config: ModelConfig, backend: str, gemm: str, scan_layers: bool,
     max_context = max(contexts) + FLAGS.steps + 1
     pages_per_seq = -(-max_context // FLAGS.page_size)
     mixed_tokens = [int(t) for t in FLAGS.mixed_tokens]
+    cache_dtype = resolve_kv_cache_dtype(FLAGS.kv_cache_dtype, jnp.bfloat16)
     runner = ModelRunner(model, config, max_batch_size=max(batches),
                          max_num_batched_tokens=max(batches + mixed_tokens),
                          max_sequence_length=pages_per_seq * FLAGS.page_size, page_size=FLAGS.page_size,
-                         num_pages=max(batches) * pages_per_seq + 1, cache_dtype=jnp.bfloat16,
+                         num_pages=max(batches) * pages_per_seq + 1, cache_dtype=cache_dtype,
                          decode_steps_per_call=FLAGS.steps, max_logprobs=FLAGS.max_logprobs, scan_layers=scan_layers,
                          xla_gemm_backend=gemm)
     # never time on zeros; the zeroed pool is donated, so the random one takes its place (no second pool)
-    fill = jax.jit(lambda a, key: jax.random.normal(key, a.shape, a.dtype), donate_argnums=0)
+    fill = jax.jit(lambda a, key: to_cache_dtype(jax.random.normal(key, a.shape, jnp.bfloat16), a.dtype),
+                   donate_argnums=0)
     kv = runner.state.kv
     runner.state = runner.state.__class__(kv=KVCache(k=fill(kv.k, jax.random.key(1)), v=fill(kv.v, jax.random.key(2))),
                                           output_counts=runner.state.output_counts, prompt_mask=runner.state.prompt_mask)
     del kv
     rows = []
-    label = backend + (" scan" if scan_layers else "") + ("" if gemm == "auto" else f" {gemm}")
+    label = (backend + (" scan" if scan_layers else "") + ("" if gemm == "auto" else f" {gemm}")
+             + ("" if FLAGS.kv_cache_dtype == "auto" else " fp8 KV"))
     for tokens in mixed_tokens:
         if tokens not in runner.ladder.token_buckets:
             raise app.UsageError(f"--mixed_tokens={tokens} is not a token bucket {runner.ladder.token_buckets}")
@@ -154,7 +162,7 @@ def run_backend(config: ModelConfig, backend: str, gemm: str, scan_layers: bool,
         print(f"{label:11s} mixed {tokens:5d} tokens (all padding): {ms:7.2f} ms, GEMMs {tflops:5.0f} TFLOP/s",
               flush=True)
         rows.append((label + " mixed (padding)", tokens, 0, tokens / ms * 1e3, ms, float("nan"), 0.0))
-    per_token_kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+    per_token_kv = KVCache.bytes_per_page(config, 1, cache_dtype)
     for batch in batches:
         for context in contexts:
             inp = decode_input(batch, context, runner, FLAGS.steps)
@@ -196,7 +204,8 @@ def engine_core(batch: int, context: int) -> EngineCore:
     return EngineCore(model=FLAGS.model, dtype=FLAGS.dtype, skip_tokenizer_init=True, warmup=True,
                       show_progress=False, max_batch_size=batch, max_sequence_length=pages * FLAGS.page_size,
                       max_num_batched_tokens=budget, page_size=FLAGS.page_size,
-                      num_pages=batch * pages + 1, decode_steps_per_call=FLAGS.steps)
+                      num_pages=batch * pages + 1, decode_steps_per_call=FLAGS.steps,
+                      kv_cache_dtype=FLAGS.kv_cache_dtype)
 
 
 def engine_decode(core: EngineCore, batch: int, context: int, async_scheduling: bool):
@@ -272,8 +281,8 @@ def main(argv):
     batches = [int(b) for b in FLAGS.batch]
     contexts = [int(c) for c in FLAGS.context]
     if FLAGS.engine:
-        print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}; {FLAGS.model} ({FLAGS.dtype}, random weights) "
-              f"through EngineCore, {FLAGS.steps} decode steps per call", flush=True)
+        print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}; {FLAGS.model} ({FLAGS.dtype}, random weights, "
+              f"KV cache {FLAGS.kv_cache_dtype}) through EngineCore, {FLAGS.steps} decode steps per call", flush=True)
         run_engine(batches, contexts)
         return
     config = ModelConfig.from_preset(FLAGS.model)

@@ -5,6 +5,7 @@ XLA bf16 matmul rate at 8192^3) and timing each kernel of ``pallas_kernels`` at 
 It does not own the kernels or their tuning tables.
 
 Run on a GPU machine:  PYTHONPATH=. python3 benchmarks/kernels.py [--out results.md] [--quick]
+fp8 KV cache vs bf16:  PYTHONPATH=. python3 benchmarks/kernels.py --only ceilings,fp8kv --decode_cases 64x4096,512x1024
 Decode attention only: PYTHONPATH=. python3 benchmarks/kernels.py --only ceilings,decode \
                            --decode_cases 64x4096,64x1024,8x4096 --decode_sweep ws   (all | ws | none)
 On CPU, end to end:    PYTHONPATH=. python3 benchmarks/kernels.py --tiny --only ceilings,decode
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import sys
 import traceback
 
@@ -201,6 +204,67 @@ def bench_prefill_attention(matmul_tflops: float, tokens: int = 4096):
         attempt("attention", what, f"jax.nn.dot_product_attention {impl} (contiguous)", f, q, k, flops=flops, roofline_ms=roof)
 
 
+FP8_KV_DECODE_CONFIGS = tuple(rpa.AttentionConfig(block_kv=bkv, num_stages=st, block_q=1, consumer_warpgroups=c)
+                              for c, bkv, st in ((1, 128, 3), (1, 128, 4), (1, 64, 6), (2, 128, 2), (2, 64, 4)))
+
+
+def bench_fp8_kv_attention(bandwidth: float, matmul_tflops: float, cases, page_size: int = 16, variants=()):
+    """Both attention kernels on a bf16 vs an fp8 (e4m3) KV cache, same shapes, GLM-4 heads: decode steps per
+    (batch, context) (defaults, then a few warp-specialized fp8 configs with the split-K of the default), and a
+    prefill through the prefill kernel (4k tokens from scratch; a 1k chunk over a 3k prefix). Decode "of
+    roofline": the step's K/V bytes in the cache's dtype over the copy bandwidth. ``variants``: ("q" | "f16",
+    layout name) pairs of ``rpa.NARROW_COMPUTE`` / ``rpa.NARROW_CONVERT_LAYOUT`` to time the fp8 rows under
+    too (the module's setting first)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    default_variant = (rpa.NARROW_COMPUTE, rpa.NARROW_CONVERT_LAYOUT)
+    for compute, layout in variants:
+        rpa.NARROW_COMPUTE, rpa.NARROW_CONVERT_LAYOUT = compute, getattr(plgpu.Layout, layout)
+        jax.clear_caches()  # the kernels read these at trace time
+        _bench_fp8_kv_attention(bandwidth, matmul_tflops, cases, page_size, dtypes=(jnp.float8_e4m3fn,),
+                                label=f" [{compute} / {layout}]")
+    rpa.NARROW_COMPUTE, rpa.NARROW_CONVERT_LAYOUT = default_variant
+    jax.clear_caches()
+    _bench_fp8_kv_attention(bandwidth, matmul_tflops, cases, page_size)
+
+
+def _bench_fp8_kv_attention(bandwidth, matmul_tflops, cases, page_size, dtypes=(jnp.bfloat16, jnp.float8_e4m3fn),
+                            label=""):
+    from pallas_kernels import ragged_prefill_attention as rpf
+
+    fp8 = jnp.float8_e4m3fn
+    for batch, context in cases:
+        lens = np.full(batch, context)
+        bf16_args = make_case(lens - 1, np.ones(batch, np.int64), num_q_heads=32, num_kv_heads=2, head_dim=128,
+                              page_size=page_size, token_bucket=batch, max_pages=context // page_size, seed=0,
+                              num_layers=1)
+        what = f"decode attention {batch}x{context}, 32q/2kv, page {page_size}"
+        for dtype in dtypes:
+            args = (bf16_args[0], bf16_args[1].astype(dtype), bf16_args[2].astype(dtype), *bf16_args[3:])
+            kv_bytes = 2 * batch * context * 2 * 128 * jnp.dtype(dtype).itemsize
+            default = rpa.default_config(batch, 32, 2, 128, page_size, context, jnp.bfloat16, decode=True,
+                                         cache_dtype=dtype)
+            configs = [None] + ([dataclasses.replace(c, num_kv_splits=default.num_kv_splits)
+                                 for c in FP8_KV_DECODE_CONFIGS] if dtype == fp8 else [])
+            for cfg in configs:
+                f = jax.jit(functools.partial(rpa.ragged_paged_attention, sm_scale=128 ** -0.5, config=cfg,
+                                              decode_only=True))
+                name = f"default {default}" if cfg is None else f"wgs={cfg.consumer_warpgroups} bkv={cfg.block_kv} " \
+                                                                  f"stages={cfg.num_stages} splits={cfg.num_kv_splits}"
+                attempt("fp8 kv", what, f"{jnp.dtype(dtype).name} cache{label}, {name}", f, *args, nbytes=kv_bytes,
+                        roofline_ms=kv_bytes / bandwidth / 1e6)
+    for before, tokens in ((0, 4096), (3072, 1024)):
+        bf16_args = make_case([before], [tokens], num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=16,
+                              token_bucket=tokens, max_pages=(before + tokens) // 16, seed=1, num_layers=1)
+        flops = 4 * tokens * (before + tokens / 2) * 32 * 128
+        what = f"prefill attention {tokens} tokens over {before}, 32q/2kv, d128"
+        for dtype in dtypes:
+            args = (bf16_args[0], bf16_args[1].astype(dtype), bf16_args[2].astype(dtype), *bf16_args[3:])
+            f = jax.jit(functools.partial(rpf.ragged_prefill_attention, sm_scale=128 ** -0.5))
+            attempt("fp8 kv", what, f"{jnp.dtype(dtype).name} cache{label}, prefill kernel default", f, *args, flops=flops,
+                    roofline_ms=flops / matmul_tflops / 1e9)
+
+
 GLM4_SHAPES = {"qkv": (4096, 4608), "o_proj": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096),
                "lm_head": (4096, 151552)}
 
@@ -268,11 +332,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the markdown table (with card, jax version, command) here")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
-    parser.add_argument("--only", default="ceilings,decode,prefill,matmul,quantized")
+    parser.add_argument("--only", default="ceilings,decode,prefill,matmul,quantized",
+                        help="parts, comma-separated; also fp8kv (both attention kernels on a bf16 vs fp8 cache)")
     parser.add_argument("--decode_cases", help="decode attention cases BATCHxCONTEXT, comma-separated "
                         "(default 64x4096,64x1024,8x4096,1x4096; --tiny: 2x256)")
     parser.add_argument("--decode_sweep", choices=("all", "ws", "none"), default="all",
                         help="decode config sweep: all, ws (warp-specialized configs only) or none")
+    parser.add_argument("--fp8kv_variants", default="", help="fp8kv part: also time the fp8 rows under these "
+                        "COMPUTE:LAYOUT conversion variants (rpa.NARROW_COMPUTE q|f16 : plgpu.Layout name), e.g. "
+                        "q:WGMMA,f16:WGMMA_8BIT")
     parser.add_argument("--tiny", action="store_true", help="tiny ceilings and decode case, kernels in the Mosaic "
                         "GPU interpreter (a CPU smoke check of the decode part)")
     args = parser.parse_args(argv)
@@ -290,7 +358,9 @@ def run_parts(args, parts, cases, argv):
                                                                tiny=args.tiny)),
                      ("quantized", lambda: bench_quantized(bandwidth, (1, 16) if args.quick else (1, 16, 64))),
                      ("matmul", lambda: bench_matmul(bandwidth, tflops, (1, 16) if args.quick else (1, 16, 256, 4096))),
-                     ("prefill", lambda: bench_prefill_attention(tflops))):
+                     ("prefill", lambda: bench_prefill_attention(tflops)),
+                     ("fp8kv", lambda: bench_fp8_kv_attention(bandwidth, tflops, cases, variants=[
+                         tuple(v.split(":")) for v in args.fp8kv_variants.split(",") if v]))):
         if part in parts:
             try:
                 fn()

@@ -14,6 +14,7 @@ Perplexity is not reported (no text corpus ships in a PyPI package we depend on)
 
     .venv/bin/python benchmarks/quant_quality.py [--schemes=int8,fp8,...] [--calibration_prompts=256]
         [--calibrated_schemes=int8,fp8,int4-g64,int4-g128] [--ablations] [--breakdown=int4-g64] [--tiny_only]
+        [--kv_cache_dtypes=fp8]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from flax import nnx
 
 from autoglm_jax.checkpoint.loader import load_model
 from autoglm_jax.model.attention_metadata import AttentionMetadata
-from autoglm_jax.model.kv_cache import KVCache
+from autoglm_jax.model.kv_cache import KVCache, resolve_kv_cache_dtype
 from autoglm_jax.quant import SCHEMES, get_scheme, quantize_model
 from autoglm_jax.quant.activation_stats import collect_input_stats, shared_prefix_length
 from autoglm_jax.quant.awq import SCALED_FAMILIES
@@ -49,6 +50,8 @@ flags.DEFINE_bool("ablations", False, "Also score calibration with parts left ou
 flags.DEFINE_list("breakdown", [], "Schemes whose KL is broken down by projection and layer (SmolLM2, RTN and "
                   "calibrated; ~30 evaluations each).")
 flags.DEFINE_bool("tiny_only", False, "Score only tiny-glm4 (random weights; no GGUF download needed).")
+flags.DEFINE_list("kv_cache_dtypes", [], "Also score the float model, and each of --schemes (round-to-nearest), "
+                  "with a KV cache of this engine kv_cache_dtype (e.g. fp8): every attention reads K/V from it.")
 
 EVAL_PROMPTS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Write a haiku about autumn.",
@@ -120,8 +123,9 @@ def with_greedy_continuations(prompt_ids, max_tokens: int) -> list[list[int]]:
     return [list(p) + list(o.outputs[0].token_ids) for p, o in zip(prompt_ids, outputs)]
 
 
-def all_logits(model, config, seqs):
-    """float32 logits [sum(len), V] of every position of every sequence."""
+def all_logits(model, config, seqs, cache_dtype=jnp.float32):
+    """float32 logits [sum(len), V] of every position of every sequence (K/V read back from a cache of
+    ``cache_dtype``)."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -133,7 +137,7 @@ def all_logits(model, config, seqs):
         n = len(seq)
         bucket = -(-n // BUCKET) * BUCKET
         pages = bucket // 16
-        cache = KVCache.create(config, pages + 1, 16, jnp.float32)
+        cache = KVCache.create(config, pages + 1, 16, cache_dtype)
         md = AttentionMetadata.build(np.array([0]), np.array([n]), np.arange(1, pages + 1, dtype=np.int32)[None], 16, bucket)
         tokens = np.zeros(bucket, np.int32)
         tokens[:n] = seq
@@ -185,8 +189,8 @@ class Scorer:
         self.keep = distinct_positions(eval_seqs)
         self.ref = all_logits(model, config, eval_seqs)[self.keep]
 
-    def score(self, model) -> Score:
-        return Score(*_compare(self.ref, all_logits(model, self.config, self.seqs)[self.keep]))
+    def score(self, model, cache_dtype=jnp.float32) -> Score:
+        return Score(*_compare(self.ref, all_logits(model, self.config, self.seqs, cache_dtype)[self.keep]))
 
     def with_weights(self, weights: dict) -> Score:
         """Score with the float [L, K, N] weights at ``weights``' paths replaced (e.g. dequantized)."""
@@ -246,6 +250,14 @@ def score(name, model, config, eval_seqs, calib_seqs):
         quantize_model(q, scheme)
         rows.append((name, scheme, scorer.score(q), ""))
         print(f"  {_line(rows[-1])}\n    {rows[-1][2].flips()}", flush=True)
+    for setting in FLAGS.kv_cache_dtypes:
+        cache_dtype = resolve_kv_cache_dtype(setting, jnp.float32)
+        for scheme in [None, *FLAGS.schemes]:
+            q = clone(model)
+            if scheme:
+                quantize_model(q, scheme)
+            rows.append((name, f"{scheme or 'float weights'}, {setting} KV cache", scorer.score(q, cache_dtype), ""))
+            print(f"  {_line(rows[-1])}\n    {rows[-1][2].flips()}", flush=True)
     calibrated = {}
     if calib_seqs and FLAGS.calibrated_schemes:
         more, calibrated = calibrated_rows(name, scorer, calib_seqs)

@@ -10,6 +10,11 @@ Semantics: token ``t`` (of sequence ``seq_ids[t]``) attends to cache positions
 ``0..positions[t]`` of its sequence, read through ``page_table``; tokens ``t >= num_tokens`` are
 padding and produce zeros. Tokens are laid out sequence after sequence (``query_start_loc``).
 
+KV cache dtype: q's (bf16 / f16), or float8 e4m3 (``kv_cache_dtype="fp8"``, scale 1): TMA moves the fp8
+pages (half the bytes: decode attention is bound by them) and each computing warpgroup converts a K (then V)
+block into a [block_kv, D] tile of q's dtype in SMEM (``kv_operand``) before its wgmma; the narrow slot is
+released as soon as it is converted.
+
 Kernel layout. GQA groups share the rows of one tile so that each K/V page is read once per KV head,
 not once per query head: for KV head ``h`` (query heads ``h*G .. h*G + G - 1``) the 64 tile rows (one
 wgmma M) hold ``block_q`` consecutive flat tokens x ``G`` heads, ``R = 64 // block_q`` rows per token.
@@ -109,12 +114,16 @@ class AttentionConfig:
 
 
 def smem_bytes(config: AttentionConfig, head_dim: int, itemsize: int = 2, p_via_smem: bool | None = None,
-               max_pages: int = 0) -> int:
-    """SMEM one CTA needs: Q tile, K/V stages, the P tile of each computing warpgroup (interpreter only,
-    None = as traced now), the f32 split-K output tile, the f32 merge tile of two consumer warpgroups and
-    one page-table row of ``max_pages`` entries."""
+               max_pages: int = 0, kv_itemsize: int | None = None) -> int:
+    """SMEM one CTA needs: Q tile, K/V stages (``kv_itemsize`` bytes an element, None = ``itemsize``), the
+    converted K/V tile of each computing warpgroup (narrow caches only), the P tile of each computing
+    warpgroup (interpreter only, None = as traced now), the f32 split-K output tile, the f32 merge tile of
+    two consumer warpgroups and one page-table row of ``max_pages`` entries."""
     p_via_smem = interpreting() if p_via_smem is None else p_via_smem
-    kv = 2 * config.num_stages * config.block_kv * head_dim * itemsize
+    kv_itemsize = itemsize if kv_itemsize is None else kv_itemsize
+    kv = 2 * config.num_stages * config.block_kv * head_dim * kv_itemsize
+    if kv_itemsize != itemsize:  # converted K / V (and, f16 compute, Q) of each computing warpgroup (2-byte types)
+        kv += max(1, config.consumer_warpgroups) * (config.block_kv + ROWS * (NARROW_COMPUTE == "f16")) * head_dim * 2
     split_out = (ROWS * head_dim + ROWS) * 4 if config.num_kv_splits > 1 else 0
     merge = (ROWS * head_dim + 2 * ROWS) * 4 if config.consumer_warpgroups > 1 else 0
     p_tile = max(1, config.consumer_warpgroups) * ROWS * config.block_kv * itemsize if p_via_smem else 0
@@ -205,13 +214,18 @@ def tile_layout(num_q_heads: int, num_kv_heads: int, block_q: int) -> TileLayout
 
 
 def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                   page_size: int, max_context: int, dtype, decode: bool = False) -> AttentionConfig:
+                   page_size: int, max_context: int, dtype, decode: bool = False, cache_dtype=None) -> AttentionConfig:
     """Tuned config for this shape on the current card, else a heuristic (never fails). ``decode``: every
-    token is its own sequence's (a decode step): one token per CTA."""
+    token is its own sequence's (a decode step): one token per CTA. ``cache_dtype``: the K/V pages' dtype
+    (None = ``dtype``); a narrow cache looks up its own tuned entries (suffix ``_kv<dtype>``)."""
     key = f"T{num_tokens}_Nq{num_q_heads}_Nkv{num_kv_heads}_D{head_dim}_ps{page_size}_ctx{max_context}"
-    tuned = tuning.lookup("ragged_paged_attention", dtype, key + ("_decode" if decode else ""))
+    kv_itemsize = jnp.dtype(cache_dtype or dtype).itemsize
+    suffix = "" if kv_itemsize == jnp.dtype(dtype).itemsize else f"_kv{jnp.dtype(cache_dtype).name}"
+    tuned = tuning.lookup("ragged_paged_attention", dtype, key + ("_decode" if decode else "") + suffix)
     if tuned is not None:
         return AttentionConfig(**tuned)
+    fits = lambda config: smem_bytes(config, head_dim, max_pages=max_context // page_size,
+                                     kv_itemsize=kv_itemsize) <= SMEM_BUDGET
     block_kv = max(64, page_size) if max(64, page_size) % page_size == 0 else page_size
     block_kv = 128 if block_kv == 64 and max_context >= 1024 and head_dim <= 128 else block_kv
     block_q = 1 if decode else ROWS // _padded_group(num_q_heads, num_kv_heads)
@@ -223,17 +237,21 @@ def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_di
         # rows beat three (0.82). Warp-specialized (TMA producer + one consumer), the deepest ring that fits
         # (benchmarks/attention_ab.py, RESULTS "Session 6"): as fast as the best config at 64 x 4k (0.93 of
         # the copy bandwidth with the wrapper), 12% less kernel time than one warpgroup at 32 x 4k.
-        splits = max(1, min(tuning.num_sms() // num_ctas, pl.cdiv(max_context, block_kv)))
-        for consumers, stages in ((1, 3), (1, 2), (0, 2), (0, 1)):
-            config = AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits, block_q=1,
+        # An fp8 cache: the consumers' conversions, not the bytes, bound the kernel; two consumers on 64-row
+        # blocks overlap them best (H100, RESULTS "Session 14": 0.68 of the copy bandwidth at 64 x 4k).
+        shapes = ((2, 64, 4),) if kv_itemsize < jnp.dtype(dtype).itemsize and 64 % page_size == 0 else ()
+        shapes += tuple((consumers, block_kv, stages) for consumers, stages in ((1, 3), (1, 2), (0, 2), (0, 1)))
+        for consumers, kv_rows, stages in shapes:
+            splits = max(1, min(tuning.num_sms() // num_ctas, pl.cdiv(max_context, kv_rows)))
+            config = AttentionConfig(block_kv=kv_rows, num_stages=stages, num_kv_splits=splits, block_q=1,
                                      consumer_warpgroups=consumers)
-            if smem_bytes(config, head_dim, max_pages=max_context // page_size) <= SMEM_BUDGET:
+            if fits(config):
                 return config
     # Enough CTAs to fill the card twice, but keep >= 4 KV blocks per split.
     splits = max(1, min(pl.cdiv(2 * tuning.num_sms(), num_ctas), max_context // (4 * block_kv)))
     for stages in (3, 2, 1):  # deepest pipeline that fits in SMEM
         config = AttentionConfig(block_kv=block_kv, num_stages=stages, num_kv_splits=splits, block_q=block_q)
-        if smem_bytes(config, head_dim, max_pages=max_context // page_size) <= SMEM_BUDGET:
+        if fits(config):
             return config
     return AttentionConfig(block_kv=64, num_stages=1, num_kv_splits=splits, block_q=block_q)
 
@@ -243,9 +261,21 @@ def tokens_per_cta(config: AttentionConfig, num_q_heads: int, num_kv_heads: int)
     return config.block_q or ROWS // _padded_group(num_q_heads, num_kv_heads)
 
 
-def supports(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, page_size: int) -> bool:
-    """Whether a model's attention shapes fit this kernel (the engine falls back to XLA otherwise)."""
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 64 == 0
+# KV cache dtypes the kernels read besides q's own: float8 e4m3 pages (``kv_cache_dtype="fp8"``), converted to
+# q's dtype in SMEM before each wgmma.
+NARROW_CACHE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn),)
+
+
+def cache_dtype_ok(dtype, cache_dtype) -> bool:
+    """Whether the kernels read a cache of ``cache_dtype`` (None = ``dtype``) with queries of ``dtype``."""
+    return cache_dtype is None or jnp.dtype(cache_dtype) in (jnp.dtype(dtype), *NARROW_CACHE_DTYPES)
+
+
+def supports(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, page_size: int, cache_dtype=None) -> bool:
+    """Whether a model's attention shapes fit this kernel (the engine falls back to XLA otherwise);
+    ``cache_dtype``: the KV cache's dtype (None = ``dtype``)."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and cache_dtype_ok(dtype, cache_dtype)
+            and head_dim % 64 == 0
             and num_q_heads % num_kv_heads == 0 and _padded_group(num_q_heads, num_kv_heads) <= ROWS
             and page_size % 8 == 0 and page_size <= 256 and (256 % page_size == 0 or page_size % 64 == 0))
 
@@ -263,8 +293,9 @@ def check_shapes(q, k_cache, v_cache, seq_ids, positions, page_table, context_le
     _, _, page_size, num_kv_heads, kv_dim = k_cache.shape
     if kv_dim != head_dim:
         raise ValueError(f"cache head dim {kv_dim} must equal q head dim {head_dim=}")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"q, k_cache, v_cache must share a 16-bit float dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k_cache.dtype != v_cache.dtype or not cache_dtype_ok(q.dtype, k_cache.dtype):
+        raise ValueError(f"q must be bfloat16 or float16 and k_cache, v_cache of q's dtype or float8_e4m3fn (one "
+                         f"dtype for both), got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if head_dim % 64:
         raise ValueError(f"{head_dim=} must be a multiple of 64")
     if num_q_heads % num_kv_heads:
@@ -294,7 +325,7 @@ def _check_config(config: AttentionConfig, q, k_cache, page_table):
                          f"padded) exceed the {ROWS}-row tile; use block_q <= {ROWS // group_pad}")
     if config.block_kv % page_size:
         raise ValueError(f"{page_size=} must divide {config.block_kv=}")
-    smem = smem_bytes(config, head_dim, max_pages=page_table.shape[1])
+    smem = smem_bytes(config, head_dim, max_pages=page_table.shape[1], kv_itemsize=k_cache.dtype.itemsize)
     if smem > SMEM_BUDGET:
         raise ValueError(f"{config=} needs {smem} bytes of SMEM > {SMEM_BUDGET} (with a {page_table.shape[1]}-page "
                          "page-table row); fewer stages or smaller block_kv")
@@ -307,6 +338,45 @@ def _qk(q_smem, k_block, block_kv: int):
         return acc_ref[...]
 
     return pl.run_scoped(compute_qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
+
+
+# Narrow (fp8) caches: the wgmma dtype ("f16": Q and P converted to float16 too, fp8 -> f16 is one cvt per two
+# elements on Hopper; "q": q's own dtype, fp8 -> bf16 through f32) and the register layout of the conversion.
+NARROW_COMPUTE = "f16"
+NARROW_CONVERT_LAYOUT = plgpu.Layout.WGMMA_UPCAST_2X
+_F16_MAX = float(jnp.finfo(jnp.float16).max)
+
+
+def compute_dtype(dtype, cache_dtype):
+    """The wgmma operand dtype of queries of ``dtype`` against a cache of ``cache_dtype``."""
+    narrow = jnp.dtype(cache_dtype).itemsize < jnp.dtype(dtype).itemsize
+    return jnp.dtype(jnp.float16 if narrow and NARROW_COMPUTE == "f16" else dtype)
+
+
+def q_operand(q_tile, q16_smem):
+    """The Q tile [64, D] as the QK wgmma's operand: itself, or (q16_smem given: f16 compute against a narrow
+    cache) converted once into q16_smem, saturated to float16's range."""
+    if q16_smem is None:
+        return q_tile
+    q16_smem[...] = jnp.clip(q_tile[...].astype(jnp.float32), -_F16_MAX, _F16_MAX).astype(q16_smem.dtype)
+    plgpu.commit_smem()
+    return q16_smem
+
+
+def kv_operand(block, deq_smem):
+    """A K or V block [block_kv, D] as the wgmma operand: the SMEM block itself, or (deq_smem given: a narrow,
+    fp8 cache) the block converted in registers, 64 rows at a time, into deq_smem [block_kv, D] of the
+    compute dtype (f16 directly; bf16 through f32, Hopper's ptxas has no fp8 -> bf16). The caller may
+    release the narrow block as soon as this returns."""
+    if deq_smem is None:
+        return block
+    for first in range(0, block.shape[0], ROWS):
+        x = plgpu.load(block.at[pl.ds(first, ROWS)], layout=NARROW_CONVERT_LAYOUT)
+        if deq_smem.dtype != jnp.float16:
+            x = x.astype(jnp.float32)
+        deq_smem[pl.ds(first, ROWS)] = x.astype(deq_smem.dtype)
+    plgpu.commit_smem()
+    return deq_smem
 
 
 def _softmax_step(s, m_i, l_i, acc):
@@ -410,9 +480,11 @@ def _attention_kernel(
     max_pages: int,
 ):
     *out_refs, scratch = out_refs
-    # p_smem [1, 64, block_kv] (interpreter only, else None); out_smem / lse_smem (split-K only); merge tiles unused.
-    (q_smem, k_smem, v_smem, p_smem, out_smem, lse_smem, _, _, _, pt_smem, q_barrier, pt_barrier, k_barriers,
-     v_barriers, *_) = scratch
+    # p_smem [1, 64, block_kv] (interpreter only, else None); deq_smem [block_kv, D] (narrow cache only; no
+    # leading axis: a constant index would become an operand of the PV wgmma's run_state, which Mosaic GPU
+    # cannot lower); out_smem / lse_smem (split-K only); merge tiles unused.
+    (q_smem, k_smem, v_smem, p_smem, deq_smem, q16_smem, out_smem, lse_smem, _, _, _, pt_smem, q_barrier, pt_barrier,
+     k_barriers, v_barriers, *_) = scratch
     num_splits, num_stages, block_kv = config.num_kv_splits, config.num_stages, config.block_kv
     page_size = k_ref.shape[2]
     pages_per_block = block_kv // page_size
@@ -426,6 +498,7 @@ def _attention_kernel(
     for gmem, tile_rows in layout.copies(q_ref, tok0, kv_head):
         plgpu.copy_gmem_to_smem(gmem, q_smem.at[tile_rows], q_barrier)
     plgpu.barrier_wait(q_barrier)
+    q_op = q_operand(q_smem, q16_smem)
 
     # Sequences intersecting this token block (tokens are ordered by sequence; padding excluded).
     last_tok = jnp.maximum(jnp.minimum(tok0 + block_q, num_tokens) - 1, 0)
@@ -465,12 +538,12 @@ def _attention_kernel(
             acc, m_i, l_i = carry
             slot = lax.rem(step, jnp.int32(num_stages))
             plgpu.barrier_wait(k_barriers.at[slot])
-            qk = _qk(q_smem, k_smem.at[slot], block_kv)
+            qk = _qk(q_op, kv_operand(k_smem.at[slot], deq_smem), block_kv)
             kv_pos = col + (lo + step) * block_kv
             visible = (row_token >= first) & (row_token < end) & (kv_pos <= row_token + (first_pos - first))
             p, m_new, l_i, acc = _softmax_step(jnp.where(visible, qk * qk_scale, _MASK_VALUE), m_i, l_i, acc)
             plgpu.barrier_wait(v_barriers.at[slot])
-            acc = accumulate_pv(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[0])
+            acc = accumulate_pv(acc, p, kv_operand(v_smem.at[slot], deq_smem), None if p_smem is None else p_smem.at[0])
             pl.when(step + num_stages < num_steps)(lambda: issue(step + num_stages, slot))
             return acc, m_new, l_i
 
@@ -503,9 +576,10 @@ def _decode_kernel(
     through SMEM, which merges and stores the output."""
     del qsl_ref
     *out_refs, scratch = out_refs
-    # p_smem [consumers, 64, block_kv] (interpreter only); out/lse_smem split-K only; merge_* two consumers only.
-    (q_smem, k_smem, v_smem, p_smem, out_smem, lse_smem, merge_acc, merge_m, merge_l, pt_smem, q_barrier, pt_barrier,
-     k_full, v_full, k_consumed, v_consumed, merged) = scratch
+    # p_smem [consumers, 64, block_kv] (interpreter only); deq_smem [consumers, block_kv, D] (narrow cache only);
+    # out/lse_smem split-K only; merge_* two consumers only.
+    (q_smem, k_smem, v_smem, p_smem, deq_smem, q16_smem, out_smem, lse_smem, merge_acc, merge_m, merge_l, pt_smem,
+     q_barrier, pt_barrier, k_full, v_full, k_consumed, v_consumed, merged) = scratch
     consumers, stages, block_kv = config.consumer_warpgroups, config.num_stages, config.block_kv
     page_size, head_dim = k_ref.shape[2], q_ref.shape[-1]
     pages_per_block = block_kv // page_size
@@ -556,14 +630,20 @@ def _decode_kernel(
         qk_scale = sm_scale * _LOG2E  # softmax in base 2
         k_slot = lambda i: k_full.at[lax.rem(wg + i * consumers, jnp.int32(stages))]  # full barrier of step i's K
         plgpu.barrier_wait(q_barrier)
+        q_op = q_operand(q_smem, None if q16_smem is None else q16_smem.at[wg])
         pl.when(my_steps > 0)(lambda: plgpu.barrier_wait(k_slot(0)))
 
         def step(i, carry, masked: bool):  # its K block was awaited by the step before (under its PV wgmma)
             acc, m_i, l_i = carry
             g = wg + i * consumers
             slot = lax.rem(g, jnp.int32(stages))
-            qk = _qk(q_smem, k_smem.at[slot], block_kv)
-            plgpu.barrier_arrive(k_consumed.at[slot])
+            deq = None if deq_smem is None else deq_smem.at[wg]
+            k_block = kv_operand(k_smem.at[slot], deq)  # a narrow K block is released once converted
+            if deq is not None:
+                plgpu.barrier_arrive(k_consumed.at[slot])
+            qk = _qk(q_op, k_block, block_kv)
+            if deq is None:
+                plgpu.barrier_arrive(k_consumed.at[slot])
             s = qk * qk_scale
             if masked:  # the last block: keys past the position (>= 1 key of it is visible)
                 kv_pos = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + (lo + g) * block_kv
@@ -571,7 +651,8 @@ def _decode_kernel(
             p, m_new, l_i, acc = _softmax_step(s, m_i, l_i, acc)
             plgpu.barrier_wait(v_full.at[slot])
             wait_next_k = lambda: pl.when(i + 1 < my_steps)(lambda: plgpu.barrier_wait(k_slot(i + 1)))
-            acc = accumulate_pv(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg], wait_next_k)
+            acc = accumulate_pv(acc, p, kv_operand(v_smem.at[slot], deq), None if p_smem is None else p_smem.at[wg],
+                                wait_next_k)
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l_i
 
@@ -667,7 +748,7 @@ def ragged_paged_attention(
     _, _, page_size, num_kv_heads, _ = k_cache.shape
     if config is None:
         config = default_config(num_tok, num_q_heads, num_kv_heads, head_dim, page_size,
-                                page_table.shape[1] * page_size, q.dtype, decode=decode_only)
+                                page_table.shape[1] * page_size, q.dtype, decode=decode_only, cache_dtype=k_cache.dtype)
     check_shapes(q, k_cache, v_cache, seq_ids, positions, page_table, context_lens, query_start_loc)
     _check_config(config, q, k_cache, page_table)
     layout = tile_layout(num_q_heads, num_kv_heads, tokens_per_cta(config, num_q_heads, num_kv_heads))
@@ -691,11 +772,15 @@ def ragged_paged_attention(
     pt_rows, pt_cols = page_table_tile(max_pages)
     tile = lambda dtype, *shape: plgpu.SMEM(shape, dtype, transforms=smem_transforms(shape[-1], dtype))
     copies = block_kv // page_size  # TMA copies per K (or V) block
+    mma_dtype = compute_dtype(q.dtype, k_cache.dtype)
     scratch = (
         tile(q.dtype, ROWS, head_dim),
-        tile(q.dtype, stages, block_kv, head_dim),
-        tile(q.dtype, stages, block_kv, head_dim),
-        tile(q.dtype, max(1, consumers), ROWS, block_kv) if p_via_smem else None,
+        tile(k_cache.dtype, stages, block_kv, head_dim),
+        tile(k_cache.dtype, stages, block_kv, head_dim),
+        tile(mma_dtype, max(1, consumers), ROWS, block_kv) if p_via_smem else None,
+        # converted K / V and Q of each consumer warpgroup (of the one warpgroup: no leading axis)
+        tile(mma_dtype, *(consumers,) * bool(consumers), block_kv, head_dim) if k_cache.dtype != q.dtype else None,
+        tile(mma_dtype, *(consumers,) * bool(consumers), ROWS, head_dim) if mma_dtype != q.dtype else None,
         tile(jnp.float32, ROWS, head_dim) if splits > 1 else None,
         plgpu.SMEM((ROWS,), jnp.float32) if splits > 1 else None,
         tile(jnp.float32, ROWS, head_dim) if consumers > 1 else None,  # consumer 1's acc, m, l for consumer 0

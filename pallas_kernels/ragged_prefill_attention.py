@@ -47,7 +47,11 @@ ping-pong schedule barrier between the two compute warpgroups (one's softmax ove
 wgmmas). CTAs are launched latest tokens first (the longest KV ranges first) so the tail of the grid
 is short.
 
-Shapes: q [T, Nq, D], k_cache / v_cache [L, P, page_size, Nkv, D], page_table [B, MP],
+An fp8 (e4m3) cache: the ring holds fp8 blocks and each compute warpgroup converts K, then V, into its own
+[block_kv, D] tile of q's dtype before the wgmma (``rpa.kv_operand``; the conversion is done twice per block,
+once per warpgroup, which costs compute, not bytes).
+
+Shapes: q [T, Nq, D], k_cache / v_cache [L, P, page_size, Nkv, D] (q's dtype or float8_e4m3fn), page_table [B, MP],
 seq_ids / positions [T], context_lens [B], query_start_loc [B + 1] -> out [T, Nq, D] (q's dtype).
 """
 
@@ -91,53 +95,66 @@ class PrefillAttentionConfig:
             raise ValueError(f"{self.num_stages=} must be >= 2")
 
 
-def smem_bytes(config: PrefillAttentionConfig, head_dim: int, itemsize: int = 2, max_pages: int = 0) -> int:
-    """SMEM one CTA needs on the GPU: two Q/O tiles, the K/V ring and one page-table row of ``max_pages``
-    entries (the interpreter adds two P tiles). At D 128, block_kv 128: 32 KiB + 64 KiB a stage, so a third
-    stage (224 KiB + the row) does not fit."""
+def smem_bytes(config: PrefillAttentionConfig, head_dim: int, itemsize: int = 2, max_pages: int = 0,
+               kv_itemsize: int | None = None) -> int:
+    """SMEM one CTA needs on the GPU: two Q/O tiles, the K/V ring (``kv_itemsize`` bytes an element, None =
+    ``itemsize``), with a narrow (fp8) cache each compute warpgroup's converted K/V tile, and one page-table
+    row of ``max_pages`` entries (the interpreter adds two P tiles). At D 128, block_kv 128, bf16: 32 KiB +
+    64 KiB a stage, so a third stage (224 KiB + the row) does not fit; fp8: 32 + 64 KiB + 32 KiB a stage."""
+    kv_itemsize = itemsize if kv_itemsize is None else kv_itemsize
     q_tiles = COMPUTE_WGS * ROWS * head_dim * itemsize
-    kv_ring = 2 * config.num_stages * config.block_kv * head_dim * itemsize
-    return q_tiles + kv_ring + 4 * math.prod(rpa.page_table_tile(max_pages))
+    kv_ring = 2 * config.num_stages * config.block_kv * head_dim * kv_itemsize
+    converted = (COMPUTE_WGS * (config.block_kv + ROWS * (rpa.NARROW_COMPUTE == "f16")) * head_dim * 2
+                 if kv_itemsize != itemsize else 0)  # each compute warpgroup's K / V (and f16 Q) tiles
+    return q_tiles + kv_ring + converted + 4 * math.prod(rpa.page_table_tile(max_pages))
 
 
-def config_error(config: PrefillAttentionConfig, head_dim: int, page_size: int, max_pages: int = 0) -> str | None:
-    """Why ``config`` cannot run this head dim / page size / page-table width, or None when it can."""
+def config_error(config: PrefillAttentionConfig, head_dim: int, page_size: int, max_pages: int = 0,
+                 kv_itemsize: int = 2) -> str | None:
+    """Why ``config`` cannot run this head dim / page size / page-table width / cache element size (bf16
+    queries), or None when it can."""
     if config.block_kv % page_size and page_size % config.block_kv:
         return f"{page_size=} and {config.block_kv=} must divide one another"
     if (error := rpa.page_table_width_error(max_pages)) is not None:
         return error
-    smem = smem_bytes(config, head_dim, max_pages=max_pages)
+    smem = smem_bytes(config, head_dim, max_pages=max_pages, kv_itemsize=kv_itemsize)
     if smem > SMEM_BUDGET:
         return (f"{config=} needs {smem} bytes of SMEM > {SMEM_BUDGET} at {head_dim=} (with a {max_pages}-page "
                 "page-table row); fewer stages or smaller block_kv")
     return None
 
 
-def _heuristic_config(head_dim: int, page_size: int, max_pages: int = 0) -> PrefillAttentionConfig:
+def _heuristic_config(head_dim: int, page_size: int, max_pages: int = 0, kv_itemsize: int = 2) -> PrefillAttentionConfig:
     """128-row K/V blocks (64 past head dim 128, or when the page size needs it), deepest ring that fits."""
     block_kv = 128 if head_dim <= 128 and (128 % page_size == 0 or page_size % 128 == 0) else 64
     for stages in (4, 3, 2):
         config = PrefillAttentionConfig(block_kv=block_kv, num_stages=stages)
-        if smem_bytes(config, head_dim, max_pages=max_pages) <= SMEM_BUDGET:
+        if smem_bytes(config, head_dim, max_pages=max_pages, kv_itemsize=kv_itemsize) <= SMEM_BUDGET:
             return config
     return PrefillAttentionConfig(block_kv=64, num_stages=2)
 
 
 def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                   max_context: int, dtype) -> PrefillAttentionConfig:
-    """Tuned config for this shape on the current card, else a heuristic (never fails)."""
+                   max_context: int, dtype, cache_dtype=None) -> PrefillAttentionConfig:
+    """Tuned config for this shape on the current card, else a heuristic (never fails); a narrow
+    ``cache_dtype`` (None = ``dtype``) looks up its own entries (suffix ``_kv<dtype>``)."""
     key = f"T{num_tokens}_Nq{num_q_heads}_Nkv{num_kv_heads}_D{head_dim}_ps{page_size}_ctx{max_context}"
-    tuned = tuning.lookup("ragged_prefill_attention", dtype, key)
+    kv_itemsize = jnp.dtype(cache_dtype or dtype).itemsize
+    suffix = "" if kv_itemsize == jnp.dtype(dtype).itemsize else f"_kv{jnp.dtype(cache_dtype).name}"
+    tuned = tuning.lookup("ragged_prefill_attention", dtype, key + suffix)
     if tuned is not None:
         return PrefillAttentionConfig(**tuned)
-    return _heuristic_config(head_dim, page_size, max_context // page_size)
+    return _heuristic_config(head_dim, page_size, max_context // page_size, kv_itemsize)
 
 
-def supports(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, page_size: int) -> bool:
-    """Whether a model's attention shapes fit this kernel with its heuristic config."""
-    return (rpa.supports(num_q_heads, num_kv_heads, head_dim, dtype, page_size)
+def supports(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, page_size: int, cache_dtype=None) -> bool:
+    """Whether a model's attention shapes fit this kernel with its heuristic config (``cache_dtype`` as
+    ``rpa.supports`` takes it)."""
+    kv_itemsize = jnp.dtype(cache_dtype or dtype).itemsize
+    return (rpa.supports(num_q_heads, num_kv_heads, head_dim, dtype, page_size, cache_dtype)
             and rpa.head_major(num_q_heads, num_kv_heads) is not None
-            and config_error(_heuristic_config(head_dim, page_size), head_dim, page_size) is None)
+            and config_error(_heuristic_config(head_dim, page_size, kv_itemsize=kv_itemsize), head_dim, page_size,
+                             kv_itemsize=kv_itemsize) is None)
 
 
 def _prefill_kernel(
@@ -159,10 +176,11 @@ def _prefill_kernel(
     sm_scale: float,
     max_pages: int,
 ):
-    # q_smem [2, 64, D] (also the output tile); k_smem, v_smem [stages, block_kv, D];
-    # p_smem [2, 64, block_kv] (interpreter only, else None); pt_smem [rows, cols] int32; barriers as named.
-    (q_smem, k_smem, v_smem, p_smem, pt_smem, q_barriers, pt_barrier, k_full, v_full, k_consumed, v_consumed,
-     schedule) = scratch
+    # q_smem [2, 64, D] (also the output tile); k_smem, v_smem [stages, block_kv, D] (the cache's dtype);
+    # p_smem [2, 64, block_kv] (interpreter only, else None); deq_smem [2, block_kv, D] in q's dtype (narrow
+    # cache only: each compute warpgroup's K, then V, converted); pt_smem [rows, cols] int32; barriers as named.
+    (q_smem, k_smem, v_smem, p_smem, deq_smem, q16_smem, pt_smem, q_barriers, pt_barrier, k_full, v_full, k_consumed,
+     v_consumed, schedule) = scratch
     stages, block_kv, block_q = config.num_stages, config.block_kv, layout.block_q
     page_size, head_dim = k_ref.shape[2], q_ref.shape[-1]
     pt_cols = jnp.int32(pt_smem.shape[1])
@@ -249,6 +267,7 @@ def _prefill_kernel(
         for gmem, tile_rows in layout.copies(q_ref, tile_tok0, kv_head):
             plgpu.copy_gmem_to_smem(gmem, q_tile.at[tile_rows], q_barriers.at[wg])
         plgpu.barrier_wait(q_barriers.at[wg])
+        q_op = rpa.q_operand(q_tile, None if q16_smem is None else q16_smem.at[wg])
 
         wgmma_layout = plgpu.Layout.WGMMA
 
@@ -271,14 +290,19 @@ def _prefill_kernel(
             mask, or None for a block every row sees whole. Its K block was awaited by the step before."""
             acc, m_i, l_i = carry
             slot = lax.rem(g, jnp.int32(stages))
+            deq = None if deq_smem is None else deq_smem.at[wg]
+            k_block = rpa.kv_operand(k_smem.at[slot], deq)
+            if deq is not None:  # a narrow K block is released once converted
+                plgpu.barrier_arrive(k_consumed.at[slot])
 
             def compute_qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
+                plgpu.wgmma(acc_ref, q_op, k_block.T)
                 sync_schedule()  # the other warpgroup's softmax runs under this wgmma
                 return acc_ref[...]
 
             qk = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
-            plgpu.barrier_arrive(k_consumed.at[slot])
+            if deq is None:
+                plgpu.barrier_arrive(k_consumed.at[slot])
             if visible_fn is None:  # the row max is kept scaled: one FMA per score
                 m_new = jnp.maximum(m_i, qk.max(axis=1) * qk_scale)
                 p = jnp.exp2(qk * qk_scale - bcast_rows(m_new, qk.shape))
@@ -290,12 +314,12 @@ def _prefill_kernel(
             alpha = jnp.exp2(m_i - m_new)
             acc = acc * bcast_rows(alpha, acc.shape)
             l_i = l_i * alpha + p.sum(axis=1)
-            p = p.astype(q_smem.dtype)
+            p = p.astype(k_block.dtype)
             if config.schedule_barrier:  # softmax done before the barrier (as JAX's FA3 kernel orders it)
                 acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
             wait_v(slot)
             # acc + P V; the next K is awaited under the wgmma
-            acc = rpa.accumulate_pv(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg],
+            acc = rpa.accumulate_pv(acc, p, rpa.kv_operand(v_smem.at[slot], deq), None if p_smem is None else p_smem.at[wg],
                                     lambda: wait_next_k(g))
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l_i
@@ -367,9 +391,9 @@ def ragged_prefill_attention(
     _, _, page_size, num_kv_heads, _ = k_cache.shape
     if config is None:
         config = default_config(num_tok, num_q_heads, num_kv_heads, head_dim, page_size,
-                                page_table.shape[1] * page_size, q.dtype)
+                                page_table.shape[1] * page_size, q.dtype, k_cache.dtype)
     max_pages = page_table.shape[1]
-    error = config_error(config, head_dim, page_size, max_pages)
+    error = config_error(config, head_dim, page_size, max_pages, k_cache.dtype.itemsize)
     if error is not None:
         raise ValueError(error)
     block_q = ROWS // rpa._padded_group(num_q_heads, num_kv_heads)
@@ -384,12 +408,15 @@ def ragged_prefill_attention(
     stages, block_kv = config.num_stages, config.block_kv
     copies = max(1, block_kv // page_size)
     pt_rows, pt_cols = rpa.page_table_tile(max_pages)
-    tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=smem_transforms(shape[-1], q.dtype))
+    tile = lambda dtype, *shape: plgpu.SMEM(shape, dtype, transforms=smem_transforms(shape[-1], dtype))
+    mma_dtype = rpa.compute_dtype(q.dtype, k_cache.dtype)
     scratch = (
-        tile(COMPUTE_WGS, ROWS, head_dim),
-        tile(stages, block_kv, head_dim),
-        tile(stages, block_kv, head_dim),
-        tile(COMPUTE_WGS, ROWS, block_kv) if interpreting() else None,
+        tile(q.dtype, COMPUTE_WGS, ROWS, head_dim),
+        tile(k_cache.dtype, stages, block_kv, head_dim),
+        tile(k_cache.dtype, stages, block_kv, head_dim),
+        tile(mma_dtype, COMPUTE_WGS, ROWS, block_kv) if interpreting() else None,
+        tile(mma_dtype, COMPUTE_WGS, block_kv, head_dim) if k_cache.dtype != q.dtype else None,
+        tile(mma_dtype, COMPUTE_WGS, ROWS, head_dim) if mma_dtype != q.dtype else None,
         plgpu.SMEM((pt_rows, pt_cols), jnp.int32),
         plgpu.Barrier(num_arrivals=layout.num_copies, num_barriers=COMPUTE_WGS),  # Q copies
         plgpu.Barrier(num_barriers=1),

@@ -23,6 +23,8 @@ flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float16", "float32"], "
 flags.DEFINE_bool("chat", True, "Apply the model's chat template to --prompt (--nochat for raw completion).")
 flags.DEFINE_string("system", None, "Optional system message with --chat.")
 flags.DEFINE_integer("max_model_len", 2048, "max_sequence_length of the engine.")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"], "KV cache dtype: auto (the model's) "
+                  "or fp8 (= fp8_e4m3: float8 e4m3fn pages, no scales).")
 flags.DEFINE_string("quantization", None, "Quantize the decoder's linear projections after loading (int8, fp8, "
                     "w8a8-int8, w8a8-fp8, int4, int4-g64, int4-g128, q8_0, q4_0, q4_1).")
 flags.DEFINE_enum("matmul_backend", "auto", ["auto", "xla", "pallas"], "Decoder projections: auto (the Pallas "
@@ -39,7 +41,8 @@ def main(argv):
     start = time.perf_counter()
     core = EngineCore(model=FLAGS.model, dtype=FLAGS.dtype, seed=FLAGS.seed, max_batch_size=1,
                       max_sequence_length=FLAGS.max_model_len, max_num_batched_tokens=256,
-                      quantization=FLAGS.quantization, matmul_backend=FLAGS.matmul_backend)
+                      quantization=FLAGS.quantization, matmul_backend=FLAGS.matmul_backend,
+                      kv_cache_dtype=FLAGS.kv_cache_dtype)
     print(f"[autoglm] model ready in {time.perf_counter() - start:.1f} s "
           f"(compiled {core.runner.num_traces} step variants in {core.warmup_seconds:.1f} s)", file=sys.stderr)
     prompt = FLAGS.prompt

@@ -46,6 +46,8 @@ flags.DEFINE_bool("async_scheduling", None, "Dispatch the next decode step befor
                   "tokens (host work overlaps the device; same outputs). Default: on.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("num_pages", None, "KV pool size in pages (default: sized from memory).")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"], "KV cache dtype: auto (the model's) "
+                  "or fp8 (= fp8_e4m3: float8 e4m3fn pages, no scales; twice a bf16 pool's pages).")
 flags.DEFINE_float("memory_fraction", 0.85, "Share of free device memory the KV pool may take.")
 flags.DEFINE_integer("max_waiting_requests", 4096, "Requests in flight before the server answers 429.")
 flags.DEFINE_integer("max_logprobs", 20, "Most top logprobs a request may ask for.")
@@ -68,9 +70,9 @@ flags.DEFINE_string("compilation_cache_dir", EngineConfig.compilation_cache_dir,
 
 _ENGINE_FLAGS = ("model", "tokenizer", "dtype", "seed", "max_batch_size", "max_sequence_length",
                  "max_num_batched_tokens", "prefill_ratio", "decode_steps_per_call", "page_size", "num_pages",
-                 "async_scheduling", "memory_fraction", "max_waiting_requests", "max_logprobs", "attention_backend",
-                 "matmul_backend", "xla_gemm_backend", "gil_switch_interval_ms", "python_gc", "tensor_parallel_size",
-                 "data_parallel_size", "data_parallel_backend")
+                 "kv_cache_dtype", "async_scheduling", "memory_fraction", "max_waiting_requests", "max_logprobs",
+                 "attention_backend", "matmul_backend", "xla_gemm_backend", "gil_switch_interval_ms", "python_gc",
+                 "tensor_parallel_size", "data_parallel_size", "data_parallel_backend")
 
 
 def engine_settings() -> dict:

@@ -27,7 +27,11 @@ class EngineConfig:
     max_sequence_length: prompt + output tokens of one sequence (None = min(model limit, 4096)).
     max_num_batched_tokens: token budget of one step (decodes + prefill chunks).
     prefill_ratio: share of a step's token budget prefill may take while sequences are decoding.
-    page_size: tokens per KV page. num_pages: KV pool size (None = sized from free device memory
+    page_size: tokens per KV page. kv_cache_dtype: the KV pool's dtype, as vLLM's ``--kv-cache-dtype``:
+        "auto" = the model's dtype; "fp8" (alias "fp8_e4m3") = float8 e4m3fn pages with no scales (values
+        saturated to +-448 when written, converted to the model's dtype when read): half a bf16 pool's
+        bytes per page, so twice the pages in the same memory (``model.kv_cache.resolve_kv_cache_dtype``).
+        num_pages: KV pool size (None = sized from free device memory
         times memory_fraction, then fitted to the compiled step programs' memory before it is allocated:
         smaller, with a warning, when a program needs more than the plan left it (``engine.memory``);
         on CPU, enough for every slot at max_sequence_length).
@@ -82,6 +86,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     prefill_ratio: float = 0.8
     page_size: int = 16
+    kv_cache_dtype: str = "auto"
     num_pages: int | None = None
     memory_fraction: float = 0.85
     decode_steps_per_call: int = 8
@@ -118,6 +123,10 @@ class EngineConfig:
             from autoglm_jax.quant.schemes import get_scheme
 
             get_scheme(self.quantization)  # ValueError naming the unknown scheme
+        if self.kv_cache_dtype != "auto":  # (the default needs no jax import)
+            from autoglm_jax.model.kv_cache import resolve_kv_cache_dtype
+
+            resolve_kv_cache_dtype(self.kv_cache_dtype, "float32")  # ValueError naming the choices
         for name in ("max_batch_size", "max_num_batched_tokens", "page_size", "decode_steps_per_call",
                      "max_waiting_requests", "tensor_parallel_size", "data_parallel_size"):
             value = getattr(self, name)

@@ -28,6 +28,7 @@ from autoglm_jax.engine.autotune_seed import seed_for_engine
 from autoglm_jax.engine.config import EngineConfig
 from autoglm_jax.engine.executable_cache import resolve_executable_cache
 from autoglm_jax.model.attention import resolve_attention_backend
+from autoglm_jax.model.kv_cache import resolve_kv_cache_dtype
 from autoglm_jax.engine.metrics import EngineMetrics
 from autoglm_jax.engine.memory import PoolPlan, enable_compilation_cache, fit_programs, plan_pool
 from autoglm_jax.engine.output_state import RequestState, SequenceState
@@ -224,8 +225,10 @@ class EngineCore:
         seed_for_engine(cfg.compilation_cache_dir, cfg.xla_autotune_seed)
         start = time.perf_counter()
         self.dtype = resolve_dtype(cfg.dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.dtype)
         self.model_config = model_config_of(cfg.model)
-        backend = resolve_attention_backend(cfg.attention_backend, self.model_config, self.dtype, cfg.page_size)
+        backend = resolve_attention_backend(cfg.attention_backend, self.model_config, self.dtype, cfg.page_size,
+                                            self.kv_cache_dtype)
         scan_layers = resolve_scan_layers(cfg.scan_layers)
         load = functools.partial(load_model, cfg.model, self.dtype, backend, cfg.seed, progress=cfg.show_progress,
                                  mesh=mesh, quantization=cfg.quantization, matmul_backend=cfg.matmul_backend)
@@ -250,14 +253,14 @@ class EngineCore:
 
             plan_config, plan_device = per_device_plan(self.model_config, mesh)
         pool_plan = plan_pool(
-            plan_config, device=plan_device, page_size=cfg.page_size, cache_dtype=self.dtype, max_batch_size=cfg.max_batch_size,
-            max_sequence_length=self.max_sequence_length, max_num_batched_tokens=sched_config.max_num_batched_tokens,
-            memory_fraction=cfg.memory_fraction, pending_bytes=param_bytes(model) if overlap else 0,
-            num_pages=cfg.num_pages)
+            plan_config, device=plan_device, page_size=cfg.page_size, cache_dtype=self.kv_cache_dtype,
+            max_batch_size=cfg.max_batch_size, max_sequence_length=self.max_sequence_length,
+            max_num_batched_tokens=sched_config.max_num_batched_tokens, memory_fraction=cfg.memory_fraction,
+            pending_bytes=param_bytes(model) if overlap else 0, num_pages=cfg.num_pages)
         self.runner = ModelRunner(
             model, self.model_config, max_batch_size=cfg.max_batch_size,
             max_num_batched_tokens=sched_config.max_num_batched_tokens, max_sequence_length=self.max_sequence_length,
-            page_size=cfg.page_size, num_pages=pool_plan.num_pages, cache_dtype=self.dtype,
+            page_size=cfg.page_size, num_pages=pool_plan.num_pages, cache_dtype=self.kv_cache_dtype,
             decode_steps_per_call=cfg.decode_steps_per_call, max_logprobs=cfg.max_logprobs,
             eos_token_ids=self.eos_token_ids, mesh=mesh, scan_layers=scan_layers,
             executable_cache_dir=resolve_executable_cache(cfg.executable_cache, cfg.compilation_cache_dir),

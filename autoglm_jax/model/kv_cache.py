@@ -12,6 +12,11 @@ take the layer index as a scalar):
 A token at position ``p`` of a sequence lives at page ``page_table[seq, p // page_size]``, row
 ``p % page_size``. Page 0 is reserved as a scratch page: padding tokens write there and no sequence
 ever owns it, so every kernel can write unconditionally.
+
+Dtype: the engine arg ``kv_cache_dtype`` (``resolve_kv_cache_dtype``): "auto" = the model's dtype, "fp8"
+(alias "fp8_e4m3") = float8 e4m3fn pages, as vLLM's ``--kv-cache-dtype``, with no scales (a per-tensor
+scale of 1.0: values are saturated to +-448 when written, ``model.attention.to_cache_dtype``, and
+converted to the query's dtype when read). Half a bf16 pool's bytes per page: twice the pages.
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ import jax.numpy as jnp
 from autoglm_jax.config import ModelConfig
 
 SCRATCH_PAGE = 0
+# The engine arg kv_cache_dtype -> the pool's dtype (None = the model's own).
+KV_CACHE_DTYPES = {"auto": None, "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn}
+
+
+def resolve_kv_cache_dtype(setting: str, model_dtype) -> jnp.dtype:
+    """The KV pool's dtype for the engine arg ``kv_cache_dtype`` with a model of ``model_dtype``."""
+    if not isinstance(setting, str) or setting not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={setting!r}; choose one of {tuple(KV_CACHE_DTYPES)}")
+    dtype = KV_CACHE_DTYPES[setting]
+    return jnp.dtype(model_dtype if dtype is None else dtype)
 
 
 @jax.tree_util.register_dataclass

@@ -24,6 +24,7 @@ from autoglm_jax.engine.device_state import DeviceState
 from autoglm_jax.engine.memory import plan_num_pages
 from autoglm_jax.engine.runner import ModelRunner
 from autoglm_jax.model.attention import resolve_attention_backend
+from autoglm_jax.model.kv_cache import resolve_kv_cache_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,24 +49,26 @@ class StepPrograms:
         self.model_config = model_config
         self.engine_config = cfg = engine_config
         self.dtype = resolve_dtype(cfg.dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.dtype)
         self.attention_backend = resolve_attention_backend(cfg.attention_backend, model_config, self.dtype,
-                                                           cfg.page_size)
+                                                           cfg.page_size, self.kv_cache_dtype)
         max_len = cfg.resolved_max_sequence_length(model_config.max_position_embeddings)
         sched = cfg.scheduler_config(max_len)
         self.num_pages = cfg.num_pages or plan_num_pages(
-            model_config, page_size=cfg.page_size, cache_dtype=self.dtype, max_batch_size=cfg.max_batch_size,
-            max_sequence_length=max_len, max_num_batched_tokens=sched.max_num_batched_tokens,
-            memory_fraction=cfg.memory_fraction)
+            model_config, page_size=cfg.page_size, cache_dtype=self.kv_cache_dtype,
+            max_batch_size=cfg.max_batch_size, max_sequence_length=max_len,
+            max_num_batched_tokens=sched.max_num_batched_tokens, memory_fraction=cfg.memory_fraction)
         model = abstract_model(model_config, self.dtype, self.attention_backend)
         # A 2-page pool is allocated by the constructor, then swapped for the real pool's shapes.
         self.runner = ModelRunner(
             model, model_config, max_batch_size=cfg.max_batch_size,
             max_num_batched_tokens=sched.max_num_batched_tokens, max_sequence_length=max_len,
-            page_size=cfg.page_size, num_pages=2, cache_dtype=self.dtype,
+            page_size=cfg.page_size, num_pages=2, cache_dtype=self.kv_cache_dtype,
             decode_steps_per_call=cfg.decode_steps_per_call, max_logprobs=cfg.max_logprobs)
         self.runner.num_pages = self.num_pages
         self.runner.state = jax.eval_shape(functools.partial(
-            DeviceState.create, model_config, self.num_pages, cfg.page_size, cfg.max_batch_size, self.dtype))
+            DeviceState.create, model_config, self.num_pages, cfg.page_size, cfg.max_batch_size,
+            self.kv_cache_dtype))
 
     @property
     def ladder(self):

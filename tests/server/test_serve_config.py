@@ -44,3 +44,9 @@ def test_compilation_cache_flag_reaches_the_engine(tmp_path):
     path = tmp_path / "best_config.json"
     path.write_text(json.dumps({"compilation_cache_dir": ""}))
     assert _settings(f"--config={path}")["compilation_cache_dir"] is None
+
+
+def test_kv_cache_dtype_flag_reaches_the_engine():
+    assert _settings()["kv_cache_dtype"] == "auto"
+    assert _settings("--kv_cache_dtype=fp8")["kv_cache_dtype"] == "fp8"
+    assert _settings("--kv_cache_dtype=fp8_e4m3")["kv_cache_dtype"] == "fp8_e4m3"
