@@ -12,8 +12,9 @@ padding and produce zeros. Tokens are laid out sequence after sequence (``query_
 
 KV cache dtype: q's (bf16 / f16), or float8 e4m3 (``kv_cache_dtype="fp8"``, scale 1): TMA moves the fp8
 pages (half the bytes: decode attention is bound by them) and each computing warpgroup converts a K (then V)
-block into a [block_kv, D] tile of q's dtype in SMEM (``kv_operand``) before its wgmma; the narrow slot is
-released as soon as it is converted.
+block into a [block_kv, D] float16 tile in SMEM (``kv_operand``; ``NARROW_COMPUTE``) before its wgmma, the
+narrow slot released as soon as it is converted; both wgmmas then run in float16 (Q converted once per CTA,
+saturated to f16's range, ``q_operand``; P rounded to f16), accumulating in f32 as always.
 
 Kernel layout. GQA groups share the rows of one tile so that each K/V page is read once per KV head,
 not once per query head: for KV head ``h`` (query heads ``h*G .. h*G + G - 1``) the 64 tile rows (one

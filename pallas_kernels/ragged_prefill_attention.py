@@ -48,8 +48,9 @@ wgmmas). CTAs are launched latest tokens first (the longest KV ranges first) so 
 is short.
 
 An fp8 (e4m3) cache: the ring holds fp8 blocks and each compute warpgroup converts K, then V, into its own
-[block_kv, D] tile of q's dtype before the wgmma (``rpa.kv_operand``; the conversion is done twice per block,
-once per warpgroup, which costs compute, not bytes).
+[block_kv, D] float16 tile before the wgmma, and its Q tile once into float16 (``rpa.kv_operand``,
+``rpa.q_operand``). The conversion is done twice per block, once per warpgroup: H100, 1.7x the bf16 cache's time
+(RESULTS "Session 14").
 
 Shapes: q [T, Nq, D], k_cache / v_cache [L, P, page_size, Nkv, D] (q's dtype or float8_e4m3fn), page_table [B, MP],
 seq_ids / positions [T], context_lens [B], query_start_loc [B + 1] -> out [T, Nq, D] (q's dtype).
@@ -100,7 +101,8 @@ def smem_bytes(config: PrefillAttentionConfig, head_dim: int, itemsize: int = 2,
     """SMEM one CTA needs on the GPU: two Q/O tiles, the K/V ring (``kv_itemsize`` bytes an element, None =
     ``itemsize``), with a narrow (fp8) cache each compute warpgroup's converted K/V tile, and one page-table
     row of ``max_pages`` entries (the interpreter adds two P tiles). At D 128, block_kv 128, bf16: 32 KiB +
-    64 KiB a stage, so a third stage (224 KiB + the row) does not fit; fp8: 32 + 64 KiB + 32 KiB a stage."""
+    64 KiB a stage, so a third stage (224 KiB + the row) does not fit; fp8: 32 + 96 KiB (converted K / V and f16 Q
+    tiles) + 32 KiB a stage, so two stages."""
     kv_itemsize = itemsize if kv_itemsize is None else kv_itemsize
     q_tiles = COMPUTE_WGS * ROWS * head_dim * itemsize
     kv_ring = 2 * config.num_stages * config.block_kv * head_dim * kv_itemsize
@@ -177,8 +179,9 @@ def _prefill_kernel(
     max_pages: int,
 ):
     # q_smem [2, 64, D] (also the output tile); k_smem, v_smem [stages, block_kv, D] (the cache's dtype);
-    # p_smem [2, 64, block_kv] (interpreter only, else None); deq_smem [2, block_kv, D] in q's dtype (narrow
-    # cache only: each compute warpgroup's K, then V, converted); pt_smem [rows, cols] int32; barriers as named.
+    # p_smem [2, 64, block_kv] (interpreter only, else None); deq_smem [2, block_kv, D] and q16_smem [2, 64, D]
+    # in the wgmma dtype (narrow cache only: each compute warpgroup's K, then V, and its Q, converted);
+    # pt_smem [rows, cols] int32; barriers as named.
     (q_smem, k_smem, v_smem, p_smem, deq_smem, q16_smem, pt_smem, q_barriers, pt_barrier, k_full, v_full, k_consumed,
      v_consumed, schedule) = scratch
     stages, block_kv, block_q = config.num_stages, config.block_kv, layout.block_q

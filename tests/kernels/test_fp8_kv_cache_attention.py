@@ -73,6 +73,12 @@ def test_narrow_cache_configs_fit_and_look_up_their_own_tuning():
     for decode in (False, True):
         config = rpa.default_config(64, 32, 2, 128, 16, 4096, jnp.bfloat16, decode=decode, cache_dtype=FP8)
         assert rpa.smem_bytes(config, 128, max_pages=256, kv_itemsize=1) <= rpa.SMEM_BUDGET
+    # fp8 decode: two consumers on 64-row blocks (the conversions overlap; H100, RESULTS "Session 14"), unless the
+    # page size does not divide 64
+    config = rpa.default_config(64, 32, 2, 128, 16, 4096, jnp.bfloat16, decode=True, cache_dtype=FP8)
+    assert (config.consumer_warpgroups, config.block_kv, config.num_stages) == (2, 64, 4)
+    assert rpa.default_config(64, 32, 2, 128, 128, 4096, jnp.bfloat16, decode=True, cache_dtype=FP8).block_kv == 128
+    assert rpa.compute_dtype(jnp.bfloat16, FP8) == jnp.float16 and rpa.compute_dtype(jnp.bfloat16, jnp.bfloat16) == jnp.bfloat16
     prefill = rpf.default_config(2048, 32, 2, 128, 16, 4096, jnp.bfloat16, FP8)
     assert rpf.config_error(prefill, 128, 16, 256, kv_itemsize=1) is None
     assert rpf.smem_bytes(prefill, 128, max_pages=256, kv_itemsize=1) > rpf.smem_bytes(prefill, 128, max_pages=256) / 2

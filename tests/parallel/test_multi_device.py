@@ -1,5 +1,5 @@
-"""Tensor parallelism (TP=2/4/8, with stacked or unrolled layer weights), data-parallel replicas (DP=2,
-TP=2 x DP=2) and a two-process
+"""Tensor parallelism (TP=2/4/8, with stacked or unrolled layer weights, with a float or an fp8 KV cache),
+data-parallel replicas (DP=2, TP=2 x DP=2) and a two-process
 multi-host run give the same greedy tokens as one device, for tiny GLM-4 and Llama checkpoints
 with 8 query heads / 2 KV heads (so TP=4 and TP=8 replicate KV heads) and vocab split over TP.
 
@@ -21,8 +21,9 @@ from tests.hf_tiny import save_tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADS = dict(num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
-# "u": layers unrolled over per-layer weight buffers (scan_layers=False, the GPU default)
-LOCAL_RUNS = {"glm4": ("Glm4ForCausalLM", ["1x1", "2x1", "4x1", "8x1", "1x2", "2x2", "1x1u", "4x1u"]),
+# "u": layers unrolled over per-layer weight buffers (scan_layers=False, the GPU default); "f": an fp8 KV cache
+# (kv_cache_dtype="fp8", compared with one device's fp8 run "1x1f"; TP=4 replicates the 2 KV heads' pages)
+LOCAL_RUNS = {"glm4": ("Glm4ForCausalLM", ["1x1", "2x1", "4x1", "8x1", "1x2", "2x2", "1x1u", "4x1u", "1x1f", "4x1uf"]),
               "llama": ("LlamaForCausalLM", ["1x1", "2x1", "8x1", "2x1u"])}
 TIMEOUT_S = 900
 
@@ -65,9 +66,10 @@ def results(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("model, spec", [(m, s) for m, (_, specs) in LOCAL_RUNS.items() for s in specs[1:]])
+@pytest.mark.parametrize("model, spec", [(m, s) for m, (_, specs) in LOCAL_RUNS.items() for s in specs[1:]
+                                         if s != "1x1f"])
 def test_parallel_greedy_tokens_equal_one_device(results, model, spec):
-    one_device = results[model]["1x1"]
+    one_device = results[model]["1x1f" if spec.endswith("f") else "1x1"]
     assert [len(t) for t in one_device] == [12, 6, 17, 9, 14]
     assert len({tuple(t) for t in one_device}) == len(one_device)  # the prompts give different outputs
     assert results[model][spec] == one_device, f"{model} tp x dp = {spec} differs from one device"

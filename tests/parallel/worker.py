@@ -35,10 +35,12 @@ def run_local(model: str, specs: list[str]) -> dict:
     from autoglm_jax.llm import LLM
 
     results = {}
-    for spec in specs:
-        tp, dp = map(int, spec.rstrip("u").split("x"))
+    for spec in specs:  # "TPxDP" + "u" (layers unrolled) and / or "f" (an fp8 KV cache)
+        shape = spec.rstrip("uf")
+        tp, dp = map(int, shape.split("x"))
         llm = LLM(model, max_model_len=MAX_LEN, tensor_parallel_size=tp, data_parallel_size=dp,
-                  scan_layers=not spec.endswith("u"), **ENGINE_ARGS)
+                  scan_layers="u" not in spec[len(shape):], kv_cache_dtype="fp8" if "f" in spec[len(shape):] else "auto",
+                  **ENGINE_ARGS)
         prompts, params = prompts_and_params(llm.engine.model_config.vocab_size)
         results[spec] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     return results
