@@ -233,6 +233,7 @@ def _bench_fp8_kv_attention(bandwidth, matmul_tflops, cases, page_size, dtypes=(
     from pallas_kernels import ragged_prefill_attention as rpf
 
     fp8 = jnp.float8_e4m3fn
+    with_cache = lambda case, dtype: (case[0], case[1].astype(dtype), case[2].astype(dtype), *case[3:])
     for batch, context in cases:
         lens = np.full(batch, context)
         bf16_args = make_case(lens - 1, np.ones(batch, np.int64), num_q_heads=32, num_kv_heads=2, head_dim=128,
@@ -240,7 +241,7 @@ def _bench_fp8_kv_attention(bandwidth, matmul_tflops, cases, page_size, dtypes=(
                               num_layers=1)
         what = f"decode attention {batch}x{context}, 32q/2kv, page {page_size}"
         for dtype in dtypes:
-            args = (bf16_args[0], bf16_args[1].astype(dtype), bf16_args[2].astype(dtype), *bf16_args[3:])
+            args = with_cache(bf16_args, dtype)
             kv_bytes = 2 * batch * context * 2 * 128 * jnp.dtype(dtype).itemsize
             default = rpa.default_config(batch, 32, 2, 128, page_size, context, jnp.bfloat16, decode=True,
                                          cache_dtype=dtype)
@@ -259,7 +260,7 @@ def _bench_fp8_kv_attention(bandwidth, matmul_tflops, cases, page_size, dtypes=(
         flops = 4 * tokens * (before + tokens / 2) * 32 * 128
         what = f"prefill attention {tokens} tokens over {before}, 32q/2kv, d128"
         for dtype in dtypes:
-            args = (bf16_args[0], bf16_args[1].astype(dtype), bf16_args[2].astype(dtype), *bf16_args[3:])
+            args = with_cache(bf16_args, dtype)
             f = jax.jit(functools.partial(rpf.ragged_prefill_attention, sm_scale=128 ** -0.5))
             attempt("fp8 kv", what, f"{jnp.dtype(dtype).name} cache{label}, prefill kernel default", f, *args, flops=flops,
                     roofline_ms=flops / matmul_tflops / 1e9)

@@ -123,8 +123,8 @@ def smem_bytes(config: AttentionConfig, head_dim: int, itemsize: int = 2, p_via_
     p_via_smem = interpreting() if p_via_smem is None else p_via_smem
     kv_itemsize = itemsize if kv_itemsize is None else kv_itemsize
     kv = 2 * config.num_stages * config.block_kv * head_dim * kv_itemsize
-    if kv_itemsize != itemsize:  # converted K / V (and, f16 compute, Q) of each computing warpgroup (2-byte types)
-        kv += max(1, config.consumer_warpgroups) * (config.block_kv + ROWS * (NARROW_COMPUTE == "f16")) * head_dim * 2
+    if kv_itemsize != itemsize:
+        kv += max(1, config.consumer_warpgroups) * converted_tiles_bytes(config.block_kv, head_dim)
     split_out = (ROWS * head_dim + ROWS) * 4 if config.num_kv_splits > 1 else 0
     merge = (ROWS * head_dim + 2 * ROWS) * 4 if config.consumer_warpgroups > 1 else 0
     p_tile = max(1, config.consumer_warpgroups) * ROWS * config.block_kv * itemsize if p_via_smem else 0
@@ -221,8 +221,8 @@ def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_di
     (None = ``dtype``); a narrow cache looks up its own tuned entries (suffix ``_kv<dtype>``)."""
     key = f"T{num_tokens}_Nq{num_q_heads}_Nkv{num_kv_heads}_D{head_dim}_ps{page_size}_ctx{max_context}"
     kv_itemsize = jnp.dtype(cache_dtype or dtype).itemsize
-    suffix = "" if kv_itemsize == jnp.dtype(dtype).itemsize else f"_kv{jnp.dtype(cache_dtype).name}"
-    tuned = tuning.lookup("ragged_paged_attention", dtype, key + ("_decode" if decode else "") + suffix)
+    tuned = tuning.lookup("ragged_paged_attention", dtype,
+                          key + ("_decode" if decode else "") + cache_key_suffix(dtype, cache_dtype))
     if tuned is not None:
         return AttentionConfig(**tuned)
     fits = lambda config: smem_bytes(config, head_dim, max_pages=max_context // page_size,
@@ -240,7 +240,7 @@ def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_di
         # the copy bandwidth with the wrapper), 12% less kernel time than one warpgroup at 32 x 4k.
         # An fp8 cache: the consumers' conversions, not the bytes, bound the kernel; two consumers on 64-row
         # blocks overlap them best (H100, RESULTS "Session 14": 0.68 of the copy bandwidth at 64 x 4k).
-        shapes = ((2, 64, 4),) if kv_itemsize < jnp.dtype(dtype).itemsize and 64 % page_size == 0 else ()
+        shapes = ((2, 64, 4),) if is_narrow(dtype, cache_dtype) and 64 % page_size == 0 else ()
         shapes += tuple((consumers, block_kv, stages) for consumers, stages in ((1, 3), (1, 2), (0, 2), (0, 1)))
         for consumers, kv_rows, stages in shapes:
             splits = max(1, min(tuning.num_sms() // num_ctas, pl.cdiv(max_context, kv_rows)))
@@ -262,9 +262,19 @@ def tokens_per_cta(config: AttentionConfig, num_q_heads: int, num_kv_heads: int)
     return config.block_q or ROWS // _padded_group(num_q_heads, num_kv_heads)
 
 
-# KV cache dtypes the kernels read besides q's own: float8 e4m3 pages (``kv_cache_dtype="fp8"``), converted to
-# q's dtype in SMEM before each wgmma.
+# KV cache dtypes the kernels read besides q's own: float8 e4m3 pages (``kv_cache_dtype="fp8"``), converted in
+# SMEM before each wgmma (``kv_operand``).
 NARROW_CACHE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn),)
+
+
+def is_narrow(dtype, cache_dtype) -> bool:
+    """Whether a cache of ``cache_dtype`` (None = ``dtype``) is narrower than queries of ``dtype``."""
+    return cache_dtype is not None and jnp.dtype(cache_dtype).itemsize < jnp.dtype(dtype).itemsize
+
+
+def cache_key_suffix(dtype, cache_dtype) -> str:
+    """Tuning-table key suffix of both attention kernels: "" for a cache of q's width, "_kv<dtype>" narrow."""
+    return f"_kv{jnp.dtype(cache_dtype).name}" if is_narrow(dtype, cache_dtype) else ""
 
 
 def cache_dtype_ok(dtype, cache_dtype) -> bool:
@@ -350,8 +360,13 @@ _F16_MAX = float(jnp.finfo(jnp.float16).max)
 
 def compute_dtype(dtype, cache_dtype):
     """The wgmma operand dtype of queries of ``dtype`` against a cache of ``cache_dtype``."""
-    narrow = jnp.dtype(cache_dtype).itemsize < jnp.dtype(dtype).itemsize
-    return jnp.dtype(jnp.float16 if narrow and NARROW_COMPUTE == "f16" else dtype)
+    return jnp.dtype(jnp.float16 if is_narrow(dtype, cache_dtype) and NARROW_COMPUTE == "f16" else dtype)
+
+
+def converted_tiles_bytes(block_kv: int, head_dim: int) -> int:
+    """SMEM of one computing warpgroup's converted tiles over a narrow cache (both kernels): the K / V tile
+    [block_kv, D] and, with f16 compute, the Q tile [64, D], 2 bytes an element."""
+    return (block_kv + ROWS * (NARROW_COMPUTE == "f16")) * head_dim * 2
 
 
 def q_operand(q_tile, q16_smem):

@@ -106,8 +106,7 @@ def smem_bytes(config: PrefillAttentionConfig, head_dim: int, itemsize: int = 2,
     kv_itemsize = itemsize if kv_itemsize is None else kv_itemsize
     q_tiles = COMPUTE_WGS * ROWS * head_dim * itemsize
     kv_ring = 2 * config.num_stages * config.block_kv * head_dim * kv_itemsize
-    converted = (COMPUTE_WGS * (config.block_kv + ROWS * (rpa.NARROW_COMPUTE == "f16")) * head_dim * 2
-                 if kv_itemsize != itemsize else 0)  # each compute warpgroup's K / V (and f16 Q) tiles
+    converted = COMPUTE_WGS * rpa.converted_tiles_bytes(config.block_kv, head_dim) if kv_itemsize != itemsize else 0
     return q_tiles + kv_ring + converted + 4 * math.prod(rpa.page_table_tile(max_pages))
 
 
@@ -141,12 +140,10 @@ def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_di
     """Tuned config for this shape on the current card, else a heuristic (never fails); a narrow
     ``cache_dtype`` (None = ``dtype``) looks up its own entries (suffix ``_kv<dtype>``)."""
     key = f"T{num_tokens}_Nq{num_q_heads}_Nkv{num_kv_heads}_D{head_dim}_ps{page_size}_ctx{max_context}"
-    kv_itemsize = jnp.dtype(cache_dtype or dtype).itemsize
-    suffix = "" if kv_itemsize == jnp.dtype(dtype).itemsize else f"_kv{jnp.dtype(cache_dtype).name}"
-    tuned = tuning.lookup("ragged_prefill_attention", dtype, key + suffix)
+    tuned = tuning.lookup("ragged_prefill_attention", dtype, key + rpa.cache_key_suffix(dtype, cache_dtype))
     if tuned is not None:
         return PrefillAttentionConfig(**tuned)
-    return _heuristic_config(head_dim, page_size, max_context // page_size, kv_itemsize)
+    return _heuristic_config(head_dim, page_size, max_context // page_size, jnp.dtype(cache_dtype or dtype).itemsize)
 
 
 def supports(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, page_size: int, cache_dtype=None) -> bool:
