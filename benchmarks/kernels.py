@@ -206,6 +206,7 @@ def bench_prefill_attention(matmul_tflops: float, tokens: int = 4096):
 
 FP8_KV_DECODE_CONFIGS = tuple(rpa.AttentionConfig(block_kv=bkv, num_stages=st, block_q=1, consumer_warpgroups=c)
                               for c, bkv, st in ((1, 128, 3), (1, 128, 4), (1, 64, 6), (2, 128, 2), (2, 64, 4)))
+FP8_KV_PREFILL_CONFIGS = ((64, 2, 2), (64, 2, 1))  # (block_kv, num_stages, narrow_stages) besides the default
 
 
 def bench_fp8_kv_attention(bandwidth: float, matmul_tflops: float, cases, page_size: int = 16, variants=()):
@@ -251,7 +252,7 @@ def _bench_fp8_kv_attention(bandwidth, matmul_tflops, cases, page_size, dtypes=(
                 f = jax.jit(functools.partial(rpa.ragged_paged_attention, sm_scale=128 ** -0.5, config=cfg,
                                               decode_only=True))
                 name = f"default {default}" if cfg is None else f"wgs={cfg.consumer_warpgroups} bkv={cfg.block_kv} " \
-                                                                  f"stages={cfg.num_stages} splits={cfg.num_kv_splits}"
+                    f"stages={cfg.num_stages} splits={cfg.num_kv_splits}"
                 attempt("fp8 kv", what, f"{jnp.dtype(dtype).name} cache{label}, {name}", f, *args, nbytes=kv_bytes,
                         roofline_ms=kv_bytes / bandwidth / 1e6)
     for before, tokens in ((0, 4096), (3072, 1024)):
@@ -261,9 +262,12 @@ def _bench_fp8_kv_attention(bandwidth, matmul_tflops, cases, page_size, dtypes=(
         what = f"prefill attention {tokens} tokens over {before}, 32q/2kv, d128"
         for dtype in dtypes:
             args = with_cache(bf16_args, dtype)
-            f = jax.jit(functools.partial(rpf.ragged_prefill_attention, sm_scale=128 ** -0.5))
-            attempt("fp8 kv", what, f"{jnp.dtype(dtype).name} cache{label}, prefill kernel default", f, *args, flops=flops,
-                    roofline_ms=flops / matmul_tflops / 1e9)
+            configs = [None] + ([rpf.PrefillAttentionConfig(block_kv=bkv, num_stages=st, narrow_stages=nst)
+                                 for bkv, st, nst in FP8_KV_PREFILL_CONFIGS] if dtype == fp8 else [])
+            for cfg in configs:
+                f = jax.jit(functools.partial(rpf.ragged_prefill_attention, sm_scale=128 ** -0.5, config=cfg))
+                attempt("fp8 kv", what, f"{jnp.dtype(dtype).name} cache{label}, prefill kernel "
+                        f"{'default' if cfg is None else cfg}", f, *args, flops=flops, roofline_ms=flops / matmul_tflops / 1e9)
 
 
 GLM4_SHAPES = {"qkv": (4096, 4608), "o_proj": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096),

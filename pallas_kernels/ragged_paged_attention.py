@@ -364,7 +364,7 @@ def compute_dtype(dtype, cache_dtype):
 
 
 def converted_tiles_bytes(block_kv: int, head_dim: int) -> int:
-    """SMEM of one computing warpgroup's converted tiles over a narrow cache (both kernels): the K / V tile
+    """SMEM of one computing warpgroup's converted tiles over a narrow cache (this module's kernels): the K / V tile
     [block_kv, D] and, with f16 compute, the Q tile [64, D], 2 bytes an element."""
     return (block_kv + ROWS * (NARROW_COMPUTE == "f16")) * head_dim * 2
 

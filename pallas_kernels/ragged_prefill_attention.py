@@ -47,10 +47,14 @@ ping-pong schedule barrier between the two compute warpgroups (one's softmax ove
 wgmmas). CTAs are launched latest tokens first (the longest KV ranges first) so the tail of the grid
 is short.
 
-An fp8 (e4m3) cache: the ring holds fp8 blocks and each compute warpgroup converts K, then V, into its own
-[block_kv, D] float16 tile before the wgmma, and its Q tile once into float16 (``rpa.kv_operand``,
-``rpa.q_operand``). The conversion is done twice per block, once per warpgroup: H100, 1.7x the bf16 cache's time
-(RESULTS "Session 14").
+An fp8 (e4m3) cache: the TMA warpgroup gathers fp8 blocks into a ring of ``narrow_stages`` slots and
+converts each K, then V, block once (``rpa.kv_operand``, the whole warpgroup, ``narrow_stages - 1`` blocks'
+copies in flight meanwhile) into the ``num_stages``-deep float16 ring the compute warpgroups read as they read
+a bf16 ring ("full" barriers: one arrival per converted block); each compute warpgroup converts its Q tile once
+(``rpa.q_operand``). Before (session 14) each compute warpgroup converted every block itself, i.e. twice per
+block: H100, 4k tokens 457 µs, now 375 µs (bf16 268 µs; RESULTS "Session 15"). The paged kernel's decode
+consumers keep converting their own blocks: there this design was slower (one converting warpgroup for two
+consumers).
 
 Shapes: q [T, Nq, D], k_cache / v_cache [L, P, page_size, Nkv, D] (q's dtype or float8_e4m3fn), page_table [B, MP],
 seq_ids / positions [T], context_lens [B], query_start_loc [B + 1] -> out [T, Nq, D] (q's dtype).
@@ -77,37 +81,90 @@ ROWS = rpa.ROWS  # packed query rows per compute warpgroup (one wgmma M)
 COMPUTE_WGS = 2
 SMEM_BUDGET = rpa.SMEM_BUDGET
 _COMPUTE_REGISTERS, _TMA_REGISTERS = 232, 40  # per thread, as JAX's FA3 kernel sets them
+# A narrow cache: the TMA warpgroup converts 64 x D blocks in registers (64 fp8 values a thread at D 128, 64 f16
+# out). The three warpgroups share what the CTA was launched with, 168 a thread (65,536 / 384, rounded down to 8):
+# setmaxnreg.inc past 2 x 208 + 88 = 504 would wait forever for registers no warpgroup gives back (a hang).
+_NARROW_COMPUTE_REGISTERS, _NARROW_TMA_REGISTERS = 208, 88
+LAUNCH_REGISTERS_3WG = 65536 // (3 * 128) // 8 * 8
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillAttentionConfig:
     """Tuning knobs. ``block_kv`` K/V rows per pipeline step (64..256, a multiple of 64; it and the
     page size must divide one another); ``num_stages`` K/V slots in the TMA ring (>= 2);
-    ``schedule_barrier``: ping-pong the two compute warpgroups (softmax of one under the other's wgmma)."""
+    ``schedule_barrier``: ping-pong the two compute warpgroups (softmax of one under the other's wgmma);
+    ``narrow_stages``: over a narrow (fp8) cache, slots of the fp8 ring the TMA warpgroup gathers into and
+    converts from into the ``num_stages``-deep ring the compute warpgroups read (unused otherwise)."""
 
     block_kv: int = 128
     num_stages: int = 2
     schedule_barrier: bool = True
+    narrow_stages: int = 2
 
     def __post_init__(self):
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
             raise ValueError(f"{self.block_kv=} must be 64, 128, 192 or 256")
         if self.num_stages < 2:
             raise ValueError(f"{self.num_stages=} must be >= 2")
+        if self.narrow_stages < 1:
+            raise ValueError(f"{self.narrow_stages=} must be >= 1")
+
+
+def _narrow_cache_bytes(config: PrefillAttentionConfig, head_dim: int, kv_itemsize: int) -> int:
+    """SMEM over a narrow cache besides the Q/O tiles: the fp8 K/V ring, the converted (2-byte) K/V ring the
+    compute warpgroups read and, with f16 compute, each compute warpgroup's converted [64, D] Q tile."""
+    narrow = 2 * config.narrow_stages * config.block_kv * head_dim * kv_itemsize
+    converted = 2 * config.num_stages * config.block_kv * head_dim * 2
+    return narrow + converted + COMPUTE_WGS * ROWS * head_dim * 2 * (rpa.NARROW_COMPUTE == "f16")
+
+
+def _convert_step(g, tensors, narrow_stages: int, stages: int) -> None:
+    """The TMA warpgroup over a narrow (fp8) cache, step ``g`` (traced): for K, then V, wait for
+    the narrow block in slot g mod narrow_stages, wait until the compute warpgroups released slot
+    g mod stages of the converted ring (its use ``stages`` steps back), convert the block into it
+    (``rpa.kv_operand``: the whole warpgroup, then a proxy fence and a warpgroup barrier, so the narrow slot may be
+    refilled next) and arrive on the slot's "full" barrier (one arrival). ``tensors``: per K and V,
+    (narrow ring [narrow_stages, block_kv, D], its TMA barriers, converted ring [stages, block_kv, D], its
+    "full" barriers, its "consumed" barriers). The compute warpgroups then read the converted ring exactly as
+    they read a ring of q's dtype (no conversion of their own)."""
+    nslot, slot = lax.rem(g, jnp.int32(narrow_stages)), lax.rem(g, jnp.int32(stages))
+    for narrow, narrow_full, wide, full, consumed in tensors:
+        plgpu.barrier_wait(narrow_full.at[nslot])
+        pl.when(g >= stages)(functools.partial(plgpu.barrier_wait, consumed.at[slot]))
+        rpa.kv_operand(narrow.at[nslot], wide.at[slot])
+        plgpu.barrier_arrive(full.at[slot])
+
+
+def _convert_behind(g, tensors, narrow_stages: int, stages: int) -> None:
+    """Called by the TMA warpgroup right after it issued step ``g``'s narrow copies into slot g mod
+    narrow_stages: convert step g - (narrow_stages - 1), so that narrow_stages - 1 steps' copies stay in flight
+    while one converts (step g's slot was freed by the conversion of step g - narrow_stages, one call earlier)."""
+    lag = narrow_stages - 1
+    pl.when(g >= lag)(lambda: _convert_step(g - lag, tensors, narrow_stages, stages))
+
+
+def _convert_rest(num_steps, tensors, narrow_stages: int, stages: int) -> None:
+    """After the last issue: convert the last narrow_stages - 1 steps of ``num_steps`` (traced) still pending."""
+    lag = narrow_stages - 1
+    for d in range(lag):
+        step = num_steps - lag + d
+        pl.when(step >= 0)(functools.partial(_convert_step, step, tensors, narrow_stages, stages))
 
 
 def smem_bytes(config: PrefillAttentionConfig, head_dim: int, itemsize: int = 2, max_pages: int = 0,
                kv_itemsize: int | None = None) -> int:
     """SMEM one CTA needs on the GPU: two Q/O tiles, the K/V ring (``kv_itemsize`` bytes an element, None =
-    ``itemsize``), with a narrow (fp8) cache each compute warpgroup's converted K/V tile, and one page-table
-    row of ``max_pages`` entries (the interpreter adds two P tiles). At D 128, block_kv 128, bf16: 32 KiB +
-    64 KiB a stage, so a third stage (224 KiB + the row) does not fit; fp8: 32 + 96 KiB (converted K / V and f16 Q
-    tiles) + 32 KiB a stage, so two stages."""
+    ``itemsize``; a narrow (fp8) cache: the fp8 ring, the converted ring and each compute warpgroup's f16 Q tile),
+    and one page-table row of ``max_pages`` entries (the interpreter adds two P tiles). At D 128, bf16: block_kv
+    128, 32 KiB + 64 KiB a stage, so a third stage (224 KiB + the row) does not fit; fp8: block_kv 64, 64 KiB of
+    Q tiles + 32 KiB a converted stage + 16 KiB an fp8 stage (three of each: 208 KiB)."""
     kv_itemsize = itemsize if kv_itemsize is None else kv_itemsize
     q_tiles = COMPUTE_WGS * ROWS * head_dim * itemsize
-    kv_ring = 2 * config.num_stages * config.block_kv * head_dim * kv_itemsize
-    converted = COMPUTE_WGS * rpa.converted_tiles_bytes(config.block_kv, head_dim) if kv_itemsize != itemsize else 0
-    return q_tiles + kv_ring + converted + 4 * math.prod(rpa.page_table_tile(max_pages))
+    if kv_itemsize == itemsize:
+        kv = 2 * config.num_stages * config.block_kv * head_dim * kv_itemsize
+    else:
+        kv = _narrow_cache_bytes(config, head_dim, kv_itemsize)
+    return q_tiles + kv + 4 * math.prod(rpa.page_table_tile(max_pages))
 
 
 def config_error(config: PrefillAttentionConfig, head_dim: int, page_size: int, max_pages: int = 0,
@@ -126,13 +183,16 @@ def config_error(config: PrefillAttentionConfig, head_dim: int, page_size: int, 
 
 
 def _heuristic_config(head_dim: int, page_size: int, max_pages: int = 0, kv_itemsize: int = 2) -> PrefillAttentionConfig:
-    """128-row K/V blocks (64 past head dim 128, or when the page size needs it), deepest ring that fits."""
-    block_kv = 128 if head_dim <= 128 and (128 % page_size == 0 or page_size % 128 == 0) else 64
-    for stages in (4, 3, 2):
-        config = PrefillAttentionConfig(block_kv=block_kv, num_stages=stages)
+    """128-row K/V blocks (64 past head dim 128, when the page size needs it, or over a narrow cache, whose
+    converted ring takes the room), deepest ring that fits (a narrow cache: the converted ring first)."""
+    narrow = kv_itemsize < 2
+    block_kv = 128 if head_dim <= 128 and (128 % page_size == 0 or page_size % 128 == 0) and not narrow else 64
+    shapes = ((3, 3), (3, 2), (2, 3), (2, 2), (2, 1)) if narrow else ((4, 2), (3, 2), (2, 2))
+    for stages, narrow_stages in shapes:
+        config = PrefillAttentionConfig(block_kv=block_kv, num_stages=stages, narrow_stages=narrow_stages)
         if smem_bytes(config, head_dim, max_pages=max_pages, kv_itemsize=kv_itemsize) <= SMEM_BUDGET:
             return config
-    return PrefillAttentionConfig(block_kv=64, num_stages=2)
+    return PrefillAttentionConfig(block_kv=64, num_stages=2, narrow_stages=1)
 
 
 def default_config(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
@@ -175,12 +235,13 @@ def _prefill_kernel(
     sm_scale: float,
     max_pages: int,
 ):
-    # q_smem [2, 64, D] (also the output tile); k_smem, v_smem [stages, block_kv, D] (the cache's dtype);
-    # p_smem [2, 64, block_kv] (interpreter only, else None); deq_smem [2, block_kv, D] and q16_smem [2, 64, D]
-    # in the wgmma dtype (narrow cache only: each compute warpgroup's K, then V, and its Q, converted);
-    # pt_smem [rows, cols] int32; barriers as named.
-    (q_smem, k_smem, v_smem, p_smem, deq_smem, q16_smem, pt_smem, q_barriers, pt_barrier, k_full, v_full, k_consumed,
-     v_consumed, schedule) = scratch
+    # q_smem [2, 64, D] (also the output tile); k_smem, v_smem [stages, block_kv, D] (the wgmma dtype: the cache's,
+    # or converted by the TMA warpgroup from k_narrow / v_narrow [narrow_stages, block_kv, D], barriers nk_full /
+    # nv_full, over a narrow cache); p_smem [2, 64, block_kv] (interpreter only, else None); q16_smem [2, 64, D]
+    # each compute warpgroup's converted Q (narrow cache only); pt_smem [rows, cols] int32; barriers as named.
+    (q_smem, k_smem, v_smem, p_smem, q16_smem, pt_smem, q_barriers, pt_barrier, k_full, v_full, k_consumed,
+     v_consumed, schedule, k_narrow, v_narrow, nk_full, nv_full) = scratch
+    narrow = k_narrow is not None
     stages, block_kv, block_q = config.num_stages, config.block_kv, layout.block_q
     page_size, head_dim = k_ref.shape[2], q_ref.shape[-1]
     pt_cols = jnp.int32(pt_smem.shape[1])
@@ -212,7 +273,8 @@ def _prefill_kernel(
 
     @pl.when(wg == COMPUTE_WGS)
     def _tma_warpgroup():
-        plgpu.set_max_registers(_TMA_REGISTERS, action="decrease")
+        plgpu.set_max_registers(_NARROW_TMA_REGISTERS if narrow else _TMA_REGISTERS, action="decrease")
+        converted = ((k_narrow, nk_full, k_smem, k_full, k_consumed), (v_narrow, nv_full, v_smem, v_full, v_consumed))
 
         def block_pages(block):
             """(page, rows in the page) of each TMA copy of KV block `block` of the sequence whose page-table
@@ -240,8 +302,14 @@ def _prefill_kernel(
             plgpu.barrier_wait(pt_barrier)
 
             def block_body(block, g):
-                slot = lax.rem(g, jnp.int32(stages))
                 pages = block_pages(block)
+                if narrow:  # into the fp8 ring (its slot freed by this warpgroup's own conversion), then convert
+                    nslot = lax.rem(g, jnp.int32(config.narrow_stages))
+                    issue(k_ref, k_narrow.at[nslot], nk_full.at[nslot], pages)
+                    issue(v_ref, v_narrow.at[nslot], nv_full.at[nslot], pages)
+                    _convert_behind(g, converted, config.narrow_stages, stages)
+                    return g + 1
+                slot = lax.rem(g, jnp.int32(stages))
                 pl.when(g >= stages)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
                 issue(k_ref, k_smem.at[slot], k_full.at[slot], pages)
                 pl.when(g >= stages)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
@@ -251,11 +319,13 @@ def _prefill_kernel(
             return lax.fori_loop(0, num_blocks, block_body, g)
 
         total_steps = lax.fori_loop(0, num_seqs, seq_body, jnp.int32(0))
+        if narrow:
+            _convert_rest(total_steps, converted, config.narrow_stages, stages)
         rpa.wait_last_releases(k_consumed, v_consumed, total_steps, stages)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute_warpgroup():
-        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+        plgpu.set_max_registers(_NARROW_COMPUTE_REGISTERS if narrow else _COMPUTE_REGISTERS, action="increase")
         # K/V steps of the CTA (each sequence has >= 1). Counted here and in the TMA branch, not once at the top
         # level: there the loop makes every warpgroup's program too costly for XLA:CPU to run inline in the CPU
         # interpreter; on its thread pool (a thread a core) two warpgroups blocked in barrier waits starve the
@@ -290,10 +360,7 @@ def _prefill_kernel(
             mask, or None for a block every row sees whole. Its K block was awaited by the step before."""
             acc, m_i, l_i = carry
             slot = lax.rem(g, jnp.int32(stages))
-            deq = None if deq_smem is None else deq_smem.at[wg]
-            k_block = rpa.kv_operand(k_smem.at[slot], deq)
-            if deq is not None:  # a narrow K block is released once converted
-                plgpu.barrier_arrive(k_consumed.at[slot])
+            k_block = k_smem.at[slot]
 
             def compute_qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_op, k_block.T)
@@ -301,8 +368,7 @@ def _prefill_kernel(
                 return acc_ref[...]
 
             qk = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
-            if deq is None:
-                plgpu.barrier_arrive(k_consumed.at[slot])
+            plgpu.barrier_arrive(k_consumed.at[slot])
             if visible_fn is None:  # the row max is kept scaled: one FMA per score
                 m_new = jnp.maximum(m_i, qk.max(axis=1) * qk_scale)
                 p = jnp.exp2(qk * qk_scale - bcast_rows(m_new, qk.shape))
@@ -319,7 +385,7 @@ def _prefill_kernel(
                 acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
             wait_v(slot)
             # acc + P V; the next K is awaited under the wgmma
-            acc = rpa.accumulate_pv(acc, p, rpa.kv_operand(v_smem.at[slot], deq), None if p_smem is None else p_smem.at[wg],
+            acc = rpa.accumulate_pv(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg],
                                     lambda: wait_next_k(g))
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l_i
@@ -410,21 +476,26 @@ def ragged_prefill_attention(
     pt_rows, pt_cols = rpa.page_table_tile(max_pages)
     tile = lambda dtype, *shape: plgpu.SMEM(shape, dtype, transforms=smem_transforms(shape[-1], dtype))
     mma_dtype = rpa.compute_dtype(q.dtype, k_cache.dtype)
+    narrow = k_cache.dtype != q.dtype  # the TMA warpgroup converts each fp8 block into the mma_dtype ring
+    nstages = config.narrow_stages
     scratch = (
         tile(q.dtype, COMPUTE_WGS, ROWS, head_dim),
-        tile(k_cache.dtype, stages, block_kv, head_dim),
-        tile(k_cache.dtype, stages, block_kv, head_dim),
+        tile(mma_dtype, stages, block_kv, head_dim),
+        tile(mma_dtype, stages, block_kv, head_dim),
         tile(mma_dtype, COMPUTE_WGS, ROWS, block_kv) if interpreting() else None,
-        tile(mma_dtype, COMPUTE_WGS, block_kv, head_dim) if k_cache.dtype != q.dtype else None,
         tile(mma_dtype, COMPUTE_WGS, ROWS, head_dim) if mma_dtype != q.dtype else None,
         plgpu.SMEM((pt_rows, pt_cols), jnp.int32),
         plgpu.Barrier(num_arrivals=layout.num_copies, num_barriers=COMPUTE_WGS),  # Q copies
         plgpu.Barrier(num_barriers=1),
-        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+        # K / V full: the TMA copies', or the TMA warpgroup's one arrival per converted block
+        plgpu.Barrier(num_arrivals=1 if narrow else copies, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1 if narrow else copies, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        *((tile(k_cache.dtype, nstages, block_kv, head_dim), tile(k_cache.dtype, nstages, block_kv, head_dim),
+           plgpu.Barrier(num_arrivals=copies, num_barriers=nstages), plgpu.Barrier(num_arrivals=copies, num_barriers=nstages))
+          if narrow else (None,) * 4),
     )
     kernel = plgpu.kernel(
         functools.partial(_prefill_kernel, config=config, layout=layout, num_q_blocks=num_q_blocks, sm_scale=sm_scale,

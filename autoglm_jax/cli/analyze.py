@@ -22,6 +22,8 @@ flags.DEFINE_integer("max_batch_size", 32, "Sequences decoding together.")
 flags.DEFINE_integer("max_sequence_length", 2048, "Prompt + output tokens of one sequence.")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "Token budget of one engine step.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"],
+                  "KV cache dtype: auto (the model's) or fp8 (e4m3; half the pool bytes and the roofline's K/V bytes).")
 flags.DEFINE_integer("num_pages", None, "KV pool size in pages (default: planned as the engine does).")
 flags.DEFINE_integer("decode_steps_per_call", 8, "Decode steps per jitted call.")
 flags.DEFINE_integer("max_logprobs", 20, "Most top logprobs (compiled into the step's outputs).")
@@ -50,7 +52,8 @@ def main(argv):
     engine_config = EngineConfig(
         model=FLAGS.model, dtype=FLAGS.dtype, max_batch_size=FLAGS.max_batch_size,
         max_sequence_length=FLAGS.max_sequence_length, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-        page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, decode_steps_per_call=FLAGS.decode_steps_per_call,
+        page_size=FLAGS.page_size, kv_cache_dtype=FLAGS.kv_cache_dtype, num_pages=FLAGS.num_pages,
+        decode_steps_per_call=FLAGS.decode_steps_per_call,
         max_logprobs=FLAGS.max_logprobs, attention_backend=FLAGS.attention_backend, compilation_cache_dir=None)
     spec = None
     if FLAGS.peak_tflops is not None:

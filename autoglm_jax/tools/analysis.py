@@ -35,7 +35,7 @@ def step_report(programs: StepPrograms, program: StepProgram, spec: DeviceSpec |
     stats = hlo_stats(text)
     matmul = hlo_matmul_flops(text)
     min_bytes = flop_count.step_min_bytes(programs.model_config, programs.dtype, program.num_tokens,
-                                          program.num_rows, program.context)
+                                          program.num_rows, program.context, programs.kv_cache_dtype)
     report = {
         "step": program.name, "num_tokens": program.num_tokens, "num_rows": program.num_rows,
         "context": program.context, "hlo": stats.to_dict(), "xla_cost": xla_cost(program.compiled),
@@ -59,7 +59,7 @@ def analyze(model_config: ModelConfig, engine_config: EngineConfig, *, prefill_t
     report = {
         "model": model_config.architecture, "num_parameters": model_config.num_parameters(),
         "device": device.device_kind, "device_spec": spec.name if spec else None,
-        "dtype": jnp.dtype(programs.dtype).name,
+        "dtype": jnp.dtype(programs.dtype).name, "kv_cache_dtype": jnp.dtype(programs.kv_cache_dtype).name,
         "attention_backend": programs.attention_backend, "num_pages": programs.num_pages,
         "steps": [step_report(programs, p, spec) for p in (prefill, decode)],
         "fusions": [],
@@ -88,7 +88,7 @@ def _si(value: float | None, unit: str = "") -> str:
 def format_report(report: dict) -> str:
     """The report as text tables: steps, custom calls, roofline, fusion before/after."""
     out = [f"model {report['model']} ({_si(report['num_parameters'])} params), dtype {report['dtype']}, "
-           f"attention {report['attention_backend']}, device {report['device']}"]
+           f"KV cache {report['kv_cache_dtype']}, attention {report['attention_backend']}, device {report['device']}"]
     rows = []
     for s in report["steps"]:
         h, c = s["hlo"], s["xla_cost"]

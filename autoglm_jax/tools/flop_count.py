@@ -41,8 +41,10 @@ def kv_bytes_per_token(config: ModelConfig, dtype) -> int:
     return 2 * config.num_hidden_layers * config.kv_size * jnp.dtype(dtype).itemsize
 
 
-def step_min_bytes(config: ModelConfig, dtype, num_tokens: int, num_rows: int, context: int) -> int:
-    """Parameters read once + K/V of ``num_rows`` rows over ``context`` positions + new K/V written."""
+def step_min_bytes(config: ModelConfig, dtype, num_tokens: int, num_rows: int, context: int,
+                   cache_dtype=None) -> int:
+    """Parameters read once + K/V of ``num_rows`` rows over ``context`` positions + new K/V written, the K/V in
+    ``cache_dtype`` (None = ``dtype``: an fp8 cache moves half a bf16 one's bytes)."""
     params = config.num_parameters() * jnp.dtype(dtype).itemsize
-    per_token = kv_bytes_per_token(config, dtype)
+    per_token = kv_bytes_per_token(config, dtype if cache_dtype is None else cache_dtype)
     return params + num_rows * context * per_token + num_tokens * per_token

@@ -1,7 +1,8 @@
 """Both ragged attention kernels reading an fp8 (e4m3) KV cache, vs the float32 reference.
 
 The cache holds float8_e4m3fn pages (``kv_cache_dtype="fp8"``); the kernels convert each K / V block to
-q's dtype in SMEM before its wgmma. The reference reads the same fp8 values (exactly representable in f32),
+float16 in SMEM before its wgmma (the one-warpgroup kernel itself, the warp-specialized ones in their TMA
+warpgroup). The reference reads the same fp8 values (exactly representable in f32),
 so the kernel's error is bf16 rounding alone and the bf16 tolerance applies. Fresh random inputs per case;
 padding tokens' Q is NaN and must give zeros (``check``).
 """
@@ -51,8 +52,8 @@ def test_warp_specialized_decode(consumers, stages, splits, block_kv, kernel_con
 
 @pytest.mark.parametrize("heads", [(32, 2), (8, 2)])
 def test_prefill_kernel(heads, kernel_context):
-    """The warp-specialized prefill kernel (two compute warpgroups, each converting its own K / V copy) on a
-    long chunk over a prefix and a second sequence, with the default (fp8) config."""
+    """The warp-specialized prefill kernel (the TMA warpgroup converting each block once for both compute
+    warpgroups) on a long chunk over a prefix and a second sequence, with the default (fp8) config."""
     num_q_heads, num_kv_heads = heads
     args = poison_padding(fp8_case([40, 0], [90, 30], num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                                    head_dim=128, page_size=16, token_bucket=128, max_pages=9, seed=num_q_heads))
@@ -64,12 +65,16 @@ def test_prefill_kernel(heads, kernel_context):
 
 
 def test_narrow_cache_configs_fit_and_look_up_their_own_tuning():
-    """fp8 pages take half the K/V ring's SMEM plus converted K / V (and f16 Q) tiles per computing warpgroup;
-    the defaults fit."""
+    """fp8 pages: the paged kernel takes half the K/V ring's SMEM plus converted K / V (and f16 Q) tiles per
+    computing warpgroup; the prefill kernel adds an fp8 ring and the f16 Q tiles to a converted ring of bf16's
+    size; the defaults fit."""
     bf16 = rpa.AttentionConfig(block_kv=128, num_stages=3, block_q=1, consumer_warpgroups=1)
     converted = (128 + 64 * (rpa.NARROW_COMPUTE == "f16")) * 128 * 2
     assert (rpa.smem_bytes(bf16, 128, p_via_smem=False, kv_itemsize=1)
             == rpa.smem_bytes(bf16, 128, p_via_smem=False) - 3 * 128 * 128 * 2 + converted)
+    q16 = 64 * 128 * 2 * (rpa.NARROW_COMPUTE == "f16")
+    prefill = rpf.PrefillAttentionConfig(block_kv=64, num_stages=2, narrow_stages=3)
+    assert rpf.smem_bytes(prefill, 128, kv_itemsize=1) == rpf.smem_bytes(prefill, 128) + 2 * 3 * 64 * 128 + 2 * q16
     for decode in (False, True):
         config = rpa.default_config(64, 32, 2, 128, 16, 4096, jnp.bfloat16, decode=decode, cache_dtype=FP8)
         assert rpa.smem_bytes(config, 128, max_pages=256, kv_itemsize=1) <= rpa.SMEM_BUDGET
@@ -78,12 +83,26 @@ def test_narrow_cache_configs_fit_and_look_up_their_own_tuning():
     config = rpa.default_config(64, 32, 2, 128, 16, 4096, jnp.bfloat16, decode=True, cache_dtype=FP8)
     assert (config.consumer_warpgroups, config.block_kv, config.num_stages) == (2, 64, 4)
     assert rpa.default_config(64, 32, 2, 128, 128, 4096, jnp.bfloat16, decode=True, cache_dtype=FP8).block_kv == 128
+    # fp8 prefill: 64-row blocks, three f16 stages fed by a 3-deep fp8 ring (H100, RESULTS "Session 15")
+    assert rpf.default_config(2048, 32, 2, 128, 16, 4096, jnp.bfloat16, FP8) == rpf.PrefillAttentionConfig(
+        block_kv=64, num_stages=3, narrow_stages=3)
     assert rpa.compute_dtype(jnp.bfloat16, FP8) == jnp.float16 and rpa.compute_dtype(jnp.bfloat16, jnp.bfloat16) == jnp.bfloat16
     prefill = rpf.default_config(2048, 32, 2, 128, 16, 4096, jnp.bfloat16, FP8)
     assert rpf.config_error(prefill, 128, 16, 256, kv_itemsize=1) is None
     assert rpf.smem_bytes(prefill, 128, max_pages=256, kv_itemsize=1) > rpf.smem_bytes(prefill, 128, max_pages=256) / 2
     assert rpa.supports(32, 2, 128, jnp.bfloat16, 16, FP8) and rpf.supports(32, 2, 128, jnp.bfloat16, 16, FP8)
     assert not rpa.supports(32, 2, 128, jnp.bfloat16, 16, jnp.int8)  # no int8 pages (no scales to read them by)
+
+
+def test_register_splits_fit_the_launch_allocation():
+    """setmaxnreg moves registers between the warpgroups of a CTA launched with 168 a thread (three warpgroups):
+    a split that sums past 3 x 168 makes the increasing warpgroups wait forever (a hang on the GPU, not an error)."""
+    budget = 3 * rpf.LAUNCH_REGISTERS_3WG
+    assert budget == 504
+    for consumer, producer in ((rpa._CONSUMER_REGISTERS, rpa._PRODUCER_REGISTERS),
+                               (rpf._COMPUTE_REGISTERS, rpf._TMA_REGISTERS),
+                               (rpf._NARROW_COMPUTE_REGISTERS, rpf._NARROW_TMA_REGISTERS)):
+        assert 2 * consumer + producer <= budget and consumer % 8 == 0 and producer % 8 == 0
 
 
 def test_rejects_mixed_or_narrow_query_dtypes():

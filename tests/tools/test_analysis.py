@@ -61,6 +61,14 @@ def test_flops_agree_with_hand_count(report):
     assert prefill["matmul_flops"] > attention + linear
 
 
+def test_min_bytes_count_the_cache_dtype():
+    """An fp8 cache's K/V bytes are a quarter of a float32 model's (weights unchanged); None = the model's dtype."""
+    config = ModelConfig.from_preset("tiny-glm4")
+    kv = lambda cache_dtype: (flop_count.step_min_bytes(config, jnp.float32, 8, 4, 64, cache_dtype)
+                              - flop_count.step_min_bytes(config, jnp.float32, 0, 0, 64, cache_dtype))
+    assert kv(jnp.float8_e4m3fn) * 4 == kv(None) == kv(jnp.float32) == (4 * 64 + 8) * 2 * config.num_hidden_layers * config.kv_size * 4
+
+
 def test_report_has_rooflines_and_renders(report):
     config, rep = report
     for step in rep["steps"]:

@@ -21,12 +21,14 @@ def autoglm(*args, timeout=300):
 def test_analyze_writes_json_and_tables(tmp_path):
     out = autoglm("analyze", "--model", "tiny-llama", "--max_batch_size", "2", "--max_num_batched_tokens", "16",
                   "--max_sequence_length", "32", "--nofusions", "--peak_tflops", "100", "--memory_bandwidth_gbs",
-                  "1000", "--json", str(tmp_path / "r.json"))
+                  "1000", "--kv_cache_dtype", "fp8", "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert [s["step"] for s in report["steps"]] == ["prefill", "decode"]
     assert report["steps"][0]["roofline"]["bound"] in ("memory", "compute")
     assert "prefill T=16 B=2" in out.stdout and "roofline on given" in out.stdout
+    # the fp8 cache's K/V bytes count in the roofline (1 byte an element against the float32 model's 4)
+    assert report["kv_cache_dtype"] == "float8_e4m3fn" and "KV cache float8_e4m3fn" in out.stdout
 
 
 def test_autotune_runs_the_serving_benchmark_and_writes_the_best_config(tmp_path):
