@@ -1,9 +1,9 @@
 """Both ragged attention kernels reading an fp8 (e4m3) KV cache, vs the float32 reference.
 
 The cache holds float8_e4m3fn pages (``kv_cache_dtype="fp8"``); the kernels convert each K / V block to
-float16 in SMEM before its wgmma (the one-warpgroup kernel itself, the warp-specialized ones in their TMA
-warpgroup). The reference reads the same fp8 values (exactly representable in f32),
-so the kernel's error is bf16 rounding alone and the bf16 tolerance applies. Fresh random inputs per case;
+float16 in SMEM before its wgmma (the paged kernel's computing warpgroups each their own blocks, the prefill
+kernel's TMA warpgroup once for both compute warpgroups). The reference reads the same fp8 values (exactly
+representable in f32), so the kernel's error is f16 / bf16 rounding alone and the bf16 tolerance applies. Fresh random inputs per case;
 padding tokens' Q is NaN and must give zeros (``check``).
 """
 
