@@ -6,6 +6,11 @@ shared memory, TMA copies, barriers and warpgroups; freshly allocated buffers ar
 out-of-bounds reads raise, so unwritten outputs and bad indexing show up in tests. An abstract
 H100 mesh is installed so kernels that ask for the device kind or SM count see a Hopper card.
 
+Each warpgroup of a CTA runs as its own program on the CPU client's thread pool and blocks in barrier waits, so
+the pool needs a thread per warpgroup: with one thread a core (2 here) a three-warpgroup kernel can deadlock.
+Set ``PJRT_NPROC`` (read once, when jax creates its CPU client) before the first jax computation, as
+``tests/conftest.py`` does.
+
 If jax moves these private names, only this file changes.
 """
 

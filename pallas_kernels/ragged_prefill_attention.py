@@ -274,7 +274,9 @@ def _prefill_kernel(
     @pl.when(wg == COMPUTE_WGS)
     def _tma_warpgroup():
         plgpu.set_max_registers(_NARROW_TMA_REGISTERS if narrow else _TMA_REGISTERS, action="decrease")
-        converted = ((k_narrow, nk_full, k_smem, k_full, k_consumed), (v_narrow, nv_full, v_smem, v_full, v_consumed))
+        if narrow:  # per K and V: fp8 ring, its TMA barriers, converted ring, its full / consumed barriers
+            converted = ((k_narrow, nk_full, k_smem, k_full, k_consumed),
+                         (v_narrow, nv_full, v_smem, v_full, v_consumed))
 
         def block_pages(block):
             """(page, rows in the page) of each TMA copy of KV block `block` of the sequence whose page-table
@@ -476,7 +478,7 @@ def ragged_prefill_attention(
     pt_rows, pt_cols = rpa.page_table_tile(max_pages)
     tile = lambda dtype, *shape: plgpu.SMEM(shape, dtype, transforms=smem_transforms(shape[-1], dtype))
     mma_dtype = rpa.compute_dtype(q.dtype, k_cache.dtype)
-    narrow = k_cache.dtype != q.dtype  # the TMA warpgroup converts each fp8 block into the mma_dtype ring
+    narrow = rpa.is_narrow(q.dtype, k_cache.dtype)  # the TMA warpgroup converts each fp8 block into the mma_dtype ring
     nstages = config.narrow_stages
     scratch = (
         tile(q.dtype, COMPUTE_WGS, ROWS, head_dim),
@@ -493,9 +495,10 @@ def ragged_prefill_attention(
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        # the fp8 K / V rings and their TMA barriers
         *((tile(k_cache.dtype, nstages, block_kv, head_dim), tile(k_cache.dtype, nstages, block_kv, head_dim),
-           plgpu.Barrier(num_arrivals=copies, num_barriers=nstages), plgpu.Barrier(num_arrivals=copies, num_barriers=nstages))
-          if narrow else (None,) * 4),
+           plgpu.Barrier(num_arrivals=copies, num_barriers=nstages),
+           plgpu.Barrier(num_arrivals=copies, num_barriers=nstages)) if narrow else (None,) * 4),
     )
     kernel = plgpu.kernel(
         functools.partial(_prefill_kernel, config=config, layout=layout, num_q_blocks=num_q_blocks, sm_scale=sm_scale,

@@ -3,9 +3,7 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The GPU interpreter runs each warpgroup of a CTA as its own program on the CPU client's thread pool, blocking
-# in barrier waits; a pool of one thread per core (2 on CI) starves the third warpgroup of a kernel whose
-# programs are too costly to run inline (a deadlock). Read once, when the CPU client is created.
+# The GPU interpreter needs a CPU thread per warpgroup (pallas_kernels/_interpret.py); CI has 2 cores.
 os.environ.setdefault("PJRT_NPROC", "8")
 
 import jax

@@ -3,8 +3,8 @@
 The cache holds float8_e4m3fn pages (``kv_cache_dtype="fp8"``); the kernels convert each K / V block to
 float16 in SMEM before its wgmma (the paged kernel's computing warpgroups each their own blocks, the prefill
 kernel's TMA warpgroup once for both compute warpgroups). The reference reads the same fp8 values (exactly
-representable in f32), so the kernel's error is f16 / bf16 rounding alone and the bf16 tolerance applies. Fresh random inputs per case;
-padding tokens' Q is NaN and must give zeros (``check``).
+representable in f32), so the kernel's error is f16 / bf16 rounding alone and the bf16 tolerance applies. Fresh
+random inputs per case; padding tokens' Q is NaN and must give zeros (``check``).
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def test_narrow_cache_configs_fit_and_look_up_their_own_tuning():
     assert (rpa.smem_bytes(bf16, 128, p_via_smem=False, kv_itemsize=1)
             == rpa.smem_bytes(bf16, 128, p_via_smem=False) - 3 * 128 * 128 * 2 + converted)
     q16 = 64 * 128 * 2 * (rpa.NARROW_COMPUTE == "f16")
-    prefill = rpf.PrefillAttentionConfig(block_kv=64, num_stages=2, narrow_stages=3)
-    assert rpf.smem_bytes(prefill, 128, kv_itemsize=1) == rpf.smem_bytes(prefill, 128) + 2 * 3 * 64 * 128 + 2 * q16
+    two_stages = rpf.PrefillAttentionConfig(block_kv=64, num_stages=2, narrow_stages=3)
+    assert (rpf.smem_bytes(two_stages, 128, kv_itemsize=1)
+            == rpf.smem_bytes(two_stages, 128) + 2 * 3 * 64 * 128 + 2 * q16)
     for decode in (False, True):
         config = rpa.default_config(64, 32, 2, 128, 16, 4096, jnp.bfloat16, decode=decode, cache_dtype=FP8)
         assert rpa.smem_bytes(config, 128, max_pages=256, kv_itemsize=1) <= rpa.SMEM_BUDGET
@@ -83,11 +84,10 @@ def test_narrow_cache_configs_fit_and_look_up_their_own_tuning():
     config = rpa.default_config(64, 32, 2, 128, 16, 4096, jnp.bfloat16, decode=True, cache_dtype=FP8)
     assert (config.consumer_warpgroups, config.block_kv, config.num_stages) == (2, 64, 4)
     assert rpa.default_config(64, 32, 2, 128, 128, 4096, jnp.bfloat16, decode=True, cache_dtype=FP8).block_kv == 128
-    # fp8 prefill: 64-row blocks, three f16 stages fed by a 3-deep fp8 ring (H100, RESULTS "Session 15")
-    assert rpf.default_config(2048, 32, 2, 128, 16, 4096, jnp.bfloat16, FP8) == rpf.PrefillAttentionConfig(
-        block_kv=64, num_stages=3, narrow_stages=3)
     assert rpa.compute_dtype(jnp.bfloat16, FP8) == jnp.float16 and rpa.compute_dtype(jnp.bfloat16, jnp.bfloat16) == jnp.bfloat16
+    # fp8 prefill: 64-row blocks, three f16 stages fed by a 3-deep fp8 ring (H100, RESULTS "Session 15")
     prefill = rpf.default_config(2048, 32, 2, 128, 16, 4096, jnp.bfloat16, FP8)
+    assert prefill == rpf.PrefillAttentionConfig(block_kv=64, num_stages=3, narrow_stages=3)
     assert rpf.config_error(prefill, 128, 16, 256, kv_itemsize=1) is None
     assert rpf.smem_bytes(prefill, 128, max_pages=256, kv_itemsize=1) > rpf.smem_bytes(prefill, 128, max_pages=256) / 2
     assert rpa.supports(32, 2, 128, jnp.bfloat16, 16, FP8) and rpf.supports(32, 2, 128, jnp.bfloat16, 16, FP8)
