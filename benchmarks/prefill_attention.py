@@ -1,5 +1,6 @@
 """Prefill attention benchmark: the warp-specialized ragged prefill kernel vs the ragged paged kernel, cuDNN
-and XLA, at GLM-4 heads (32 q / 2 kv, head dim 128, page 16, bf16), against the bf16 matmul rate.
+and XLA, at GLM-4 heads (32 q / 2 kv, head dim 128, bf16; pages of 16 tokens unless --page_size), against the
+bf16 matmul rate.
 
 Owns: the prefill cases (one causal prefill of 4k / 8k / 16k tokens, one of 4,100 tokens (not a multiple of
 the prefill kernel's 8 tokens a CTA: its wrapper pads q), two ~2k sequences in one batch with their boundary
@@ -19,7 +20,7 @@ explicit bottom-right causal mask (cuDNN's built-in causal mask is top-left alig
 batch of 2 padded to the longer one. XLA is skipped past 8k tokens (its [Nq, T, T] scores).
 
 Run on a GPU machine:  PYTHONPATH=. python3 benchmarks/prefill_attention.py [--out results.md] [--nosweep]
-                       [--only 'prefill 4096,1k chunk'] [--sweep_configs 64:3,64:4,128:2:nobarrier]
+                       [--only 'prefill 4096,1k chunk'] [--sweep_configs 64:3,64:4,128:2:nobarrier] [--page_size 64]
 On CPU, end to end:    PYTHONPATH=. python3 benchmarks/prefill_attention.py --tiny   (tiny shapes, interpreter)
 Times are medians of wall time per call over queued asynchronous calls (``_timing.time_ms``), XLA pre- and
 post-processing around the Pallas kernels included (the prefill kernel reads q / writes out in [T, Nq, D]
@@ -43,7 +44,7 @@ from pallas_kernels import ragged_prefill_attention as rpf
 from pallas_kernels._interpret import gpu_interpret
 from tests.kernels.test_ragged_paged_attention import make_case
 
-NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 2, 128, 16
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 2, 128, 16  # PAGE_SIZE: the default of --page_size
 SM_SCALE = HEAD_DIM ** -0.5
 XLA_MAX_TOKENS = 8192
 SWEEP = [rpf.PrefillAttentionConfig(block_kv=bkv, num_stages=stages, schedule_barrier=barrier)
@@ -170,11 +171,11 @@ def matmul_ceiling(bench: Bench, n: int) -> float:
 
 
 def bench_case(bench: Bench, ceiling: float, name: str, before: list[int], new: list[int],
-               sweep: list[rpf.PrefillAttentionConfig], tiny: bool):
+               sweep: list[rpf.PrefillAttentionConfig], tiny: bool, page_size: int = PAGE_SIZE):
     total = sum(new)
     args = make_case(before, new, num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                     page_size=PAGE_SIZE, token_bucket=total,
-                     max_pages=-(-max(b + n for b, n in zip(before, new)) // PAGE_SIZE), seed=len(bench.rows),
+                     page_size=page_size, token_bucket=total,
+                     max_pages=-(-max(b + n for b, n in zip(before, new)) // page_size), seed=len(bench.rows),
                      num_layers=1)
     positions = np.asarray(args[5])
     flops = 4 * NUM_Q_HEADS * HEAD_DIM * float((positions[:total] + 1).sum())
@@ -205,8 +206,8 @@ def bench_case(bench: Bench, ceiling: float, name: str, before: list[int], new: 
             against = "f32 reference" if tiny else "baseline"
             bench.note(f"rel err {err:.1e} vs {against}{' MISMATCH' if err > 2e-2 else ''}")
 
-    default = rpf.default_config(total, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE,
-                                 args[6].shape[1] * PAGE_SIZE, jnp.bfloat16)
+    default = rpf.default_config(total, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, page_size,
+                                 args[6].shape[1] * page_size, jnp.bfloat16)
     kernel(f"ragged_prefill_attention default {default}",
            lambda *a: rpf.ragged_prefill_attention(*a, sm_scale=SM_SCALE))
     for config in sweep if tiny or (len(new) == 1 and not any(before)) else ():
@@ -227,6 +228,9 @@ def main(argv=None):
     parser.add_argument("--sweep_configs", help="the sweep's configs, BLOCK_KV:STAGES[:nobarrier] comma-separated "
                         "(default: block_kv 128 x 2 stages, 64 x 2 / 3 / 4, each with and without the barrier)")
     parser.add_argument("--only", help="comma-separated substrings: run the cases whose name contains one")
+    parser.add_argument("--page_size", type=int, default=PAGE_SIZE,
+                        help="tokens per KV page of the paged kernels' cache (the engine's page_size; cuDNN and XLA "
+                        "read contiguous K / V either way). Larger pages mean fewer TMA copies per K / V block")
     args = parser.parse_args(argv)
     sweep = parse_configs(args.sweep_configs) if args.sweep_configs else SWEEP[2:3] if args.tiny else SWEEP
     sweep = [] if args.nosweep else sweep
@@ -237,12 +241,12 @@ def main(argv=None):
             if args.only and not any(part in name for part in args.only.split(",")):
                 continue
             try:
-                bench_case(bench, ceiling, name, before, new, sweep=sweep, tiny=args.tiny)
+                bench_case(bench, ceiling, name, before, new, sweep=sweep, tiny=args.tiny, page_size=args.page_size)
             except Exception:
                 traceback.print_exc()
     card = jax.devices()[0].device_kind + (" (interpreter, --tiny)" if args.tiny else "")
     header = (f"Card: {card}; jax {jax.__version__}; "
-              f"GLM-4 heads {NUM_Q_HEADS} q / {NUM_KV_HEADS} kv, D {HEAD_DIM}, page {PAGE_SIZE}, bf16; command: "
+              f"GLM-4 heads {NUM_Q_HEADS} q / {NUM_KV_HEADS} kv, D {HEAD_DIM}, page {args.page_size}, bf16; command: "
               f"`PYTHONPATH=. python3 benchmarks/prefill_attention.py {' '.join(argv or sys.argv[1:])}`; "
               f"bf16 matmul ceiling {ceiling:,.1f} TFLOP/s.\n\n")
     bench.emit(header, args.out)

@@ -56,6 +56,15 @@ block: H100, 4k tokens 457 µs, now 375 µs (bf16 268 µs; RESULTS "Session 15")
 consumers keep converting their own blocks: there this design was slower (one converting warpgroup for two
 consumers).
 
+Measured on an H100 and not kept (RESULTS "Session 16"): a persistent grid (one CTA an SM walking work items in a
+static snake order: +5% at 4k, +1% at 16k, but -8% to -14% where item lengths are uneven, e.g. the engine's mixed
+steps, which the hardware's dynamic CTA scheduling balances better), and FlashAttention-3's intra-warpgroup overlap
+(softmax of block j under the PV wgmma of block j - 1: no gain next to the ping-pong, and its first version made
+ptxas serialize every wgmma, warning C7513, because P's conversion ran while the wgmma reading P's registers was in
+flight). What the 16k gap to cuDNN (3% at 16-token pages) is made of: the TMA warpgroup issues one copy per page,
+each behind a warpgroup barrier (Pallas' automatic barrier before an async copy) - at 64-token pages the kernel is at
+or above cuDNN from 4k to 16k.
+
 Shapes: q [T, Nq, D], k_cache / v_cache [L, P, page_size, Nkv, D] (q's dtype or float8_e4m3fn), page_table [B, MP],
 seq_ids / positions [T], context_lens [B], query_start_loc [B + 1] -> out [T, Nq, D] (q's dtype).
 """
