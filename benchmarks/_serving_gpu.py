@@ -84,8 +84,9 @@ class UtilizationSampler:
             self._process.send_signal(signal.SIGINT)  # how nvidia-smi's loop is meant to end (Ctrl+C)
             try:
                 self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # SIGINT ignored (inherited, e.g. under a background shell): end it
                 self._process.kill()
+                self._process.wait()
         if self._thread is not None:
             self._thread.join(timeout=5)
 

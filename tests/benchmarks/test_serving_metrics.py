@@ -121,6 +121,22 @@ def test_gpu_sampler_reads_nvidia_smi_lines(tmp_path, monkeypatch):
     assert parse_utilization("utilization.gpu [%]") is None and parse_utilization(" 7 % ") == 7.0
 
 
+def test_gpu_sampler_ends_an_nvidia_smi_that_ignores_sigint(tmp_path, monkeypatch):
+    """A run started from a background shell inherits SIGINT ignored (a clean-clone CI run failed so): the sampler
+    waits 5 s for nvidia-smi's loop to end, then kills it and reaps it."""
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\ntrap '' INT\nprintf '55\\n'\nwhile :; do sleep 1; done\n")
+    fake.chmod(0o755)
+    sampler = UtilizationSampler(interval_s=0.05, device="0", nvidia_smi=str(fake))
+    with sampler:
+        deadline = time.monotonic() + 30
+        while not sampler.samples and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert sampler._process.returncode is not None  # killed and reaped (wait() set it; poll() would race the kill)
+    assert sampler.summary()["gpu_util_mean_pct"] == 55.0
+
+
 def test_gpu_sampler_prefers_nvml(monkeypatch):
     calls = []
     fake = types.SimpleNamespace(
