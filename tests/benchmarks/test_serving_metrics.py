@@ -122,8 +122,9 @@ def test_gpu_sampler_reads_nvidia_smi_lines(tmp_path, monkeypatch):
 
 
 def test_gpu_sampler_ends_an_nvidia_smi_that_ignores_sigint(tmp_path, monkeypatch):
-    """A run started from a background shell inherits SIGINT ignored (a clean-clone CI run failed so): the sampler
-    waits 5 s for nvidia-smi's loop to end, then kills it and reaps it."""
+    """nvidia-smi may ignore SIGINT (a process started from a background shell inherits it ignored; a clean-clone CI
+    run found the sampler's subprocess alive after stop()): the sampler waits 5 s for the loop to end, then kills it
+    and reaps it."""
     monkeypatch.setitem(sys.modules, "pynvml", None)
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\ntrap '' INT\nprintf '55\\n'\nwhile :; do sleep 1; done\n")
