@@ -103,16 +103,24 @@ def test_gpu_sampler_off_or_without_sources_reports_na(monkeypatch):
                                      "gpu_util_source": "n/a"}
 
 
-def test_gpu_sampler_reads_nvidia_smi_lines(tmp_path, monkeypatch):
+def _sample_fake_nvidia_smi(tmp_path, monkeypatch, script: str, samples: int, device: str = "0"):
+    """Run a UtilizationSampler over a fake nvidia-smi (``script``: its sh body, pynvml hidden) until it has read
+    ``samples`` lines, then stop it; returns the stopped sampler."""
     monkeypatch.setitem(sys.modules, "pynvml", None)
     fake = tmp_path / "nvidia-smi"
-    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\nprintf '40\\n80 %%\\n\\n'\nexec sleep 30\n")
+    fake.write_text("#!/bin/sh\n" + script)
     fake.chmod(0o755)
-    sampler = UtilizationSampler(interval_s=0.05, device="1", nvidia_smi=str(fake))
+    sampler = UtilizationSampler(interval_s=0.05, device=device, nvidia_smi=str(fake))
     with sampler:
         deadline = time.monotonic() + 30  # the fake's start-up can take seconds on a loaded CI machine
-        while len(sampler.samples) < 2 and time.monotonic() < deadline:
+        while len(sampler.samples) < samples and time.monotonic() < deadline:
             time.sleep(0.01)
+    return sampler
+
+
+def test_gpu_sampler_reads_nvidia_smi_lines(tmp_path, monkeypatch):
+    script = f"echo \"$@\" > {tmp_path}/args\nprintf '40\\n80 %%\\n\\n'\nexec sleep 30\n"
+    sampler = _sample_fake_nvidia_smi(tmp_path, monkeypatch, script, samples=2, device="1")
     assert sampler.summary() == {"gpu_util_mean_pct": 60.0, "gpu_util_max_pct": 80.0, "gpu_util_samples": 2,
                                  "gpu_util_source": "nvidia-smi"}
     args = (tmp_path / "args").read_text().split()
@@ -125,15 +133,8 @@ def test_gpu_sampler_ends_an_nvidia_smi_that_ignores_sigint(tmp_path, monkeypatc
     """nvidia-smi may ignore SIGINT (a process started from a background shell inherits it ignored; a clean-clone CI
     run found the sampler's subprocess alive after stop()): the sampler waits 5 s for the loop to end, then kills it
     and reaps it."""
-    monkeypatch.setitem(sys.modules, "pynvml", None)
-    fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\ntrap '' INT\nprintf '55\\n'\nwhile :; do sleep 1; done\n")
-    fake.chmod(0o755)
-    sampler = UtilizationSampler(interval_s=0.05, device="0", nvidia_smi=str(fake))
-    with sampler:
-        deadline = time.monotonic() + 30
-        while not sampler.samples and time.monotonic() < deadline:
-            time.sleep(0.01)
+    script = "trap '' INT\nprintf '55\\n'\nwhile :; do sleep 1; done\n"
+    sampler = _sample_fake_nvidia_smi(tmp_path, monkeypatch, script, samples=1)
     assert sampler._process.returncode is not None  # killed and reaped (wait() set it; poll() would race the kill)
     assert sampler.summary()["gpu_util_mean_pct"] == 55.0
 
