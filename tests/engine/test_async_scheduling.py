@@ -204,12 +204,14 @@ def test_next_step_is_dispatched_before_tokens_are_read(core, monkeypatch):
 
     def dispatch(kind, inp):
         out = launch(kind, inp)  # the program's outputs, or the launch thread's Future of them
-        events.append(("dispatch", id(out), kind if (np.asarray(inp.token_ids) < 0).any() else None))
+        events.append(("dispatch", out, kind if (np.asarray(inp.token_ids) < 0).any() else None))
         return out
 
     monkeypatch.setattr(runner, "_launch", dispatch)
     fetch = runner._fetch
-    monkeypatch.setattr(runner, "_fetch", lambda out: events.append(("fetch", id(out), None)) or fetch(out))
+    # events hold the outputs themselves, not their id(): a step's Future freed once fetched (when the launch
+    # thread lets go of it: timing) could hand its id to the next step's Future, which then read as fetched
+    monkeypatch.setattr(runner, "_fetch", lambda out: events.append(("fetch", out, None)) or fetch(out))
     rng = np.random.default_rng(1)
     # 6 and 11 tokens decode together; 90 and 70 arrive with them and prefill over several 32-token mixed
     # steps next to those decodes, whose tokens the mixed steps take from the device too
@@ -221,20 +223,23 @@ def test_next_step_is_dispatched_before_tokens_are_read(core, monkeypatch):
         count, fetched = {"decode": 0, "mixed": 0}, set()
         for index, (event, key, from_device) in enumerate(events):
             if event == "fetch":
-                fetched.add(key)
+                fetched.add(id(key))
             elif from_device:
                 previous = [k for event_, k, _ in events[:index] if event_ == "dispatch"][-1]
-                count[from_device] += previous not in fetched
+                count[from_device] += id(previous) not in fetched
         return count
+
+    def trace() -> list:
+        return [(event, id(key), from_device) for event, key, from_device in events]
 
     for mode in (False, True):
         events.clear()
         run(core, requests, mode)
         num_ahead = overlapped()
         if mode:
-            assert num_ahead["decode"] > 3 and num_ahead["mixed"] >= 3, f"{num_ahead} overlapped steps {events}"
+            assert num_ahead["decode"] > 3 and num_ahead["mixed"] >= 3, f"{num_ahead} overlapped steps {trace()}"
         else:
-            assert num_ahead == {"decode": 0, "mixed": 0}, f"sync: {num_ahead} overlapped steps {events}"
+            assert num_ahead == {"decode": 0, "mixed": 0}, f"sync: {num_ahead} overlapped steps {trace()}"
 
 
 def test_a_mixed_steps_successor_is_dispatched_before_its_outputs_are_built(core, monkeypatch):
