@@ -43,6 +43,7 @@ from _timing import batch_ms, copy_bandwidth
 
 from autoglm_jax.checkpoint.loader import build_model
 from autoglm_jax.config import ModelConfig
+from autoglm_jax.engine.config import EngineConfig
 from autoglm_jax.engine.core import EngineCore
 from autoglm_jax.engine.memory import program_need_bytes
 from autoglm_jax.engine.runner import STOP_IDS_WIDTH, ModelRunner
@@ -64,7 +65,7 @@ flags.DEFINE_list("xla_gemm_backends", ["auto"], "Runner mode: ModelRunner xla_g
                   "(engine.xla_options: auto, triton, cublas), each with every attention backend.")
 flags.DEFINE_list("mixed_tokens", [], "Runner mode: also time the mixed (prefill) step program at these token "
                   "buckets (powers of two), on all-padding input: every GEMM at full M, attention skipped.")
-flags.DEFINE_integer("page_size", 16, "KV page size.")
+flags.DEFINE_integer("page_size", EngineConfig.page_size, "KV page size (default: the engine's).")
 flags.DEFINE_list("scan_layers", ["false"], "Layer loops to measure: false = unrolled over per-layer weight buffers "
                   "(the engine's GPU default), true = lax.scan over the stacked weights.")
 flags.DEFINE_bool("engine", False, "Decode through EngineCore with async scheduling off and on (see the docstring); "

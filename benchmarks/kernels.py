@@ -256,8 +256,8 @@ def _bench_fp8_kv_attention(bandwidth, matmul_tflops, cases, page_size, dtypes=(
                 attempt("fp8 kv", what, f"{jnp.dtype(dtype).name} cache{label}, {name}", f, *args, nbytes=kv_bytes,
                         roofline_ms=kv_bytes / bandwidth / 1e6)
     for before, tokens in ((0, 4096), (3072, 1024)):
-        bf16_args = make_case([before], [tokens], num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=16,
-                              token_bucket=tokens, max_pages=(before + tokens) // 16, seed=1, num_layers=1)
+        bf16_args = make_case([before], [tokens], num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=page_size,
+                              token_bucket=tokens, max_pages=-(-(before + tokens) // page_size), seed=1, num_layers=1)
         flops = 4 * tokens * (before + tokens / 2) * 32 * 128
         what = f"prefill attention {tokens} tokens over {before}, 32q/2kv, d128"
         for dtype in dtypes:
@@ -346,6 +346,8 @@ def main(argv=None):
     parser.add_argument("--fp8kv_variants", default="", help="fp8kv part: also time the fp8 rows under these "
                         "COMPUTE:LAYOUT conversion variants (rpa.NARROW_COMPUTE q|f16 : plgpu.Layout name), e.g. "
                         "q:WGMMA,f16:WGMMA_8BIT")
+    parser.add_argument("--page_size", type=int, default=16, help="tokens per KV page of the decode and fp8kv "
+                        "parts' caches (the engine's page_size; fewer, larger TMA copies per K / V block)")
     parser.add_argument("--tiny", action="store_true", help="tiny ceilings and decode case, kernels in the Mosaic "
                         "GPU interpreter (a CPU smoke check of the decode part)")
     args = parser.parse_args(argv)
@@ -359,12 +361,12 @@ def main(argv=None):
 
 def run_parts(args, parts, cases, argv):
     bandwidth, tflops = ceilings(args.tiny)
-    for part, fn in (("decode", lambda: bench_decode_attention(bandwidth, cases, sweep=args.decode_sweep,
-                                                               tiny=args.tiny)),
+    for part, fn in (("decode", lambda: bench_decode_attention(bandwidth, cases, page_size=args.page_size,
+                                                               sweep=args.decode_sweep, tiny=args.tiny)),
                      ("quantized", lambda: bench_quantized(bandwidth, (1, 16) if args.quick else (1, 16, 64))),
                      ("matmul", lambda: bench_matmul(bandwidth, tflops, (1, 16) if args.quick else (1, 16, 256, 4096))),
                      ("prefill", lambda: bench_prefill_attention(tflops)),
-                     ("fp8kv", lambda: bench_fp8_kv_attention(bandwidth, tflops, cases, variants=[
+                     ("fp8kv", lambda: bench_fp8_kv_attention(bandwidth, tflops, cases, page_size=args.page_size, variants=[
                          tuple(v.split(":")) for v in args.fp8kv_variants.split(",") if v]))):
         if part in parts:
             try:

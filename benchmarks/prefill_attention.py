@@ -20,7 +20,7 @@ explicit bottom-right causal mask (cuDNN's built-in causal mask is top-left alig
 batch of 2 padded to the longer one. XLA is skipped past 8k tokens (its [Nq, T, T] scores).
 
 Run on a GPU machine:  PYTHONPATH=. python3 benchmarks/prefill_attention.py [--out results.md] [--nosweep]
-                       [--only 'prefill 4096,1k chunk'] [--sweep_configs 64:3,64:4,128:2:nobarrier] [--page_size 64]
+                       [--only 'prefill 4096,1k chunk'] [--sweep_configs 64:3,128:2:nobarrier,128:2:noauto] [--page_size 64]
 On CPU, end to end:    PYTHONPATH=. python3 benchmarks/prefill_attention.py --tiny   (tiny shapes, interpreter)
 Times are medians of wall time per call over queued asynchronous calls (``_timing.time_ms``), XLA pre- and
 post-processing around the Pallas kernels included (the prefill kernel reads q / writes out in [T, Nq, D]
@@ -52,14 +52,16 @@ SWEEP = [rpf.PrefillAttentionConfig(block_kv=bkv, num_stages=stages, schedule_ba
 
 
 def parse_configs(text: str) -> list[rpf.PrefillAttentionConfig]:
-    """--sweep_configs: comma-separated BLOCK_KV:STAGES[:nobarrier], e.g. "64:3,64:4,128:2:nobarrier"."""
+    """--sweep_configs: comma-separated BLOCK_KV:STAGES[:nobarrier][:noauto], e.g. "64:3,128:2:nobarrier,128:2:noauto"
+    (nobarrier: no ping-pong schedule barrier; noauto: ``auto_barriers=False``)."""
     configs = []
     for item in text.split(","):
         block_kv, stages, *rest = item.split(":")
-        if rest not in ([], ["nobarrier"]):
-            raise ValueError(f"bad sweep config {item!r}: BLOCK_KV:STAGES[:nobarrier]")
+        if len(set(rest)) != len(rest) or not set(rest) <= {"nobarrier", "noauto"}:
+            raise ValueError(f"bad sweep config {item!r}: BLOCK_KV:STAGES[:nobarrier][:noauto]")
         configs.append(rpf.PrefillAttentionConfig(block_kv=int(block_kv), num_stages=int(stages),
-                                                  schedule_barrier=not rest))
+                                                  schedule_barrier="nobarrier" not in rest,
+                                                  auto_barriers="noauto" not in rest))
     return configs
 
 
@@ -171,7 +173,8 @@ def matmul_ceiling(bench: Bench, n: int) -> float:
 
 
 def bench_case(bench: Bench, ceiling: float, name: str, before: list[int], new: list[int],
-               sweep: list[rpf.PrefillAttentionConfig], tiny: bool, page_size: int = PAGE_SIZE):
+               sweep: list[rpf.PrefillAttentionConfig], tiny: bool, page_size: int = PAGE_SIZE,
+               sweep_all: bool = False):
     total = sum(new)
     args = make_case(before, new, num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                      page_size=page_size, token_bucket=total,
@@ -210,7 +213,7 @@ def bench_case(bench: Bench, ceiling: float, name: str, before: list[int], new: 
                                  args[6].shape[1] * page_size, jnp.bfloat16)
     kernel(f"ragged_prefill_attention default {default}",
            lambda *a: rpf.ragged_prefill_attention(*a, sm_scale=SM_SCALE))
-    for config in sweep if tiny or (len(new) == 1 and not any(before)) else ():
+    for config in sweep if tiny or sweep_all or (len(new) == 1 and not any(before)) else ():
         if config != default:
             kernel(f"ragged_prefill_attention {config}",
                    lambda *a, config=config: rpf.ragged_prefill_attention(*a, sm_scale=SM_SCALE, config=config))
@@ -225,7 +228,8 @@ def main(argv=None):
                         help="tiny shapes, one sweep config, in the Mosaic GPU interpreter (a CPU check, ~2 min)")
     parser.add_argument("--nosweep", action="store_true", help="only the default configs (else a config sweep on "
                         "the single-prefill cases)")
-    parser.add_argument("--sweep_configs", help="the sweep's configs, BLOCK_KV:STAGES[:nobarrier] comma-separated "
+    parser.add_argument("--sweep_configs", help="the sweep's configs, BLOCK_KV:STAGES[:nobarrier][:noauto] comma-separated, "
+                        "run on every case "
                         "(default: block_kv 128 x 2 stages, 64 x 2 / 3 / 4, each with and without the barrier)")
     parser.add_argument("--only", help="comma-separated substrings: run the cases whose name contains one")
     parser.add_argument("--page_size", type=int, default=PAGE_SIZE,
@@ -241,7 +245,8 @@ def main(argv=None):
             if args.only and not any(part in name for part in args.only.split(",")):
                 continue
             try:
-                bench_case(bench, ceiling, name, before, new, sweep=sweep, tiny=args.tiny, page_size=args.page_size)
+                bench_case(bench, ceiling, name, before, new, sweep=sweep, tiny=args.tiny, page_size=args.page_size,
+                           sweep_all=bool(args.sweep_configs))
             except Exception:
                 traceback.print_exc()
     card = jax.devices()[0].device_kind + (" (interpreter, --tiny)" if args.tiny else "")

@@ -63,7 +63,10 @@ steps, which the hardware's dynamic CTA scheduling balances better), and FlashAt
 ptxas serialize every wgmma, warning C7513, because P's conversion ran while the wgmma reading P's registers was in
 flight). What the 16k gap to cuDNN (3% at 16-token pages) is made of: the TMA warpgroup issues one copy per page,
 each behind a warpgroup barrier (Pallas' automatic barrier before an async copy) - at 64-token pages the kernel is at
-or above cuDNN from 4k to 16k.
+or above cuDNN from 4k to 16k (H100 and H200), which is why the engine's default page is 64 (session 17). Dropping
+those barriers (``auto_barriers=False``: ``unsafe_no_auto_barriers``, correct on the GPU with the kernel's own
+``commit_smem`` before the page-table row is reloaded) did not close the gap at 16-token pages (H200, 16k: 0.97x
+cuDNN either way) and gains 1-3% at 64, within a run's noise: not the default.
 
 Shapes: q [T, Nq, D], k_cache / v_cache [L, P, page_size, Nkv, D] (q's dtype or float8_e4m3fn), page_table [B, MP],
 seq_ids / positions [T], context_lens [B], query_start_loc [B + 1] -> out [T, Nq, D] (q's dtype).
@@ -103,12 +106,15 @@ class PrefillAttentionConfig:
     page size must divide one another); ``num_stages`` K/V slots in the TMA ring (>= 2);
     ``schedule_barrier``: ping-pong the two compute warpgroups (softmax of one under the other's wgmma);
     ``narrow_stages``: over a narrow (fp8) cache, slots of the fp8 ring the TMA warpgroup gathers into and
-    converts from into the ``num_stages``-deep ring the compute warpgroups read (unused otherwise)."""
+    converts from into the ``num_stages``-deep ring the compute warpgroups read (unused otherwise);
+    ``auto_barriers``: False compiles with ``unsafe_no_auto_barriers`` (no warpgroup ``bar.sync`` before each
+    TMA copy nor around SMEM stores; the kernel's own ``commit_smem`` calls and mbarriers order what must be)."""
 
     block_kv: int = 128
     num_stages: int = 2
     schedule_barrier: bool = True
     narrow_stages: int = 2
+    auto_barriers: bool = True
 
     def __post_init__(self):
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -307,8 +313,10 @@ def _prefill_kernel(
 
         def seq_body(i, g):  # g: steps issued so far (over all sequences of the CTA)
             seq, *_, num_blocks = seq_span(i)
-            # This warpgroup alone reads pt_smem, in program order: every page id of the previous sequence
-            # was read (its copies issued) before this copy overwrites the row.
+            # This warpgroup alone reads pt_smem. Every thread has read the previous sequence's page ids
+            # before this copy overwrites the row: the warpgroup barrier of commit_smem (with auto barriers
+            # off, nothing else orders them), whose proxy fence orders those reads before the async write.
+            plgpu.commit_smem()
             plgpu.copy_gmem_to_smem(page_table_ref.at[seq], pt_smem, pt_barrier)
             plgpu.barrier_wait(pt_barrier)
 
@@ -518,7 +526,7 @@ def ragged_prefill_attention(
         grid_names=("q_block", "kv_head"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not config.auto_barriers),
     )
     out = kernel(*rpa.kernel_metadata(layer, num_tokens, seq_ids, positions, query_start_loc, page_table, padded),
                  q_in, k_cache, v_cache)

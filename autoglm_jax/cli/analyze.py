@@ -14,6 +14,8 @@ import sys
 
 from absl import app, flags
 
+from autoglm_jax.engine.config import EngineConfig
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Preset name, Hugging Face directory, .gguf file or Orbax checkpoint "
                     "(default: the embedded SmolLM2-135M-Instruct).")
@@ -21,7 +23,7 @@ flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float16", "float32"], "
 flags.DEFINE_integer("max_batch_size", 32, "Sequences decoding together.")
 flags.DEFINE_integer("max_sequence_length", 2048, "Prompt + output tokens of one sequence.")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "Token budget of one engine step.")
-flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_integer("page_size", EngineConfig.page_size, "Tokens per KV page.")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"],
                   "KV cache dtype: auto (the model's) or fp8 (e4m3; half the pool bytes and the roofline's K/V bytes).")
 flags.DEFINE_integer("num_pages", None, "KV pool size in pages (default: planned as the engine does).")
@@ -43,7 +45,6 @@ def main(argv):
         raise app.UsageError("--peak_tflops and --memory_bandwidth_gbs go together")
     import jax.numpy as jnp
 
-    from autoglm_jax.engine.config import EngineConfig
     from autoglm_jax.engine.core import resolve_dtype
     from autoglm_jax.tools.analysis import analyze, format_report
     from autoglm_jax.tools.roofline import DeviceSpec

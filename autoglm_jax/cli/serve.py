@@ -44,7 +44,7 @@ flags.DEFINE_float("prefill_ratio", 0.8, "Share of a step's token budget prefill
 flags.DEFINE_integer("decode_steps_per_call", 8, "Decode steps per jitted call when no prefill is waiting.")
 flags.DEFINE_bool("async_scheduling", None, "Dispatch the next decode step before reading the current one's "
                   "tokens (host work overlaps the device; same outputs). Default: on.")
-flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_integer("page_size", EngineConfig.page_size, "Tokens per KV page.")
 flags.DEFINE_integer("num_pages", None, "KV pool size in pages (default: sized from memory).")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"], "KV cache dtype: auto (the model's) "
                   "or fp8 (= fp8_e4m3: float8 e4m3fn pages, no scales; twice a bf16 pool's pages).")

@@ -27,7 +27,9 @@ class EngineConfig:
     max_sequence_length: prompt + output tokens of one sequence (None = min(model limit, 4096)).
     max_num_batched_tokens: token budget of one step (decodes + prefill chunks).
     prefill_ratio: share of a step's token budget prefill may take while sequences are decoding.
-    page_size: tokens per KV page. kv_cache_dtype: the KV pool's dtype, as vLLM's ``--kv-cache-dtype``:
+    page_size: tokens per KV page (64: the prefill kernel issues one TMA copy per page, and at 16 those
+        copies cost it ~3% against cuDNN at 16k tokens; offline serving is the same at 16 and 64 --
+        benchmarks/RESULTS.md, session 17). kv_cache_dtype: the KV pool's dtype, as vLLM's ``--kv-cache-dtype``:
         "auto" = the model's dtype; "fp8" (alias "fp8_e4m3") = float8 e4m3fn pages with no scales (values
         saturated to +-448 when written, converted to the model's dtype when read): half a bf16 pool's
         bytes per page, so twice the pages in the same memory (``model.kv_cache.resolve_kv_cache_dtype``).
@@ -85,7 +87,7 @@ class EngineConfig:
     max_sequence_length: int | None = None
     max_num_batched_tokens: int = 512
     prefill_ratio: float = 0.8
-    page_size: int = 16
+    page_size: int = 64
     kv_cache_dtype: str = "auto"
     num_pages: int | None = None
     memory_fraction: float = 0.85

@@ -9,6 +9,7 @@ token-major (G % 8 == 0) and head-major (G_pad <= 8), with T a multiple of a CTA
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import jax
@@ -19,6 +20,7 @@ import pytest
 from pallas_kernels import ragged_paged_attention as rpa
 from pallas_kernels import ragged_prefill_attention as rpf
 from tests.kernels.conftest import assert_close
+from tests.kernels.test_fp8_kv_cache_attention import FP8, fp8_case
 from tests.kernels.test_ragged_paged_attention import make_case
 
 Config = rpf.PrefillAttentionConfig
@@ -44,6 +46,9 @@ CASES = {
                                Config(block_kv=64, num_stages=3, schedule_barrier=False)),
     # Four sequences (two with prefixes), boundaries inside tiles, 6 padding tokens; group 16.
     "four_sequences_g16": ([0, 37, 5, 0], [23, 41, 9, 30], (16, 1), 64, 16, 109, 6, Config(block_kv=128, num_stages=2)),
+    # The same with auto barriers off (several sequences a CTA: the page-table row reloaded between them).
+    "four_sequences_g16_no_auto_barriers": ([0, 37, 5, 0], [23, 41, 9, 30], (16, 1), 64, 16, 109, 6,
+                                            Config(block_kv=128, num_stages=2, auto_barriers=False)),
     # Pages larger than a K/V block (a block is a slice of one page).
     "page128_block64": ([60, 0], [50, 70], (4, 1), 128, 128, 120, 2, Config(block_kv=64, num_stages=2)),
     # Two decode-like tokens in one warpgroup tile: the other warpgroup only walks (skips) their blocks.
@@ -96,6 +101,7 @@ def _abstract_args(num_tokens, num_q_heads, num_kv_heads, head_dim, page_size, m
 @pytest.mark.parametrize("num_tokens,heads,head_dim,page_size,max_pages,config", [
     (4096, (32, 2), 128, 16, None, None),                                 # GLM-4, default config
     (4096, (32, 2), 128, 16, 1024, Config(block_kv=128, num_stages=2, schedule_barrier=False)),
+    (4096, (32, 2), 128, 16, None, Config(block_kv=128, num_stages=2, auto_barriers=False)),
     (1024, (8, 2), 64, 64, None, Config(block_kv=64, num_stages=4)),
     (512, (4, 1), 256, 256, None, None),                                  # block of a page, head dim 256
     (4100, (32, 2), 128, 16, None, None),                # GLM-4, T not a multiple of the CTA's 8 tokens
@@ -164,6 +170,29 @@ def test_glm4_prefill_2k_gpu(before, new, bucket):
                      token_bucket=bucket, max_pages=(max(before) + 2048) // 16, seed=21, num_layers=1)
     out = rpf.ragged_prefill_attention(*args, sm_scale=128 ** -0.5)
     assert_close(out, rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5), what=f"prefill {new}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("auto_barriers", [True, False])
+@pytest.mark.parametrize("kv_dtype", [jnp.bfloat16, FP8])
+def test_glm4_mixed_step_gpu(auto_barriers, kv_dtype):
+    """GLM-4 heads, page 16: an engine-like mixed step -- 120 single decode tokens at 1-1,500 tokens of
+    context (up to 8 sequences a CTA: its TMA warpgroup reloads the page-table row in SMEM between them)
+    beside two prefill chunks -- with Pallas' automatic barriers on and off (off: only the kernel's own
+    ``commit_smem`` keeps the row's reload behind every thread's reads of the previous row). Repeated on
+    fresh inputs: a race shows as a wrong page read now and then, not every time."""
+    rng = np.random.default_rng(23)
+    for seed in range(3):
+        before = [int(b) for b in rng.integers(1, 1500, 120)] + [0, 900]
+        new = [1] * 120 + [700, 500]
+        args = (fp8_case if kv_dtype == FP8 else make_case)(
+            before, new, num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=16, token_bucket=1328,
+            max_pages=(max(b + n for b, n in zip(before, new)) + 15) // 16, seed=30 + seed, num_layers=1)
+        config = dataclasses.replace(rpf.default_config(1328, 32, 2, 128, 16, args[6].shape[1] * 16, jnp.bfloat16,
+                                                        kv_dtype), auto_barriers=auto_barriers)
+        out = rpf.ragged_prefill_attention(*args, sm_scale=128 ** -0.5, config=config)
+        ref = rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5)
+        assert_close(out, ref, what=f"seed {seed}, {jnp.dtype(kv_dtype).name} cache")
 
 
 @pytest.mark.gpu
