@@ -23,8 +23,9 @@ from autoglm_jax.llm import LLM
 from tests.hf_tiny import save_tiny
 from tests.model_runner import forward, new_cache
 
+# page_size 16: a 128-token sequence spans up to 8 pages, so tests can make a pool tight page by page
 TINY_ENGINE_ARGS = dict(skip_tokenizer_init=True, compilation_cache_dir=None, max_batch_size=4, max_model_len=128,
-                        max_num_batched_tokens=32, decode_steps_per_call=4, max_logprobs=5)
+                        max_num_batched_tokens=32, decode_steps_per_call=4, max_logprobs=5, page_size=16)
 ACCEPTANCE_CONFIG = {"use_dynamic_batching": True, "max_batch_size": 32, "max_sequence_length": 2048,
                      "prefill_ratio": 0.8}
 # Smaller compile ladder / KV pool for CPU CI; the four acceptance values above are kept.

@@ -22,11 +22,11 @@ from autoglm_jax.model.kv_cache import KVCache
 # A small ladder: token bucket 16, decode batch 1 -> 2 step programs (a few hundred KB each).
 SETTINGS = dict(model="tiny-llama", skip_tokenizer_init=True, compilation_cache_dir=None, dtype="float32",
                 max_batch_size=1, max_model_len=64, max_num_batched_tokens=16, decode_steps_per_call=2,
-                max_logprobs=2, show_progress=False, memory_fraction=1.0)
+                max_logprobs=2, show_progress=False, memory_fraction=1.0, page_size=16)
 NUM_PROGRAMS = 2
 CONFIG = PRESETS["tiny-llama"]
-PAGE_BYTES = KVCache.bytes_per_page(CONFIG, 16, jnp.float32)
-PAGES_PER_SEQUENCE = 64 // 16
+PAGE_BYTES = KVCache.bytes_per_page(CONFIG, SETTINGS["page_size"], jnp.float32)
+PAGES_PER_SEQUENCE = SETTINGS["max_model_len"] // SETTINGS["page_size"]
 PROMPTS = [{"prompt_token_ids": list(range(5, 19))}, {"prompt_token_ids": list(range(40, 47))}]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 

@@ -32,8 +32,9 @@ from autoglm_jax.sampling_params import SamplingParams
 from autoglm_jax.tokenizer import Tokenizer
 from tests.hf_tiny import save_tiny
 
+# page_size 16: the balance test counts 16-token pages (a short request takes 1, the long one 6)
 ENGINE_ARGS = dict(compilation_cache_dir=None, warmup=False, show_progress=False, max_batch_size=4,
-                   max_num_batched_tokens=16, decode_steps_per_call=4, dtype="float32")
+                   max_num_batched_tokens=16, decode_steps_per_call=4, dtype="float32", page_size=16)
 MAX_LEN = 96
 PROMPT_LENGTHS = (5, 23, 11, 40, 3)
 MAX_TOKENS = (12, 6, 17, 9, 14)
