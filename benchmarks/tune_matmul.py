@@ -11,7 +11,8 @@ dtypes: bfloat16, int8, float8_e4m3fn (weight-only), int4-g64, int4-g128 (= int4
 (timed with the per-token activation quantization the model runs before the kernel).
 
 Run on a GPU:  PYTHONPATH=. python3 benchmarks/tune_matmul.py [--ms=1,16,64] [--dtypes=bfloat16,int8,float8_e4m3fn]
-               [--shapes=qkv,o_proj,gate_up,down] [--sweep] [--write]
+               [--shapes=qkv,o_proj,gate_up,down] [--sweep] [--write] [--out results.json]
+Tables from a GPU run's --out files, on any machine:  ... --write_from results.json[,more.json]
 Large M (prefill, bfloat16 only):  ... --dtypes=bfloat16 --ms=256,512,1024 --sweep --write
 """
 
@@ -179,6 +180,24 @@ def tune_one(dtype: str, m: int, k: int, n: int, bandwidth_gbs: float | None, sw
     return dict(best=best, best_ms=best_ms, heuristic_ms=heur_ms, xla_ms=xla_ms)
 
 
+def write_tables(kind: str, report: list[dict]) -> None:
+    """Writes each result's winner (``report``: ``tune_one``'s results with their dtype, m, k, n) for card
+    ``kind`` into its kernel's tuning table."""
+    tables: dict[str, list[dict]] = {"matmul": [], "quantized_matmul": [], "int4_matmul": [], "w8a8_matmul": []}
+    for r in report:
+        dtype, m, k, n = r["dtype"], r["m"], r["k"], r["n"]
+        if g := group_size(dtype):
+            tables["int4_matmul"].append(dict(device_kind=kind, dtype="int4", shape=i4.shape_key(m, k, n, g),
+                                              config=r["best"]))
+            continue
+        kernel = "matmul" if dtype == "bfloat16" else "w8a8_matmul" if w8a8_activations(dtype) else "quantized_matmul"
+        tables[kernel].append(dict(device_kind=kind, dtype=weight_dtype(dtype), shape=mm.shape_key(m, k, n),
+                                   config=r["best"]))
+    for kernel, entries in tables.items():
+        if entries:
+            write_table(kernel, entries)
+
+
 def write_table(kernel: str, new_entries: list[dict]):
     path = tuning.TUNING_DIR / f"{kernel}.json"
     entries = json.loads(path.read_text())["entries"] if path.exists() else []
@@ -204,6 +223,9 @@ def main(argv=None):
                         help="split-K factors of the large-M sweep")
     parser.add_argument("--write", action="store_true", help="write the winners to the tuning tables")
     parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--write_from", help="write the tuning tables from --out files of earlier runs "
+                        "(comma-separated; e.g. fetched from a GPU machine whose working tree does not come back), "
+                        "time nothing (runs on CPU)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print each shape's heuristic config and candidate count, time nothing (runs on CPU)")
     args = parser.parse_args(argv)
@@ -214,6 +236,11 @@ def main(argv=None):
         parser.error(f"M={large} > {mm.SMALL_M_MAX} (the large-M kernel) is bfloat16 only, not {narrow}")
     sweep_lists = dict(stages_list=ints(args.stages), splits_list=ints(args.splits),
                        large_m_stages=ints(args.large_m_stages), large_m_splits=ints(args.large_m_splits))
+    if args.write_from:
+        for path in args.write_from.split(","):
+            run = json.loads(pathlib.Path(path).read_text())
+            write_tables(run["device_kind"], run["results"])
+        return
     if args.dry_run:
         for dtype, name, m in itertools.product(args.dtypes.split(","), args.shapes.split(","), ints(args.ms)):
             configs = list(candidates(dtype, m, *SHAPES[name], args.sweep, **sweep_lists))
@@ -222,24 +249,13 @@ def main(argv=None):
     kind = jax.devices()[0].device_kind
     bandwidth_gbs = copy_bandwidth() / 1e9
     print(f"{kind}, jax {jax.__version__}: copy bandwidth {bandwidth_gbs:,.0f} GB/s (read + write)", flush=True)
-    tables: dict[str, list[dict]] = {"matmul": [], "quantized_matmul": [], "int4_matmul": [], "w8a8_matmul": []}
     report = []
     for dtype, name, m in itertools.product(args.dtypes.split(","), args.shapes.split(","), ints(args.ms)):
         k, n = SHAPES[name]
         r = tune_one(dtype, m, k, n, bandwidth_gbs, args.sweep, **sweep_lists)
         report.append(dict(dtype=dtype, shape=name, m=m, k=k, n=n, **r))
-        g = group_size(dtype)
-        if g:
-            tables["int4_matmul"].append(dict(device_kind=kind, dtype="int4", shape=i4.shape_key(m, k, n, g),
-                                              config=r["best"]))
-            continue
-        kernel = "matmul" if dtype == "bfloat16" else "w8a8_matmul" if w8a8_activations(dtype) else "quantized_matmul"
-        tables[kernel].append(dict(device_kind=kind, dtype=weight_dtype(dtype), shape=mm.shape_key(m, k, n),
-                                   config=r["best"]))
     if args.write:
-        for kernel, entries in tables.items():
-            if entries:
-                write_table(kernel, entries)
+        write_tables(kind, report)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(dict(device_kind=kind, jax=jax.__version__, copy_gbs=bandwidth_gbs, results=report), indent=1))
 
