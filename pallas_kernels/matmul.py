@@ -214,7 +214,8 @@ def small_m_heuristic(m: int, k: int, n: int, weight_itemsize: float, tile_ks: t
     """Untuned small-M tiles: 128 output channels per CTA (64 per compute warpgroup), 32 KiB weight
     steps (tile_k 128 for bf16, 256 for one-byte weights, where K allows), and the deepest pipeline
     (2-4 stages) that leaves room for two CTAs per SM - measured faster on an H100 than one CTA with a
-    deeper pipeline (benchmarks/tune_matmul.py); split-K by ``tuning.split_k`` over those CTA slots.
+    deeper pipeline (benchmarks/tune_matmul.py); split-K by ``tuning.split_k``'s memory-bound model (enough
+    CTAs to reach the HBM bandwidth, no more: each split adds f32 partial sums and their XLA sum).
     ``weight_itemsize``: bytes per weight, fractional for 4-bit codes (with their group scales);
     ``tile_ks``: the tile_k candidates, widest first (default: the 32 KiB step, 128, 64);
     ``activation_itemsize``: bytes per token element (1 for 8-bit tokens)."""
@@ -227,10 +228,8 @@ def small_m_heuristic(m: int, k: int, n: int, weight_itemsize: float, tile_ks: t
         fields = dict(tile_n=tile_n, tile_k=tile_k, num_stages=stages, num_k_splits=1)
         if small_m_smem_bytes(MatmulConfig(**fields), m, weight_itemsize, activation_itemsize) <= TWO_CTA_SMEM_BUDGET:
             break
-    smem = small_m_smem_bytes(MatmulConfig(**fields), m, weight_itemsize, activation_itemsize)
-    ctas_per_sm = 2 if smem <= TWO_CTA_SMEM_BUDGET else 1
     fields["num_k_splits"] = tuning.split_k(pl.cdiv(n, tile_n), k // tile_k, step_bytes=tile_n * tile_k * weight_itemsize,
-                                            partial_bytes_per_split=n * m_pad * 4, ctas_per_sm=ctas_per_sm)
+                                            partial_bytes_per_split=n * m_pad * 4, memory_bound=True)
     return fields
 
 

@@ -57,19 +57,32 @@ def lookup(kernel: str, dtype, shape_key: str) -> dict | None:
     return _load_table(kernel).get((device_kind(), jnp.dtype(dtype).name, shape_key))
 
 
+# Share of the SMs whose CTAs, each streaming weights (small-M matmul), together reach the HBM bandwidth: the
+# split-K factors the sweeps chose on an H100 and an H200 (tune_matmul.py; GLM-4 qkv 36 tiles x 3 splits, o_proj
+# and down 32 x 4, gate_up 214 x 1) put ~100-130 CTAs on 132 SMs, and no more.
+STREAM_FILL = 0.75
+
+
 def split_k(num_n_tiles: int, num_k_steps: int, step_bytes: int, partial_bytes_per_split: int,
-            min_steps_per_split: int = 4, ctas_per_sm: int = 1) -> int:
-    """Split-K factor S for a weight-streaming (small-M) matmul of ``num_n_tiles`` output tiles, each
-    ``num_k_steps`` steps of ``step_bytes``: the S (each split >= ``min_steps_per_split`` steps; the
-    last split may be shorter) with the fewest bytes moved in the slowest SM's time, counting a partly
-    filled last wave of CTAs as full (``waves * SMs * ceil(steps / S) * step_bytes``) plus the float32
-    partial sums written and read back (``2 * S * partial_bytes_per_split``). More splits fill the
-    SMs more evenly; fewer write less. ``ctas_per_sm`` CTAs resident per SM widen a wave."""
-    sms = num_sms() * ctas_per_sm
+            min_steps_per_split: int = 4, memory_bound: bool = False) -> int:
+    """Split-K factor S for a matmul of ``num_n_tiles`` output tiles, each ``num_k_steps`` steps of
+    ``step_bytes``: the S (each split >= ``min_steps_per_split`` steps; the last split may be shorter) with
+    the lowest cost, the float32 partial sums written and read back (``2 * S * partial_bytes_per_split``)
+    included. More splits fill the SMs; fewer write less.
+    Compute-bound (the large-M kernel, steps costed in bytes at the flop/byte balance): a partly filled
+    last wave of CTAs counts as full (``waves * SMs * ceil(steps / S) * step_bytes``).
+    ``memory_bound`` (the small-M kernel streaming weights): the CTAs share the HBM bandwidth, which they
+    reach once ``STREAM_FILL * SMs`` of them stream at once, fewer reaching that fraction of it; uneven
+    splits move no extra bytes (``tiles * steps * step_bytes / min(1, tiles * S / (STREAM_FILL * SMs))``)."""
+    sms = num_sms()
 
     def cost(splits: int) -> float:
+        partial = 2 * splits * partial_bytes_per_split
+        if memory_bound:
+            ctas = num_n_tiles * splits
+            return num_n_tiles * num_k_steps * step_bytes / min(1.0, ctas / (STREAM_FILL * sms)) + partial
         waves = -(-num_n_tiles * splits // sms)
-        return waves * sms * -(-num_k_steps // splits) * step_bytes + 2 * splits * partial_bytes_per_split
+        return waves * sms * -(-num_k_steps // splits) * step_bytes + partial
 
     candidates = [s for s in range(1, 33) if s == 1 or -(-num_k_steps // s) >= min_steps_per_split]
     return min(candidates, key=lambda s: (cost(s), s))
