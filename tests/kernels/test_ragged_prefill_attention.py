@@ -46,9 +46,6 @@ CASES = {
                                Config(block_kv=64, num_stages=3, schedule_barrier=False)),
     # Four sequences (two with prefixes), boundaries inside tiles, 6 padding tokens; group 16.
     "four_sequences_g16": ([0, 37, 5, 0], [23, 41, 9, 30], (16, 1), 64, 16, 109, 6, Config(block_kv=128, num_stages=2)),
-    # The same with auto barriers off (several sequences a CTA: the page-table row reloaded between them).
-    "four_sequences_g16_no_auto_barriers": ([0, 37, 5, 0], [23, 41, 9, 30], (16, 1), 64, 16, 109, 6,
-                                            Config(block_kv=128, num_stages=2, auto_barriers=False)),
     # Pages larger than a K/V block (a block is a slice of one page).
     "page128_block64": ([60, 0], [50, 70], (4, 1), 128, 128, 120, 2, Config(block_kv=64, num_stages=2)),
     # Two decode-like tokens in one warpgroup tile: the other warpgroup only walks (skips) their blocks.
@@ -62,6 +59,9 @@ CASES = {
     # Group 24 (padded to 32; token-major [24, D] copies), 2 tokens a warpgroup, 11 tokens (CTA: 4).
     "group24_token_major": ([0], [10], (48, 2), 64, 16, 11, 1, Config(block_kv=64, num_stages=2)),
 }
+# four_sequences_g16 with auto barriers off (several sequences a CTA: the page-table row reloaded between them)
+CASES["four_sequences_g16_no_auto_barriers"] = (*CASES["four_sequences_g16"][:-1],
+                                                dataclasses.replace(CASES["four_sequences_g16"][-1], auto_barriers=False))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -185,10 +185,11 @@ def test_glm4_mixed_step_gpu(auto_barriers, kv_dtype):
     for seed in range(3):
         before = [int(b) for b in rng.integers(1, 1500, 120)] + [0, 900]
         new = [1] * 120 + [700, 500]
+        bucket = sum(new) + 8  # 8 padding tokens
         args = (fp8_case if kv_dtype == FP8 else make_case)(
-            before, new, num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=16, token_bucket=1328,
+            before, new, num_q_heads=32, num_kv_heads=2, head_dim=128, page_size=16, token_bucket=bucket,
             max_pages=(max(b + n for b, n in zip(before, new)) + 15) // 16, seed=30 + seed, num_layers=1)
-        config = dataclasses.replace(rpf.default_config(1328, 32, 2, 128, 16, args[6].shape[1] * 16, jnp.bfloat16,
+        config = dataclasses.replace(rpf.default_config(bucket, 32, 2, 128, 16, args[6].shape[1] * 16, jnp.bfloat16,
                                                         kv_dtype), auto_barriers=auto_barriers)
         out = rpf.ragged_prefill_attention(*args, sm_scale=128 ** -0.5, config=config)
         ref = rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5)
