@@ -159,7 +159,8 @@ def test_damaged_array_data(saved, damage):
         restore_checkpoint(saved)
 
 
-def test_removed_params_directory(saved):
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the damaged-array tests' orbax
+def test_removed_params_directory(saved):  # reader tasks, collected in the module's teardown (tests/conftest.py)
     import shutil
 
     shutil.rmtree(saved / PARAMS_DIR)
