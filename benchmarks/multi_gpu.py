@@ -9,10 +9,13 @@ dp x batch requests) and speed-up vs one engine in this process (``--dp_backend`
 process per replica, "thread" = replicas stepped from threads here; process dp=1 shows the front's cost).
 Not a test; record results in benchmarks/RESULTS.md. The process replicas need the GPUs' memory, so this
 process runs with XLA_PYTHON_CLIENT_PREALLOCATE=false when they are measured (set here unless given).
+``--processes=N``: TP over N processes of one job, one GPU each (``_local_job``; the engine of
+``parallel.multihost``: process 0 schedules and broadcasts each step's plan), decode rows only, TP = N.
 
     .venv/bin/python benchmarks/multi_gpu.py --model=glm-4-9b-0414 --tp=1,2 --dp=1,2 --batch=1,64
     .venv/bin/python benchmarks/multi_gpu.py --tp=1,2,4 --dp=1,4 --batch=1,64      # issue 10, 4 GPUs
     .venv/bin/python benchmarks/multi_gpu.py --tp= --dp=1,2 --dp_backend=process,thread --batch=64   # DP only
+    .venv/bin/python benchmarks/multi_gpu.py --tp=2 --dp= --processes=2 --batch=1,64   # TP=2 as two processes
     # CPU smoke run: XLA_FLAGS=--xla_force_host_platform_device_count=8 ... --model=tiny-glm4 --dtype=float32
 """
 
@@ -20,11 +23,13 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import _local_job
 from _timing import time_ms
 from absl import app, flags
 from jax.sharding import PartitionSpec as P
@@ -51,6 +56,8 @@ flags.DEFINE_integer("steps_per_call", 8, "Decode steps per jitted call (engine 
 flags.DEFINE_string("dtype", "bfloat16", "Weights, activations and KV dtype.")
 flags.DEFINE_bool("allreduce_only", False, "Only time each TP size's per-step all-reduces (no model): for "
                   "comparing XLA collective flags, see benchmarks/allreduce_flags.py.")
+flags.DEFINE_integer("processes", 1, "Processes of one job holding the GPUs (one each when > 1): TP over all of "
+                     "them through the multi-host engine (--tp must be the job's device count, --dp empty).")
 flags.DEFINE_bool("profile", True, "Profile a few engine steps per (tp, batch): device busy share (host overhead "
                   "= the idle rest) and the top kernels (collectives included).")
 
@@ -76,6 +83,10 @@ def prompts(count: int, vocab: int, seed: int = 0) -> list[dict]:
     return [{"prompt_token_ids": rng.integers(10, vocab - 10, FLAGS.context).tolist()} for _ in range(count)]
 
 
+def _num_devices(core: EngineCore) -> int:
+    return len(core.mesh.devices.flat) if core.mesh is not None else 1
+
+
 def decode_rate(core: EngineCore, batch: int) -> tuple[float, float]:
     """(ms per decode step, tokens/s) of ``batch`` sequences decoding at ~context tokens."""
     params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
@@ -95,7 +106,7 @@ def decode_rate(core: EngineCore, batch: int) -> tuple[float, float]:
     tokens = generated() - before
     if FLAGS.profile:  # engine steps back to back: what the device does, and how long it waits for the host
         summary = profile_device(lambda: [core.step() for _ in range(3)] and None, warmup=0)
-        print(f"    profile tp={len(core.mesh.devices.flat) if core.mesh is not None else 1} batch={batch}: "
+        print(f"    profile tp={_num_devices(core)} batch={batch}: "
               + summary.format(8).replace("\n", "\n    "), flush=True)
     for request_id in ids:
         core.abort(request_id)
@@ -131,6 +142,28 @@ def bench_tp(batches: list[int]) -> None:
             ar = allreduce_ms_per_step(core.mesh, config, batch)
             print(f"{tp:>3} {batch:>5} {ms:>9.2f} {rate:>10.1f} {base[batch] / ms:>8.2f}x {ar:>19.3f}", flush=True)
         release(core)
+
+
+def bench_tp_processes(batches: list[int]) -> None:
+    """TP over every device of the job (``--processes``): process 0 drives the engine and prints, the
+    others run its broadcast plans. No all-reduce column: the followers only run engine steps
+    (``benchmarks/allreduce.py --processes`` times the collectives of such a job)."""
+    from autoglm_jax.parallel import multihost
+
+    core = EngineCore(engine_args(max(batches)), mesh=multihost.global_tp_mesh())
+    if jax.process_index() != 0:
+        multihost.follow(core)
+        return
+    core = multihost.lead(core)
+    print(f"\n== decode, {FLAGS.model}, context {FLAGS.context}, {FLAGS.dtype}, {jax.devices()[0].device_kind}, "
+          f"TP over {jax.process_count()} processes")
+    print(f"{'tp':>3} {'batch':>5} {'ms/step':>9} {'tok/s':>10}")
+    try:
+        for batch in batches:
+            ms, rate = decode_rate(core, batch)
+            print(f"{_num_devices(core):>3} {batch:>5} {ms:>9.2f} {rate:>10.1f}", flush=True)
+    finally:
+        multihost.stop()
 
 
 def offline_throughput(core, num_requests: int) -> float:
@@ -175,6 +208,16 @@ def bench_dp(batch: int) -> None:
 def main(argv):
     del argv
     batches = sorted(map(int, FLAGS.batch))
+    if _local_job.is_child():
+        _local_job.join()
+    elif FLAGS.processes > 1:
+        sys.exit(_local_job.launch(FLAGS.processes))
+    if jax.process_count() > 1:
+        if FLAGS.dp or FLAGS.tp != [str(jax.device_count())]:
+            raise ValueError(f"with --processes: --tp={jax.device_count()} (every device of the job) and --dp= "
+                             f"(got --tp={','.join(FLAGS.tp)} --dp={','.join(FLAGS.dp)})")
+        bench_tp_processes(batches)
+        return
     if FLAGS.dp and "process" in FLAGS.dp_backend:  # before JAX starts here: the replica processes need the memory
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 
 import jax
 
@@ -53,3 +54,18 @@ def initialize(config: DistributedConfig | None = None, cpu_collectives: str = "
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(coordinator_address=config.coordinator_address,
                                num_processes=config.num_processes, process_id=config.process_id)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (a local coordinator's or server's; another process may take it
+    before it is bound again, which tests and benchmarks on one machine accept)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def local_process_env(process_id: int, num_processes: int, port: int) -> dict[str, str]:
+    """The environment that makes a process on this host join a ``num_processes`` job whose coordinator
+    (process 0) listens on ``port`` (read by ``DistributedConfig.from_env``)."""
+    DistributedConfig(f"127.0.0.1:{port}", num_processes, process_id)  # validates
+    return {ENV_ADDRESS: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_processes), ENV_PROCESS_ID: str(process_id)}

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from autoglm_jax.engine.config import EngineConfig
-from autoglm_jax.parallel.distributed import DistributedConfig
+from autoglm_jax.parallel.distributed import DistributedConfig, local_process_env
 from autoglm_jax.parallel.mesh import engine_mesh, make_mesh, replica_meshes
 
 
@@ -46,3 +46,9 @@ def test_distributed_config_from_env_and_validation():
         DistributedConfig("10.0.0.1:1234", 2, 2)
     with pytest.raises(ValueError, match="host:port"):
         DistributedConfig("10.0.0.1", 2, 0)
+
+
+def test_local_process_env_round_trips():
+    assert DistributedConfig.from_env(local_process_env(1, 2, 4321)) == DistributedConfig("127.0.0.1:4321", 2, 1)
+    with pytest.raises(ValueError, match="process_id=2"):
+        local_process_env(2, 2, 4321)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from autoglm_jax.parallel.distributed import free_port
 from tests.hf_tiny import save_tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,12 +26,6 @@ HEADS = dict(num_attention_heads=8, num_key_value_heads=2, intermediate_size=128
 LOCAL_RUNS = {"glm4": ("Glm4ForCausalLM", ["1x1", "2x1", "4x1", "8x1", "1x2", "2x2", "1x1u", "4x1u", "1x1f", "4x1uf"]),
               "llama": ("LlamaForCausalLM", ["1x1", "2x1", "8x1", "2x1u"])}
 TIMEOUT_S = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(args: list[str], log_path: str) -> subprocess.Popen:
@@ -49,7 +43,7 @@ def results(tmp_path_factory):
     for name, (arch, specs) in LOCAL_RUNS.items():
         save_tiny(arch, root / name, seed=3, **HEADS)
         jobs[name] = _start(["local", str(root / name), str(root / f"{name}.json"), *specs], root / f"{name}.log")
-    port = str(_free_port())
+    port = str(free_port())
     for rank in (0, 1):
         jobs[f"host{rank}"] = _start(["multihost", str(root / "glm4"), str(root / f"host{rank}.json"), port, str(rank), "2"],
                                      root / f"host{rank}.log")

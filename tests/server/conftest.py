@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import time
 import httpx
 import pytest
 
+from autoglm_jax.parallel.distributed import free_port
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API_KEY = "test-key-123"
 MODEL = "smollm2-test"
@@ -27,12 +28,6 @@ MAX_SEQUENCE_LENGTH = 512
 MAX_WAITING_REQUESTS = 220
 MAX_BATCH_SIZE = 8
 START_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:
