@@ -61,14 +61,16 @@ def launch(num_processes: int, timeout_s: float = 1800.0, argv: list[str] | None
         logs.append(log)
         procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT if log else None))
     deadline, failure = time.monotonic() + timeout_s, 0
-    while failure == 0 and any(p.poll() is None for p in procs):
+    while True:
+        codes = [p.poll() for p in procs]  # every process each time: a follower may fail while process 0 waits
+        failure = next((code for code in codes if code not in (None, 0)), 0)
+        if failure or all(code is not None for code in codes):
+            break
         if time.monotonic() > deadline:
             print(f"local job: timed out after {timeout_s:.0f} s", file=sys.stderr)
             failure = 1
             break
-        failure = next((p.returncode for p in procs if p.returncode not in (None, 0)), 0)
         time.sleep(0.2)
-    failure = failure or next((p.returncode for p in procs if p.returncode), 0)
     for rank, (proc, log) in enumerate(zip(procs, logs)):
         if proc.poll() is None:
             proc.kill()

@@ -15,7 +15,7 @@ import ctypes, os
 def test_before():
     assert os.environ["BEFORE_FAILS"] == "0"
 
-def test_crash(tmp_path_factory):
+def test_crash():
     marker = os.environ["CRASH_MARKER"]
     if os.environ["CRASH_ALWAYS"] == "1" or not os.path.exists(marker):
         open(marker, "w").close()

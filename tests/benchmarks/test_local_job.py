@@ -7,6 +7,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -40,3 +41,18 @@ def test_two_processes_decode_with_tensor_parallelism():
     assert "TP over 2 processes" in run.stdout
     rows = re.findall(r"^\s+2\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", run.stdout, re.M)
     assert [batch for batch, _, _ in rows] == ["1", "4"] and all(float(ms) > 0 for _, ms, _ in rows)
+
+
+def test_a_failing_follower_ends_the_job_while_process_0_waits(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    import _local_job
+
+    script = ("import os, sys, time\n"
+              "if os.environ['AUTOGLM_PROCESS_ID'] == '1': print('follower broke'); sys.exit(3)\n"
+              "time.sleep(120)")
+    began = time.monotonic()
+    assert _local_job.launch(2, timeout_s=100, argv=[sys.executable, "-c", script]) == 3
+    assert time.monotonic() - began < 60  # process 0 was killed, not waited for
+    err = capsys.readouterr().err
+    assert "process 1 exited 3" in err and "follower broke" in err
