@@ -34,29 +34,23 @@ def join() -> None:
     initialize()
 
 
-def _visible_gpus() -> list[str] | None:
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-        return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return visible.split(",") if visible else None
-
-
 def launch(num_processes: int, timeout_s: float = 1800.0, argv: list[str] | None = None) -> int:
     """Runs ``argv`` (default: this script with its flags) as ``num_processes`` processes of one job;
     returns 0 when every process exited 0, else the first failure's exit code (1 on a timeout)."""
     if num_processes < 2:
         raise ValueError(f"{num_processes=} must be >= 2 (one process needs no launcher)")
     argv = argv if argv is not None else [sys.executable, *sys.argv]
-    gpus = _visible_gpus()
     on_gpu = not os.environ.get("JAX_PLATFORMS", "").startswith("cpu")
-    if gpus is not None and len(gpus) < num_processes:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(rank) for rank in range(num_processes)]
+    if on_gpu and len(gpus) < num_processes:
         raise ValueError(f"{num_processes} processes need as many GPUs; CUDA_VISIBLE_DEVICES has {len(gpus)}")
     port = free_port()
     logs, procs = [], []
     for rank in range(num_processes):
         env = {**os.environ, **local_process_env(rank, num_processes, port)}
         if on_gpu:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[rank] if gpus is not None else str(rank)
+            env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
         log = None if rank == 0 else tempfile.TemporaryFile("w+")
         logs.append(log)
         procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT if log else None))

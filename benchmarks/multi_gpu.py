@@ -66,9 +66,9 @@ def engine_args(max_batch: int) -> dict:
     """Engine settings; the KV pool is sized for exactly this workload (not from free memory), so the
     engines of successive configurations fit on the same GPUs one after another."""
     max_len = FLAGS.context + max(FLAGS.decode_tokens, FLAGS.offline_tokens) + 64
-    num_pages = max_batch * -(-max_len // 16) + 1
+    num_pages = max_batch * -(-max_len // EngineConfig.page_size) + 1  # the engine's default page size
     return dict(model=FLAGS.model, dtype=FLAGS.dtype, skip_tokenizer_init=True, warmup=False, show_progress=False,
-                max_batch_size=max_batch, max_sequence_length=max_len, max_num_batched_tokens=512, page_size=16,
+                max_batch_size=max_batch, max_sequence_length=max_len, max_num_batched_tokens=512,
                 num_pages=num_pages, decode_steps_per_call=FLAGS.steps_per_call)
 
 
