@@ -107,7 +107,7 @@ def decode_rate(core: EngineCore, batch: int) -> tuple[float, float]:
     if FLAGS.profile:  # engine steps back to back: what the device does, and how long it waits for the host
         summary = profile_device(lambda: [core.step() for _ in range(3)] and None, warmup=0)
         print(f"    profile tp={_num_devices(core)} batch={batch}: "
-              + summary.format(8).replace("\n", "\n    "), flush=True)
+              + summary.by_kind().format(10).replace("\n", "\n    "), flush=True)  # per-layer copies merged
     for request_id in ids:
         core.abort(request_id)
     return 1e3 * elapsed / (tokens / batch), tokens / elapsed

@@ -111,16 +111,20 @@ def large_m_candidates(m: int, k: int, n: int, stages_list=LARGE_M_STAGES, split
 
 
 def candidates(dtype: str, m: int, k: int, n: int, sweep: bool, stages_list=(2, 3, 4), splits_list=(1, 2, 3, 4, 6, 8),
-               large_m_stages=LARGE_M_STAGES, large_m_splits=LARGE_M_SPLITS):
-    """The heuristic's config, and with ``sweep`` every fitting (tile_n, tile_k, stages, splits) around it
+               large_m_stages=LARGE_M_STAGES, large_m_splits=LARGE_M_SPLITS, from_table: bool = False):
+    """The heuristic's config; with ``from_table`` also this card's table entry, if any (re-times what the
+    table holds, against XLA); with ``sweep`` every fitting (tile_n, tile_k, stages, splits) around it
     (large M: also tile_m, from ``large_m_stages`` / ``large_m_splits``)."""
     heuristic = heuristic_config(dtype, m, k, n)
     yield heuristic
+    tabled = tuning.lookup(*table_slot(dtype, m, k, n)) if from_table else None
+    if tabled is not None and tabled != heuristic:
+        yield tabled
     if not sweep:
         return
     if m > mm.SMALL_M_MAX:
         yield from (fields for fields in large_m_candidates(m, k, n, large_m_stages, large_m_splits)
-                    if fields != heuristic)
+                    if fields not in (heuristic, tabled))
         return
     tile_ks = (128, 256, 512) if group_size(dtype) else (128, 256)
     for tile_n, tile_k, stages, splits in itertools.product((128,), tile_ks, stages_list, splits_list):
@@ -128,7 +132,7 @@ def candidates(dtype: str, m: int, k: int, n: int, sweep: bool, stages_list=(2, 
             continue
         fields = dict(tile_n=tile_n, tile_k=tile_k, num_stages=stages, num_k_splits=splits)
         error = mm.small_m_shape_error(m, k, n, mm.MatmulConfig(**fields), itemsize(dtype), activation_itemsize(dtype))
-        if fields != heuristic and error is None:
+        if fields not in (heuristic, tabled) and error is None:
             yield fields
 
 
@@ -180,19 +184,22 @@ def tune_one(dtype: str, m: int, k: int, n: int, bandwidth_gbs: float | None, sw
     return dict(best=best, best_ms=best_ms, heuristic_ms=heur_ms, xla_ms=xla_ms)
 
 
+def table_slot(dtype: str, m: int, k: int, n: int) -> tuple[str, str, str]:
+    """(kernel table, table dtype, shape key) where a result of ``dtype`` at (M, K, N) is stored."""
+    if g := group_size(dtype):
+        return "int4_matmul", "int4", i4.shape_key(m, k, n, g)
+    kernel = "matmul" if dtype == "bfloat16" else "w8a8_matmul" if w8a8_activations(dtype) else "quantized_matmul"
+    return kernel, weight_dtype(dtype), mm.shape_key(m, k, n)
+
+
 def write_tables(kind: str, report: list[dict]) -> None:
     """Writes each result's winner (``report``: ``tune_one``'s results with their dtype, m, k, n) for card
-    ``kind`` into its kernel's tuning table."""
+    ``kind`` into its kernel's tuning table, with its time and XLA's (``tuning.beats_xla`` reads them)."""
     tables: dict[str, list[dict]] = {"matmul": [], "quantized_matmul": [], "int4_matmul": [], "w8a8_matmul": []}
     for r in report:
-        dtype, m, k, n = r["dtype"], r["m"], r["k"], r["n"]
-        if g := group_size(dtype):
-            tables["int4_matmul"].append(dict(device_kind=kind, dtype="int4", shape=i4.shape_key(m, k, n, g),
-                                              config=r["best"]))
-            continue
-        kernel = "matmul" if dtype == "bfloat16" else "w8a8_matmul" if w8a8_activations(dtype) else "quantized_matmul"
-        tables[kernel].append(dict(device_kind=kind, dtype=weight_dtype(dtype), shape=mm.shape_key(m, k, n),
-                                   config=r["best"]))
+        kernel, dtype, shape = table_slot(r["dtype"], r["m"], r["k"], r["n"])
+        tables[kernel].append(dict(device_kind=kind, dtype=dtype, shape=shape, config=r["best"],
+                                   kernel_us=round(r["best_ms"] * 1e3, 2), xla_us=round(r["xla_ms"] * 1e3, 2)))
     for kernel, entries in tables.items():
         if entries:
             write_table(kernel, entries)
@@ -215,6 +222,8 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="bfloat16,int8,float8_e4m3fn")
     parser.add_argument("--shapes", default="qkv,o_proj,gate_up,down")
     parser.add_argument("--sweep", action="store_true", help="time every candidate config, not only the heuristic's")
+    parser.add_argument("--from_table", action="store_true",
+                        help="also time this card's tuning-table config (no sweep needed to re-measure it vs XLA)")
     parser.add_argument("--stages", default="2,3,4", help="pipeline depths of the small-M sweep")
     parser.add_argument("--splits", default="1,2,3,4,6,8", help="split-K factors of the small-M sweep")
     parser.add_argument("--large-m-stages", default=",".join(map(str, LARGE_M_STAGES)),
@@ -235,7 +244,8 @@ def main(argv=None):
     if large and narrow:
         parser.error(f"M={large} > {mm.SMALL_M_MAX} (the large-M kernel) is bfloat16 only, not {narrow}")
     sweep_lists = dict(stages_list=ints(args.stages), splits_list=ints(args.splits),
-                       large_m_stages=ints(args.large_m_stages), large_m_splits=ints(args.large_m_splits))
+                       large_m_stages=ints(args.large_m_stages), large_m_splits=ints(args.large_m_splits),
+                       from_table=args.from_table)
     if args.write_from:
         for path in args.write_from.split(","):
             run = json.loads(pathlib.Path(path).read_text())

@@ -86,6 +86,16 @@ def shape_key(m: int, k: int, n: int) -> str:
     return f"M{small_m_m_pad(m) if m <= SMALL_M_MAX else m}_K{k}_N{n}"
 
 
+def beats_xla(m: int, k: int, n: int, dtype) -> bool:
+    """Whether this card's tuning-table entry for (M, K, N) was measured faster than XLA's dot."""
+    return tuning.beats_xla("matmul", dtype, shape_key(m, k, n))
+
+
+def beats_xla_at(k: int, n: int, dtype) -> bool:
+    """Whether any M of a [K, N] weight has an entry on this card measured faster than XLA's dot."""
+    return any(key.endswith(f"_K{k}_N{n}") for key in tuning.shape_keys_beating_xla("matmul", dtype))
+
+
 def default_config(m: int, k: int, n: int, dtype) -> MatmulConfig:
     """Tuned config for (M, K, N) on the current card, else a heuristic (never fails)."""
     tuned = tuning.lookup("matmul", dtype, shape_key(m, k, n))

@@ -8,10 +8,13 @@ file does that.
 Table format (one file per kernel)::
 
     {"entries": [{"device_kind": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16",
-                  "shape": "<kernel-specific key>", "config": {...}}, ...]}
+                  "shape": "<kernel-specific key>", "config": {...},
+                  "kernel_us": 41.2, "xla_us": 44.9}, ...]}
 
-A missing file, a missing entry or an entry for another card yields ``None``; the caller falls
-back to its heuristic.
+``kernel_us`` / ``xla_us`` (optional): the config's time and XLA's at the same shape, measured in the same
+run by ``benchmarks/tune_matmul.py``; ``beats_xla`` reads them (the "auto" matmul backend runs a bf16 kernel
+only where its entry says it is faster). A missing file, a missing entry or an entry for another card
+yields ``None`` (``beats_xla``: False); the caller falls back to its heuristic.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 
 TUNING_DIR = pathlib.Path(__file__).parent / "tuning"
 
@@ -47,14 +51,36 @@ def _load_table(kernel: str) -> dict[tuple[str, str, str], dict]:
     if not path.exists():
         return {}
     entries = json.loads(path.read_text())["entries"]
-    return {(e["device_kind"], e["dtype"], e["shape"]): e["config"] for e in entries}
+    return {(e["device_kind"], e["dtype"], e["shape"]): e for e in entries}
+
+
+def _entry(kernel: str, dtype, shape_key: str) -> dict | None:
+    return _load_table(kernel).get((device_kind(), jnp.dtype(dtype).name, shape_key))
 
 
 def lookup(kernel: str, dtype, shape_key: str) -> dict | None:
     """The tuned config fields for (current device kind, dtype, shape_key), or None if untuned."""
-    import jax.numpy as jnp
+    entry = _entry(kernel, dtype, shape_key)
+    return None if entry is None else entry["config"]
 
-    return _load_table(kernel).get((device_kind(), jnp.dtype(dtype).name, shape_key))
+
+# How much faster than XLA an entry must have been measured for ``beats_xla``: run-to-run noise of the sweeps'
+# chained timings is a few percent (H200, XLA's o_proj GEMV at M = 16: 21.1 then 15.2 us in two calls).
+BEATS_XLA_MARGIN = 1.03
+
+
+def beats_xla(kernel: str, dtype, shape_key: str) -> bool:
+    """Whether the current card's entry for (dtype, shape_key) was measured faster than XLA at that shape
+    (by ``BEATS_XLA_MARGIN`` at least)."""
+    entry = _entry(kernel, dtype, shape_key)
+    return entry is not None and "kernel_us" in entry and entry["xla_us"] >= BEATS_XLA_MARGIN * entry["kernel_us"]
+
+
+def shape_keys_beating_xla(kernel: str, dtype) -> list[str]:
+    """The shape keys of ``dtype`` whose entries for the current card were measured faster than XLA."""
+    kind, name = device_kind(), jnp.dtype(dtype).name
+    return sorted(shape for (k, d, shape) in _load_table(kernel) if k == kind and d == name
+                  and beats_xla(kernel, dtype, shape))
 
 
 # Share of the SMs whose CTAs, each streaming weights (small-M matmul), together reach the HBM bandwidth: the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +21,14 @@ from autoglm_jax.engine.config import EngineConfig
 from autoglm_jax.model.decoder import DecoderLayers
 from autoglm_jax.model.layers import linear
 from autoglm_jax.model.matmul_backend import (PallasChannelWeight, PallasInt4Weight, PallasW8A8Weight, PallasWeight,
-                                              apply_matmul_backend, wrap_weight)
+                                              apply_matmul_backend, wrap_auto, wrap_weight)
 from autoglm_jax.quant.channel import quantize_channel
 from autoglm_jax.quant.int4 import Int4Weight, quantize_int4
 from pallas_kernels import int4_matmul as i4mm
 from pallas_kernels import matmul as bf16_matmul
 from pallas_kernels import quantized_matmul as qmm
-from pallas_kernels._interpret import gpu_interpret
+from pallas_kernels import tuning
+from pallas_kernels._interpret import INTERPRETED_DEVICE_KIND, gpu_interpret
 from tests.hf_tiny import save_tiny
 from tests.model_runner import forward, new_cache
 
@@ -296,6 +298,44 @@ def test_auto_wraps_only_quantized_weights_and_only_on_gpu():
     assert isinstance(w8a8_model.layers.down.get_value(), PallasW8A8Weight)
     _, mesh_model, _ = load_model("tiny-llama", jnp.float32, quantization=None, matmul_backend="auto", mesh=None)
     assert isinstance(mesh_model.layers.down.get_value(), jax.Array)
+
+
+@pytest.fixture
+def measured_table(tmp_path, monkeypatch):
+    """A bf16 matmul tuning table for the interpreted GPU: the kernel measured faster than XLA at M <= 8 for
+    [128, 256] and [64, 256] (tiny-llama's gate_up) weights, slower at M = 16, and untimed for [128, 128]."""
+    def entry(shape, kernel_us, xla_us=10.0):
+        times = {} if kernel_us is None else {"kernel_us": kernel_us, "xla_us": xla_us}
+        return {"device_kind": INTERPRETED_DEVICE_KIND, "dtype": "bfloat16", "shape": shape,
+                "config": bf16_matmul.small_m_heuristic(8, int(shape.split("_K")[1].split("_")[0]),
+                                                        int(shape.split("_N")[1]), 2), **times}
+
+    (tmp_path / "matmul.json").write_text(json.dumps({"entries": [
+        entry("M8_K128_N256", 8.0), entry("M16_K128_N256", 12.0), entry("M8_K64_N256", 8.0),
+        entry("M8_K128_N128", None)]}))
+    monkeypatch.setattr(tuning, "TUNING_DIR", tmp_path)
+    tuning._load_table.cache_clear()
+    yield
+    tuning._load_table.cache_clear()
+
+
+def test_auto_runs_a_bf16_kernel_only_where_the_table_measured_it_faster(measured_table, kernel_calls):
+    w = _bf16(1, (128, 256), 0.05)
+    with gpu_interpret():
+        wrapped = wrap_auto(w)
+        assert isinstance(wrapped, PallasWeight) and wrapped.where_faster
+        assert isinstance(wrap_auto(_bf16(2, (128, 128))), jax.Array)  # only untimed entries: stays an array
+        for m in (5, 16):  # M8 measured faster: the kernel; M16 measured slower: exactly XLA's dot
+            x = _bf16(m, (m, 128))
+            out, ref = linear(wrapped, x), linear(w, x)
+            np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    assert kernel_calls == [("matmul", (5, 128), (128, 256))]
+    _, model, _ = load_model("tiny-llama", jnp.bfloat16)
+    with gpu_interpret():
+        assert apply_matmul_backend(model, "auto") == 1  # gate_up [2, 64, 256]; qkv, o, down stay arrays
+    assert isinstance(model.layers.gate_up.get_value(), PallasWeight) and model.layers.gate_up.get_value().where_faster
+    assert isinstance(model.layers.qkv.get_value(), jax.Array)
 
 
 def test_serve_flag_reaches_the_engine():

@@ -146,8 +146,9 @@ def load_model(model: str | None, dtype=jnp.bfloat16, attention_backend: str = "
     ``mesh``: see ``build_model``. ``quantization``: a scheme of ``autoglm_jax.quant.SCHEMES`` applied to
     every decoder linear projection after loading (a quantized Orbax checkpoint is already quantized:
     None or its own scheme). ``matmul_backend``: "pallas" then wraps those projections for the Pallas
-    matmul kernels (``autoglm_jax.model.matmul_backend``); "auto" only the quantized ones (weight-only
-    int8 / fp8 / int4, W8A8), on a GPU and without a mesh; "xla" leaves them as they are, except that on a GPU
+    matmul kernels (``autoglm_jax.model.matmul_backend``); "auto" the quantized ones (weight-only
+    int8 / fp8 / int4, W8A8) and float ones where this card's tuning table measured the kernel faster than
+    XLA, on a GPU and without a mesh; "xla" leaves them as they are, except that on a GPU
     W8A8 weights are stored out-feature major for XLA's 8-bit GEMM (no weight transpose per call)."""
     from autoglm_jax.model.matmul_backend import check_matmul_backend
 

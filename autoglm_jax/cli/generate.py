@@ -27,8 +27,9 @@ flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"], "KV cac
                   "or fp8 (= fp8_e4m3: float8 e4m3fn pages, no scales).")
 flags.DEFINE_string("quantization", None, "Quantize the decoder's linear projections after loading (int8, fp8, "
                     "w8a8-int8, w8a8-fp8, int4, int4-g64, int4-g128, q8_0, q4_0, q4_1).")
-flags.DEFINE_enum("matmul_backend", "auto", ["auto", "xla", "pallas"], "Decoder projections: auto (the Pallas "
-                  "kernels for weight-only int8 / fp8 weights on GPU, else XLA), XLA dots, or the Pallas "
+flags.DEFINE_enum("matmul_backend", "auto", ["auto", "xla", "pallas"], "Decoder projections: auto (on GPU the "
+                  "Pallas kernels for int8 / fp8 / int4 weights, and for bf16 ones where this card's tuning table "
+                  "measured them faster than XLA; else XLA), XLA dots, or the Pallas "
                   "matmul kernels (bf16 / int8 / fp8 weights on GPU; XLA where a shape does not fit).")
 
 

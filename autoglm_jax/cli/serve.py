@@ -52,8 +52,9 @@ flags.DEFINE_float("memory_fraction", 0.85, "Share of free device memory the KV 
 flags.DEFINE_integer("max_waiting_requests", 4096, "Requests in flight before the server answers 429.")
 flags.DEFINE_integer("max_logprobs", 20, "Most top logprobs a request may ask for.")
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "xla", "pallas"], "Attention implementation.")
-flags.DEFINE_enum("matmul_backend", "auto", ["auto", "xla", "pallas"], "Decoder projections: auto (the Pallas "
-                  "kernels for weight-only int8 / fp8 weights on GPU, else XLA), XLA dots, or the Pallas "
+flags.DEFINE_enum("matmul_backend", "auto", ["auto", "xla", "pallas"], "Decoder projections: auto (on GPU the "
+                  "Pallas kernels for int8 / fp8 / int4 weights, and for bf16 ones where this card's tuning table "
+                  "measured them faster than XLA; else XLA), XLA dots, or the Pallas "
                   "matmul kernels (bf16 / int8 / fp8 weights on GPU; XLA where a shape does not fit).")
 flags.DEFINE_enum("xla_gemm_backend", "auto", ["auto", "triton", "cublas"], "Emitter of XLA's GEMMs per step "
                   "program: auto (Triton below 64 matmul rows, cuBLAS from 64), triton (XLA's default) or cublas.")

@@ -1,6 +1,7 @@
 """The engine arg ``matmul_backend`` as a transform over weights: "pallas" wraps the model's projections,
-"auto" (the default) only its int8 / fp8 / int4 ones (weight-only and W8A8) and only on a GPU, "xla" on a
-GPU only its W8A8 ones, into their [N, K] layout with no kernel.
+"auto" (the default) only on a GPU its int8 / fp8 / int4 ones (weight-only and W8A8) and its bf16 ones at the
+shapes where this card's tuning table measured the kernel faster than XLA, "xla" on a GPU only its W8A8 ones,
+into their [N, K] layout with no kernel.
 
 Owns: ``PallasWeight`` (a float weight whose ``linear`` runs ``pallas_kernels.matmul``),
 ``PallasChannelWeight`` (a weight-only int8 / fp8 ``quant.ChannelWeight`` stored out-feature major for
@@ -56,12 +57,15 @@ class _WholeWeight:
         raise TypeError(f"{type(self).__name__} supports only [...] indexing, got {index!r}")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["weight"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["weight"], meta_fields=["where_faster"])
 @dataclasses.dataclass(frozen=True)
 class PallasWeight(_WholeWeight):
-    """weight [..., K, N] float, multiplied by ``pallas_kernels.matmul`` where it fits."""
+    """weight [..., K, N] float, multiplied by ``pallas_kernels.matmul`` where it fits. ``where_faster`` (the
+    "auto" backend): only at the (M, K, N) whose tuning-table entry for this card was measured faster than
+    XLA (``pallas_kernels.tuning.beats_xla``), XLA's dot elsewhere."""
 
     weight: jax.Array
+    where_faster: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -181,7 +185,8 @@ def _linear_pallas(weight: PallasWeight, x: jax.Array, bias: jax.Array | None = 
     m = x.size // k if k else 0
     kernel_dtype, out_dtype = _kernel_dtypes(x, bias, out_dtype)
     if not (w.ndim == 2 and w.dtype == x.dtype and targets_gpu()
-            and bf16_matmul.supports(m, k, n, x.dtype, kernel_dtype)):
+            and bf16_matmul.supports(m, k, n, x.dtype, kernel_dtype)
+            and (not weight.where_faster or bf16_matmul.beats_xla(m, k, n, x.dtype))):
         return linear(w, x, bias, out_dtype)
     y = bf16_matmul.matmul(x.reshape(m, k), w, out_dtype=kernel_dtype)
     return _finish(y.reshape(*x.shape[:-1], n), bias, out_dtype)
@@ -241,9 +246,18 @@ def _linear_pallas_int4(weight: PallasInt4Weight, x: jax.Array, bias: jax.Array 
     return _finish(y.reshape(*x.shape[:-1], n), bias, out_dtype)
 
 
-def wrap_quantized_weight(weight):
-    """``wrap_weight`` for int8 / fp8 (weight-only and W8A8) and int4 weights only (the "auto" backend on a GPU)."""
-    return wrap_weight(weight) if isinstance(weight, (ChannelWeight, Int4Weight)) else weight
+def wrap_auto(weight):
+    """The "auto" backend's form of one weight (on a GPU): ``wrap_weight`` for int8 / fp8 (weight-only and
+    W8A8) and int4 weights; a float weight becomes a ``where_faster`` PallasWeight if this card's tuning table
+    has a shape of its (K, N) measured faster than XLA (``pallas_kernels.matmul.beats_xla_at``), else stays."""
+    from pallas_kernels import matmul as bf16_matmul
+
+    if isinstance(weight, (ChannelWeight, Int4Weight)):
+        return wrap_weight(weight)
+    if (isinstance(weight, jax.Array) and weight.ndim >= 2
+            and bf16_matmul.beats_xla_at(*weight.shape[-2:], weight.dtype)):
+        return PallasWeight(weight, where_faster=True)
+    return weight
 
 
 def wrap_w8a8_layout(weight):
@@ -286,15 +300,17 @@ def apply_matmul_backend(model: nnx.Module, backend: str) -> int:
     per-layer ones. Each old weight is dropped as its wrapped form is stored (an int8 / fp8 weight is
     transposed to [..., N, K] first, an int4 one regrouped to [..., G, N, g]: one such weight extra at the
     peak, in bytes for int4).
-    "auto": on a GPU (``targets_gpu``) only int8 / fp8 (weight-only and W8A8) and int4 weights are wrapped -
-    there the int8 / fp8 kernel is 1.3x XLA's dequantize-and-dot at batch-1 decode, while for bf16 weights
-    XLA's GEMV is as fast (benchmarks/RESULTS.md, "Small-M matmul kernels"); off a GPU nothing is.
+    "auto": on a GPU (``targets_gpu``) int8 / fp8 (weight-only and W8A8) and int4 weights are wrapped -
+    there the int8 / fp8 kernel is 1.3x XLA's dequantize-and-dot at batch-1 decode - and float weights only
+    for the kernel at the token counts where this card's tuning table measured it faster than XLA's dot
+    (``wrap_auto``: on an H200 the tuned bf16 decode kernel, on an H100 XLA's GEMV; benchmarks/RESULTS.md);
+    off a GPU nothing is.
     "xla": on a GPU only W8A8 weights, into their [N, K] layout with XLA's rule (see the module
     docstring); off a GPU nothing is."""
     check_matmul_backend(backend)
     if backend != "pallas" and not targets_gpu():
         return 0
-    wrap = {"auto": wrap_quantized_weight, "xla": wrap_w8a8_layout, "pallas": wrap_weight}[backend]
+    wrap = {"auto": wrap_auto, "xla": wrap_w8a8_layout, "pallas": wrap_weight}[backend]
     changed = 0
     for path, node in list(nnx.iter_graph(model)):
         is_projection = path[:1] == ("layers",) and set(path) & set(PROJECTIONS)
@@ -302,7 +318,8 @@ def apply_matmul_backend(model: nnx.Module, backend: str) -> int:
             continue
         old = node.get_value()
         new = jax.tree.map(wrap, old, is_leaf=_is_weight)
-        if backend != "pallas" and all(a is b for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))):
+        if backend != "pallas" and jax.tree.structure(old) == jax.tree.structure(new) and all(
+                a is b for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))):  # nothing wrapped
             continue
         node.set_value(new)
         changed += 1

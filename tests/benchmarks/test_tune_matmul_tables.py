@@ -58,3 +58,21 @@ def test_write_from_a_runs_results(tune_matmul, tables, monkeypatch):
     assert entries("w8a8_matmul") == {(H200, "float8_e4m3fn", "M64_K4096_N4096"): new}
     monkeypatch.setattr(tuning, "device_kind", lambda: H200)
     assert tuning.lookup("quantized_matmul", "int8", mm.shape_key(1, 4096, 4608)) == new
+    written = json.loads((tables / "matmul.json").read_text())["entries"][0]
+    assert (written["kernel_us"], written["xla_us"]) == (10.0, 15.0)  # the run's times: beats_xla reads them
+    assert tuning.beats_xla("matmul", "bfloat16", "M16_K13696_N4096")
+
+
+def test_from_table_times_the_cards_entry_beside_the_heuristic(tune_matmul, tables, monkeypatch):
+    k, n = tune_matmul.SHAPES["o_proj"]
+    heuristic = tune_matmul.heuristic_config("bfloat16", 8, k, n)
+    tabled = {**heuristic, "num_stages": 5 - heuristic["num_stages"] % 3}  # any config other than the heuristic's
+    entry = dict(device_kind=H200, dtype="bfloat16", shape=mm.shape_key(8, k, n), config=tabled)
+    (tables / "matmul.json").write_text(json.dumps({"entries": [entry]}))
+    monkeypatch.setattr(tuning, "device_kind", lambda: H200)
+    assert list(tune_matmul.candidates("bfloat16", 8, k, n, sweep=False, from_table=True)) == [heuristic, tabled]
+    assert list(tune_matmul.candidates("bfloat16", 8, k, n, sweep=False)) == [heuristic]
+    swept = list(tune_matmul.candidates("bfloat16", 8, k, n, sweep=True, from_table=True))
+    assert swept.count(tabled) == 1 and swept.count(heuristic) == 1
+    monkeypatch.setattr(tuning, "device_kind", lambda: H100)  # another card's table holds nothing for this one
+    assert list(tune_matmul.candidates("bfloat16", 8, k, n, sweep=False, from_table=True)) == [heuristic]

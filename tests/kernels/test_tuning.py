@@ -28,6 +28,30 @@ def test_lookup_hits_matching_entry_and_misses_others(tmp_path, monkeypatch):
         tuning._load_table.cache_clear()
 
 
+def test_beats_xla_reads_the_measured_times_of_this_cards_entries(tmp_path, monkeypatch):
+    def entry(shape, times, kind=INTERPRETED_DEVICE_KIND):
+        return {"device_kind": kind, "dtype": "bfloat16", "shape": shape, "config": {}, **times}
+
+    (tmp_path / "matmul.json").write_text(json.dumps({"entries": [
+        entry("M8_K128_N256", {"kernel_us": 9.0, "xla_us": 10.0}),
+        entry("M16_K128_N256", {"kernel_us": 11.0, "xla_us": 10.0}),  # measured slower
+        entry("M32_K128_N256", {"kernel_us": 9.8, "xla_us": 10.0}),  # faster by less than the noise margin
+        entry("M8_K256_N128", {}),  # tuned before times were recorded: not known to be faster
+        entry("M8_K128_N128", {"kernel_us": 1.0, "xla_us": 10.0}, kind="another card")]}))
+    monkeypatch.setattr(tuning, "TUNING_DIR", tmp_path)
+    tuning._load_table.cache_clear()
+    try:
+        with gpu_interpret():
+            assert tuning.shape_keys_beating_xla("matmul", jnp.bfloat16) == ["M8_K128_N256"]
+            assert mm.beats_xla(3, 128, 256, jnp.bfloat16)  # M = 1..8 share the M8 entry
+            assert not mm.beats_xla(16, 128, 256, jnp.bfloat16) and not mm.beats_xla(32, 128, 256, jnp.bfloat16)
+            assert not mm.beats_xla(8, 256, 128, jnp.bfloat16) and not mm.beats_xla(8, 128, 128, jnp.bfloat16)
+            assert not mm.beats_xla(8, 128, 256, jnp.float16)
+            assert mm.beats_xla_at(128, 256, jnp.bfloat16) and not mm.beats_xla_at(256, 128, jnp.bfloat16)
+    finally:
+        tuning._load_table.cache_clear()
+
+
 def test_split_k_fills_the_sms_and_weighs_partial_sums():
     with gpu_interpret():  # 8 simulated SMs
         sms = tuning.num_sms()
