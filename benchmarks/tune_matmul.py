@@ -5,13 +5,14 @@ Owns: sweeping ``matmul``'s, ``quantized_matmul``'s, ``int4_matmul``'s and ``w8a
 bf16 ``matmul``'s large-M configs (M > 128: tile_m, tile_n, tile_k, pipeline depth, split-K) at prefill
 token counts, timing each candidate the way a decoder calls it (``time_chained_ms``: distinct weights per call inside one
 program), and writing the best per (card, dtype, shape key) to ``pallas_kernels/tuning/<kernel>.json``
-(merged with entries for other cards). Also prints each winner against XLA's dot (int4: dequantize + dot;
+(merged with entries for other cards), with its time and XLA's (``kernel_us``, ``xla_us``: the "auto" matmul
+backend runs a bf16 kernel only where it was measured faster; ``--from_table`` re-times a card's tabled config). Also prints each winner against XLA's dot (int4: dequantize + dot;
 W8A8: the model's XLA rule, per-token quantization + 8-bit dot on the [N, K] weight) at the same shape.
 dtypes: bfloat16, int8, float8_e4m3fn (weight-only), int4-g64, int4-g128 (= int4), w8a8-fp8, w8a8-int8
 (timed with the per-token activation quantization the model runs before the kernel).
 
 Run on a GPU:  PYTHONPATH=. python3 benchmarks/tune_matmul.py [--ms=1,16,64] [--dtypes=bfloat16,int8,float8_e4m3fn]
-               [--shapes=qkv,o_proj,gate_up,down] [--sweep] [--write] [--out results.json]
+               [--shapes=qkv,o_proj,gate_up,down] [--sweep] [--from_table] [--write] [--out results.json]
 Tables from a GPU run's --out files, on any machine:  ... --write_from results.json[,more.json]
 Large M (prefill, bfloat16 only):  ... --dtypes=bfloat16 --ms=256,512,1024 --sweep --write
 """
