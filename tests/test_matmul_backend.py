@@ -242,7 +242,11 @@ def test_unstacked_pallas_model_equals_xla(tmp_path, kernel_calls):
     assert {w for _, _, w in kernel_calls} == {(256, 128), (128, 128), (512, 128), (128, 256), (128, 384)}
 
 
-def test_engine_greedy_pallas_equals_xla(tmp_path, kernel_calls):
+@pytest.mark.parametrize("backend", ["pallas", "auto"])
+def test_engine_greedy_equals_xla(tmp_path, kernel_calls, measured_table, backend):
+    """Through the engine (abstract shapes, compiled decode and mixed programs) the greedy tokens are XLA's.
+    "pallas": the kernels run. "auto" (the default), with ``measured_table``: only qkv [128, 256] has a measured
+    win (at M <= 8), so only its kernel runs, in decode programs of <= 8 rows."""
     from autoglm_jax import LLM, SamplingParams
 
     save_tiny("Glm4ForCausalLM", tmp_path, **TINY)
@@ -251,15 +255,17 @@ def test_engine_greedy_pallas_equals_xla(tmp_path, kernel_calls):
     prompts = [{"prompt_token_ids": PROMPT}, {"prompt_token_ids": list(range(20, 45))}]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
-    def greedy(backend):
-        llm = LLM(str(tmp_path), matmul_backend=backend, **settings)
+    def greedy(matmul_backend):
+        llm = LLM(str(tmp_path), matmul_backend=matmul_backend, **settings)
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
     ref = greedy("xla")
     assert kernel_calls == []
     with kernel_context():
-        assert greedy("pallas") == ref
+        assert greedy(backend) == ref
     assert kernel_calls
+    if backend == "auto":
+        assert all(name == "matmul" and a[0] <= 8 and w == (128, 256) for name, a, w in kernel_calls)
 
 
 # ---- settings ---------------------------------------------------------------------------------------
@@ -302,18 +308,20 @@ def test_auto_wraps_only_quantized_weights_and_only_on_gpu():
 
 @pytest.fixture
 def measured_table(tmp_path, monkeypatch):
-    """A bf16 matmul tuning table for the interpreted GPU: the kernel measured faster than XLA at M <= 8 for
+    """A bf16 matmul tuning table for the card the tests target: the kernel measured faster than XLA at M <= 8 for
     [128, 256] and [64, 256] (tiny-llama's gate_up) weights, slower at M = 16, and untimed for [128, 128]."""
-    def entry(shape, kernel_us, xla_us=10.0):
-        times = {} if kernel_us is None else {"kernel_us": kernel_us, "xla_us": xla_us}
-        return {"device_kind": INTERPRETED_DEVICE_KIND, "dtype": "bfloat16", "shape": shape,
-                "config": bf16_matmul.small_m_heuristic(8, int(shape.split("_K")[1].split("_")[0]),
-                                                        int(shape.split("_N")[1]), 2), **times}
+    kind = jax.devices()[0].device_kind if ON_GPU else INTERPRETED_DEVICE_KIND  # the card kernel_context targets
 
-    (tmp_path / "matmul.json").write_text(json.dumps({"entries": [
-        entry("M8_K128_N256", 8.0), entry("M16_K128_N256", 12.0), entry("M8_K64_N256", 8.0),
-        entry("M8_K128_N128", None)]}))
-    monkeypatch.setattr(tuning, "TUNING_DIR", tmp_path)
+    def entry(m, k, n, kernel_us, xla_us=10.0):
+        times = {} if kernel_us is None else {"kernel_us": kernel_us, "xla_us": xla_us}
+        return {"device_kind": kind, "dtype": "bfloat16", "shape": bf16_matmul.shape_key(m, k, n),
+                "config": bf16_matmul.small_m_heuristic(m, k, n, 2), **times}
+
+    tables = tmp_path / "tuning"  # apart from any checkpoint the test writes to tmp_path
+    tables.mkdir()
+    (tables / "matmul.json").write_text(json.dumps({"entries": [
+        entry(8, 128, 256, 8.0), entry(16, 128, 256, 12.0), entry(8, 64, 256, 8.0), entry(8, 128, 128, None)]}))
+    monkeypatch.setattr(tuning, "TUNING_DIR", tables)
     tuning._load_table.cache_clear()
     yield
     tuning._load_table.cache_clear()
@@ -321,7 +329,7 @@ def measured_table(tmp_path, monkeypatch):
 
 def test_auto_runs_a_bf16_kernel_only_where_the_table_measured_it_faster(measured_table, kernel_calls):
     w = _bf16(1, (128, 256), 0.05)
-    with gpu_interpret():
+    with kernel_context():
         wrapped = wrap_auto(w)
         assert isinstance(wrapped, PallasWeight) and wrapped.where_faster
         assert isinstance(wrap_auto(_bf16(2, (128, 128))), jax.Array)  # only untimed entries: stays an array
@@ -332,7 +340,7 @@ def test_auto_runs_a_bf16_kernel_only_where_the_table_measured_it_faster(measure
         np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
     assert kernel_calls == [("matmul", (5, 128), (128, 256))]
     _, model, _ = load_model("tiny-llama", jnp.bfloat16)
-    with gpu_interpret():
+    with kernel_context():
         assert apply_matmul_backend(model, "auto") == 1  # gate_up [2, 64, 256]; qkv, o, down stay arrays
     assert isinstance(model.layers.gate_up.get_value(), PallasWeight) and model.layers.gate_up.get_value().where_faster
     assert isinstance(model.layers.qkv.get_value(), jax.Array)
