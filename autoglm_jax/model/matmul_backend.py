@@ -254,8 +254,7 @@ def wrap_auto(weight):
 
     if isinstance(weight, (ChannelWeight, Int4Weight)):
         return wrap_weight(weight)
-    if (isinstance(weight, jax.Array) and weight.ndim >= 2
-            and bf16_matmul.beats_xla_at(*weight.shape[-2:], weight.dtype)):
+    if isinstance(weight, jax.Array) and bf16_matmul.beats_xla_at(*weight.shape[-2:], weight.dtype):
         return PallasWeight(weight, where_faster=True)
     return weight
 
@@ -318,9 +317,8 @@ def apply_matmul_backend(model: nnx.Module, backend: str) -> int:
             continue
         old = node.get_value()
         new = jax.tree.map(wrap, old, is_leaf=_is_weight)
-        if backend != "pallas" and jax.tree.structure(old) == jax.tree.structure(new) and all(
-                a is b for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))):  # nothing wrapped
-            continue
+        if backend != "pallas" and jax.tree.structure(old) == jax.tree.structure(new):  # nothing wrapped (a
+            continue  # wrapper is always another pytree type; an unwrapped weight comes back as it was)
         node.set_value(new)
         changed += 1
     if not changed and backend == "pallas":
