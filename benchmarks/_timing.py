@@ -22,10 +22,15 @@ def batch_ms(fn, *args, iterations: int) -> float:
     return (time.perf_counter() - start) / iterations * 1e3
 
 
-def time_ms(fn, *args, iterations: int = 20) -> float:
-    """Median wall time per call (ms) over 5 batches of ``iterations`` queued calls, after a warm-up.
+def time_ms(fn, *args, iterations: int = 20, warmup_s: float = 0.2) -> float:
+    """Median wall time per call (ms) over 5 batches of ``iterations`` queued calls, after ``warmup_s`` seconds of
+    calls: a GPU left idle (e.g. while a sweep compiles its next candidate) clocks down, and short programs timed
+    straight after read up to 2x slow (H200, session 20: one small-M config at 11.6 and 19.7 µs in two runs).
     (CUPTI via ``mosaic.gpu.profiler.measure`` returned no timings on these machines.)"""
     jax.block_until_ready(fn(*args))
+    began = time.perf_counter()
+    while time.perf_counter() - began < warmup_s:
+        batch_ms(fn, *args, iterations=iterations)
     return statistics.median(batch_ms(fn, *args, iterations=iterations) for _ in range(5))
 
 

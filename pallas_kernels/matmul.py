@@ -10,9 +10,12 @@ Two kernels, picked by M:
     tokens are the wgmma N side (padded to a multiple of 8). Warp-specialized: one memory
     warpgroup TMA-streams the weight tiles ``num_stages`` deep, two compute warpgroups each own
     tile_n / 2 output channels. Grid (N / tile_n, num_k_splits): split-K (uneven splits allowed:
-    the last split skips the steps past K) spreads the weights over every SM, two CTAs per SM
-    where SMEM allows; partial sums (f32) are added and transposed in XLA. The same kernel takes
-    int8 / fp8 weights [N, K] for ``quantized_matmul``, dequantized in registers, and group-scaled int4
+    the last split skips the steps past K) spreads the weights over every SM (one CTA per SM: the
+    warp-specialized pipeline gives the compute warpgroups the register file, 168 registers a thread at
+    launch); partial sums (f32) are added and transposed in XLA. The same kernel takes
+    int8 / fp8 weights [N, K] for ``quantized_matmul``, dequantized in registers (4 bytes a thread,
+    converted and used in place as the wgmma operand, the tokens' K permuted to match: ``_narrow_operand``;
+    in K chunks of ``NARROW_CHUNK_K``, one chunk converted while the previous one's wgmma runs), and group-scaled int4
     codes [G, N, g] for ``int4_matmul``: each group's dot goes to a fresh wgmma accumulator that is
     added to a register accumulator scaled per output channel. With 8-bit tokens of the weights' type
     (``w8a8_matmul``: fp8 e4m3 x e4m3 with f32 accumulation, or int8 x int8 with int32 accumulation)
@@ -36,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _narrow_operand as narrow_operand
 from pallas_kernels import tuning
 from pallas_kernels._interpret import interpreting
 from pallas_kernels._smem import smem_transforms
@@ -45,9 +49,13 @@ SMALL_M_MAX = 128
 # hung on an H100 (2026-11-26: a 60 s probe never returned), so the kernel has no such option.
 SMALL_M_COMPUTE_WGS = 2
 SMEM_BUDGET = 220 * 1024  # bytes; Hopper allows 227 KiB of dynamic SMEM per CTA
-TWO_CTA_SMEM_BUDGET = 228 * 1024 // 2 - 1024 - 256  # half an SM's 228 KiB, less the per-CTA reserve and barriers
+HALF_SM_SMEM_BUDGET = 228 * 1024 // 2 - 1024 - 256  # half an SM's 228 KiB, less the per-CTA reserve and barriers
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))  # float32: small-M kernel only
 _SMALL_M_ALIGN = 8  # wgmma N (the token side) comes in multiples of 8
+# Narrow (int8 / fp8) weights are converted and fed to wgmma in K chunks of this many (one 128-byte swizzle row),
+# so one chunk's conversion overlaps the previous chunk's wgmma; 0: the whole tile_k at once (ncu, H200, gate_up
+# at M = 8, tile_k 256: int8 38.9 -> 38.4 µs, fp8 35.9 -> 34.9 µs with 128).
+NARROW_CHUNK_K = 128
 _GROUP_DOT_REGS = 96  # group-scaled weights: registers per thread for the group wgmmas in flight (a guess, untuned)
 # Large-M kernel: SMEM per CTA up to Hopper's 227 KiB less 1 KiB for the pipeline's barriers (its default
 # 128 x 256 tiles, tile_k 64, 4 stages take 224 KiB and run on an H100).
@@ -130,26 +138,41 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
     n_idx, split = lax.axis_index("n"), lax.axis_index("split")
     steps, k_block, real_step = _k_split(k // tile_k, splits, split)
 
-    def weight_operand(w_smem, wg):
-        """This warpgroup's [rows, tile_k] (group-scaled: [rows, g]) bf16 wgmma A operand."""
+    narrow = weights_nk and not group_size and w_ref.dtype != a_ref.dtype  # int8 | fp8 weights, bf16 tokens
+
+    def weight_operand(w_smem, wg, ks=slice(None)):
+        """This warpgroup's [rows, tile_k] (group-scaled: [rows, g]) bf16 wgmma A operand; ``ks``: a K chunk
+        of it (narrow weights only)."""
         if not weights_nk:  # [tile_k, tile_n] bf16: a transposed SMEM view
             return w_smem.at[:, pl.ds(wg * rows, rows)].T
         if w_smem.dtype == a_ref.dtype:  # bf16 x bf16, or 8-bit x 8-bit: K-major straight from SMEM
             return w_smem.at[pl.ds(wg * rows, rows)]
-        w = w_smem[pl.ds(wg * rows, rows)]  # narrow, SMEM -> registers, dequantized there
+        tile = w_smem.at[pl.ds(wg * rows, rows), ks]  # narrow, SMEM -> registers, dequantized there
+        if narrow and not dequant_via_smem:  # 4 bytes a thread, converted in place; K order: swap_k_bits
+            return narrow_operand.upcast_operand(plgpu.load(tile, layout=narrow_operand.load_layout()))
+        w = tile[...]
         if w.dtype not in (jnp.int8, jnp.int4):  # Hopper converts fp8 only to f16/f32 (with this ptxas): go via f32
             w = w.astype(jnp.float32)
         w = w.astype(jnp.bfloat16)
+        if narrow:  # the interpreter: the operand's K order of the register path
+            w = narrow_operand.swap_k_bits(w)
         if dequant_via_smem:  # the GPU interpreter runs wgmma only on SMEM operands
-            deq_smem[0][wg] = w
+            deq_smem[0][wg, :, ks] = w
             plgpu.commit_smem()
-            return deq_smem[0].at[wg]
+            return deq_smem[0].at[wg, :, ks]
         return w
+
+    chunk = min(tile_k, NARROW_CHUNK_K) if narrow and NARROW_CHUNK_K else tile_k
 
     def step(indices, a_smem, w_smem, acc_ref):  # a_smem [Mp, tile_k] bf16
         @pl.when(real_step(indices[0]))  # past K (uneven split): the clamped block is skipped
         def _():
-            plgpu.wgmma(acc_ref, weight_operand(w_smem, lax.axis_index("wg")), a_smem.T)
+            # Narrow weights in K chunks: chunk c + 1 is loaded and converted while chunk c's wgmma runs.
+            for c in range(tile_k // chunk):
+                ks = pl.ds(c * chunk, chunk) if chunk < tile_k else slice(None)
+                plgpu.wgmma(acc_ref, weight_operand(w_smem, lax.axis_index("wg"), ks), a_smem.at[:, ks].T)
+                if c:
+                    plgpu.wgmma_wait(1)  # chunk c - 1's registers are free
             plgpu.wgmma_wait(0)  # the memory warpgroup refills this stage's slots next
 
         return acc_ref
@@ -223,8 +246,9 @@ def small_m_heuristic(m: int, k: int, n: int, weight_itemsize: float, tile_ks: t
                       activation_itemsize: int = 2) -> dict:
     """Untuned small-M tiles: 128 output channels per CTA (64 per compute warpgroup), 32 KiB weight
     steps (tile_k 128 for bf16, 256 for one-byte weights, where K allows), and the deepest pipeline
-    (2-4 stages) that leaves room for two CTAs per SM - measured faster on an H100 than one CTA with a
-    deeper pipeline (benchmarks/tune_matmul.py); split-K by ``tuning.split_k``'s memory-bound model (enough
+    (2-4 stages) within half an SM's SMEM - measured faster on an H100 than a deeper pipeline
+    (benchmarks/tune_matmul.py; not from a second CTA on the SM: ncu on an H200 shows the registers, 168 a
+    thread, allow one); split-K by ``tuning.split_k``'s memory-bound model (enough
     CTAs to reach the HBM bandwidth, no more: each split adds f32 partial sums and their XLA sum).
     ``weight_itemsize``: bytes per weight, fractional for 4-bit codes (with their group scales);
     ``tile_ks``: the tile_k candidates, widest first (default: the 32 KiB step, 128, 64);
@@ -236,7 +260,7 @@ def small_m_heuristic(m: int, k: int, n: int, weight_itemsize: float, tile_ks: t
     fields = {}
     for stages in (4, 3, 2):
         fields = dict(tile_n=tile_n, tile_k=tile_k, num_stages=stages, num_k_splits=1)
-        if small_m_smem_bytes(MatmulConfig(**fields), m, weight_itemsize, activation_itemsize) <= TWO_CTA_SMEM_BUDGET:
+        if small_m_smem_bytes(MatmulConfig(**fields), m, weight_itemsize, activation_itemsize) <= HALF_SM_SMEM_BUDGET:
             break
     fields["num_k_splits"] = tuning.split_k(pl.cdiv(n, tile_n), k // tile_k, step_bytes=tile_n * tile_k * weight_itemsize,
                                             partial_bytes_per_split=n * m_pad * 4, memory_bound=True)
@@ -303,6 +327,8 @@ def small_m_partial_sums(a, w, config, weights_nk: bool = False, group_scales=No
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
+    if not group_size and weights_nk and w.dtype != a.dtype:  # 8-bit weights: the operand's K order
+        a = narrow_operand.swap_k_bits(a)
     return kernel(jnp.pad(a, ((0, m_pad - m), (0, 0))), w, *(() if group_scales is None else (group_scales,)))
 
 

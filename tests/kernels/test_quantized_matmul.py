@@ -28,6 +28,8 @@ def random_quantized(m, k, n, weight_dtype, seed):
     (16, 256, 128, None),
     (9, 256, 256, qm.QuantizedMatmulConfig(tile_n=256, tile_k=128, num_stages=2)),  # M padded to 16, 128 rows/wg
     (4, 384, 256, qm.QuantizedMatmulConfig(tile_n=128, tile_k=128, num_stages=2, num_k_splits=2)),
+    (8, 512, 256, qm.QuantizedMatmulConfig(tile_n=128, tile_k=256, num_stages=2)),  # 2 K chunks a step
+    (5, 1152, 128, qm.QuantizedMatmulConfig(tile_n=128, tile_k=384, num_stages=2, num_k_splits=2)),  # 3 chunks, 2 + 1 steps
     (100, 384, 128, None),  # M > 64 on the small-M kernel
     (150, 128, 256, None),  # large M: dequantize + bf16 prefill kernel
 ])
