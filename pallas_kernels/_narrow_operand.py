@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental.mosaic.gpu import fragmented_array as fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jax._src.lib.mlir import ir
+from jaxlib.mlir import ir  # the MLIR bindings Mosaic GPU builds with (not a private jax module)
 
 K_BLOCK = 16  # the permutation acts within each 16 consecutive K
 
