@@ -14,7 +14,7 @@ Two kernels, picked by M:
     warp-specialized pipeline gives the compute warpgroups the register file, 168 registers a thread at
     launch); partial sums (f32) are added and transposed in XLA. The same kernel takes
     int8 / fp8 weights [N, K] for ``quantized_matmul``, dequantized in registers (4 bytes a thread,
-    converted and used in place as the wgmma operand, the tokens' K permuted to match: ``_narrow_operand``;
+    converted to f16 and used in place as the wgmma operand against f16 tokens in the matching K order: ``_narrow_operand``;
     in K chunks of ``NARROW_CHUNK_K``, one chunk converted while the previous one's wgmma runs), and group-scaled int4
     codes [G, N, g] for ``int4_matmul``: each group's dot goes to a fresh wgmma accumulator that is
     added to a register accumulator scaled per output channel. With 8-bit tokens of the weights' type
@@ -125,11 +125,12 @@ def _k_split(total_steps: int, splits: int, split):
 
 
 def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_smem: bool, group_size: int = 0):
-    # a_ref [Mp, K] bf16, or int8 | fp8 with w_ref of the same type (8-bit x 8-bit); w_ref [K, N] bf16, or
+    # a_ref [Mp, K] bf16 (f16 with int8 | fp8 weights: _narrow_operand), or int8 | fp8 with w_ref of the same type
+    # (8-bit x 8-bit); w_ref [K, N] bf16, or
     # [N, K] (weights_nk) bf16 | int8 | fp8, or with group_size g > 0 (group-scaled) [G, N, g] int4 codes
     # followed by scale_ref [G, N] f32 (G = K / g); out_ref [S, N, Mp] partial sums of out^T in the
     # accumulator type (f32; int32 for int8 x int8). scratch: out_smem [W, tile_n/W, Mp] of that type (W compute
-    # warpgroups), and with dequant_via_smem a [W, tile_n/W, tile_k or g] bf16 tile for the dequantized weights.
+    # warpgroups), and with dequant_via_smem a [W, tile_n/W, tile_k or g] tile of the dequantized weights (bf16; f16 8-bit).
     scale_ref, (out_ref, out_smem, *deq_smem) = (refs[0], refs[1:]) if group_size else (None, refs)
     tile_n, tile_k, splits = config.tile_n, config.tile_k, config.num_k_splits
     wgs = SMALL_M_COMPUTE_WGS
@@ -138,11 +139,11 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
     n_idx, split = lax.axis_index("n"), lax.axis_index("split")
     steps, k_block, real_step = _k_split(k // tile_k, splits, split)
 
-    narrow = weights_nk and not group_size and w_ref.dtype != a_ref.dtype  # int8 | fp8 weights, bf16 tokens
+    narrow = weights_nk and not group_size and w_ref.dtype != a_ref.dtype  # int8 | fp8 weights, f16 tokens
 
     def weight_operand(w_smem, wg, ks=slice(None)):
-        """This warpgroup's [rows, tile_k] (group-scaled: [rows, g]) bf16 wgmma A operand; ``ks``: a K chunk
-        of it (narrow weights only)."""
+        """This warpgroup's [rows, tile_k] (group-scaled: [rows, g]) wgmma A operand of the tokens' type (bf16; narrow
+        weights: f16, ``_narrow_operand``); ``ks``: a K chunk of it (narrow weights only)."""
         if not weights_nk:  # [tile_k, tile_n] bf16: a transposed SMEM view
             return w_smem.at[:, pl.ds(wg * rows, rows)].T
         if w_smem.dtype == a_ref.dtype:  # bf16 x bf16, or 8-bit x 8-bit: K-major straight from SMEM
@@ -151,11 +152,10 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
         if narrow and not dequant_via_smem:  # 4 bytes a thread, converted in place; K order: swap_k_bits
             return narrow_operand.upcast_operand(plgpu.load(tile, layout=narrow_operand.load_layout()))
         w = tile[...]
-        if w.dtype not in (jnp.int8, jnp.int4):  # Hopper converts fp8 only to f16/f32 (with this ptxas): go via f32
-            w = w.astype(jnp.float32)
-        w = w.astype(jnp.bfloat16)
-        if narrow:  # the interpreter: the operand's K order of the register path
-            w = narrow_operand.swap_k_bits(w)
+        if narrow:  # the interpreter: the register path's operand (f16, K in its order)
+            w = narrow_operand.swap_k_bits(w.astype(narrow_operand.OPERAND_DTYPE))
+        else:  # group-scaled int4 codes
+            w = w.astype(jnp.bfloat16)
         if dequant_via_smem:  # the GPU interpreter runs wgmma only on SMEM operands
             deq_smem[0][wg, :, ks] = w
             plgpu.commit_smem()
@@ -164,7 +164,7 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
 
     chunk = min(tile_k, NARROW_CHUNK_K) if narrow and NARROW_CHUNK_K else tile_k
 
-    def step(indices, a_smem, w_smem, acc_ref):  # a_smem [Mp, tile_k] bf16
+    def step(indices, a_smem, w_smem, acc_ref):  # a_smem [Mp, tile_k] of the tokens' type
         @pl.when(real_step(indices[0]))  # past K (uneven split): the clamped block is skipped
         def _():
             # Narrow weights in K chunks: chunk c + 1 is loaded and converted while chunk c's wgmma runs.
@@ -311,11 +311,12 @@ def small_m_partial_sums(a, w, config, weights_nk: bool = False, group_scales=No
     m_pad, wgs = small_m_m_pad(m), SMALL_M_COMPUTE_WGS
     rows = config.tile_n // wgs
     acc_dtype = jnp.int32 if a.dtype == jnp.int8 else jnp.float32
+    narrow = not group_size and weights_nk and w.dtype != a.dtype  # 8-bit weights: f16 tokens in the operand's K order
     via_smem = (weights_nk or group_size) and w.dtype != a.dtype and interpreting()
     scratch = [plgpu.SMEM((wgs, rows, m_pad), acc_dtype, transforms=smem_transforms(m_pad, acc_dtype))]
     if via_smem:
-        deq_k = group_size or config.tile_k
-        scratch.append(plgpu.SMEM((wgs, rows, deq_k), jnp.bfloat16, transforms=smem_transforms(deq_k, jnp.bfloat16)))
+        deq_k, deq_dtype = group_size or config.tile_k, narrow_operand.OPERAND_DTYPE if narrow else jnp.bfloat16
+        scratch.append(plgpu.SMEM((wgs, rows, deq_k), deq_dtype, transforms=smem_transforms(deq_k, deq_dtype)))
     kernel = plgpu.kernel(
         functools.partial(_small_m_kernel, config=config, weights_nk=weights_nk or bool(group_size),
                           dequant_via_smem=via_smem, group_size=group_size),
@@ -327,8 +328,9 @@ def small_m_partial_sums(a, w, config, weights_nk: bool = False, group_scales=No
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    if not group_size and weights_nk and w.dtype != a.dtype:  # 8-bit weights: the operand's K order
-        a = narrow_operand.swap_k_bits(a)
+    if narrow:
+        sums = kernel(jnp.pad(narrow_operand.operand_tokens(a), ((0, m_pad - m), (0, 0))), w)
+        return sums * (1 / narrow_operand.TOKEN_SCALE)  # exact (a power of two); fused into the caller's epilogue
     return kernel(jnp.pad(a, ((0, m_pad - m), (0, 0))), w, *(() if group_scales is None else (group_scales,)))
 
 

@@ -9,10 +9,10 @@ narrow type: one byte per weight, half the bytes of bf16, which is the whole poi
 sizes where the matmul is bound by reading weights. Small M (M <= ``matmul.SMALL_M_MAX``) runs
 ``matmul``'s warp-specialized small-M kernel (``small_m_partial_sums``): a memory warpgroup
 TMA-streams tile_n x tile_k int8/fp8 tiles, each of two compute warpgroups loads its half into
-registers 4 bytes a thread, converts them to bf16 there and feeds them, as they lie, to wgmma as the
-A operand against the token tile, whose K order the wrapper permutes to match (``_narrow_operand``:
+registers 4 bytes a thread, converts them to f16 there (exact) and feeds them, as they lie, to wgmma as
+the A operand against the token tile: the tokens, f16 times 2^-8, K permuted to match (``_narrow_operand``:
 no data moves between threads; the GPU interpreter, which runs wgmma only from SMEM, stages the
-bf16 tile through SMEM instead, in the same K order). The per-channel scale multiplies the f32
+f16 tile through SMEM instead, in the same K order). The per-channel scale multiplies the f32
 partial sums in the XLA epilogue that also adds the split-K partials and transposes.
 
 Large M (prefill, M > ``matmul.SMALL_M_MAX``) is compute-bound, so the wrapper dequantizes the
