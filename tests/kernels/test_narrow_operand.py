@@ -33,6 +33,18 @@ def test_swap_k_bits_permutes_each_16_by_swapping_index_bits_1_and_3():
         narrow.swap_k_bits(jnp.zeros((2, 24)))
 
 
+def test_operand_tokens_are_exact_over_the_documented_range():
+    """f16 x 2^-8 holds every bf16 token with |a| in [2^-8, 1.6e7] exactly, and smaller ones within 2^-17."""
+    magnitudes = jnp.logspace(-8, 23, 4096, base=2.0)  # 2^-8 .. 2^23 (> 1.6e7 is 2^23.9)
+    signs = jnp.where(jnp.arange(4096) % 2 == 0, 1.0, -1.0)
+    a = (magnitudes * signs).astype(jnp.bfloat16).reshape(4, 1024)
+    back = narrow.swap_k_bits(narrow.operand_tokens(a).astype(jnp.float32) / narrow.TOKEN_SCALE)
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(a.astype(jnp.float32)))
+    tiny = (jax.random.normal(jax.random.key(0), (2, 64)) * 2.0 ** -12).astype(jnp.bfloat16)
+    back = narrow.swap_k_bits(narrow.operand_tokens(tiny).astype(jnp.float32) / narrow.TOKEN_SCALE)
+    assert float(jnp.max(jnp.abs(back - tiny.astype(jnp.float32)))) <= 2.0 ** -17
+
+
 def held_elements(layout, shape):
     """{(warp, lane, register index, vector position): (row, column)} of a TiledLayout over ``shape``, from its
     tiling (each tile splits the trailing dims into (outer, tile)) and the warp / lane / vector dimensions."""
