@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 
 
+WARMUP_BATCHES = 3  # time_ms's warm-up in a multi-process job (the same count in every process)
+
+
 def batch_ms(fn, *args, iterations: int) -> float:
     """Wall ms per call of ``iterations`` queued calls of ``fn(*args)``, blocked on once."""
     start = time.perf_counter()
@@ -26,11 +29,17 @@ def time_ms(fn, *args, iterations: int = 20, warmup_s: float = 0.2) -> float:
     """Median wall time per call (ms) over 5 batches of ``iterations`` queued calls, after ``warmup_s`` seconds of
     calls: a GPU left idle (e.g. while a sweep compiles its next candidate) clocks down, and short programs timed
     straight after read up to 2x slow (H200, session 20: one small-M config at 11.6 and 19.7 µs in two runs).
+    In a job of several processes ``fn`` is a collective every process must call as often as the others, so the
+    warm-up is a fixed ``WARMUP_BATCHES`` batches there, not a time.
     (CUPTI via ``mosaic.gpu.profiler.measure`` returned no timings on these machines.)"""
     jax.block_until_ready(fn(*args))
-    began = time.perf_counter()
-    while time.perf_counter() - began < warmup_s:
-        batch_ms(fn, *args, iterations=iterations)
+    if jax.process_count() > 1:
+        for _ in range(WARMUP_BATCHES):
+            batch_ms(fn, *args, iterations=iterations)
+    else:
+        began = time.perf_counter()
+        while time.perf_counter() - began < warmup_s:
+            batch_ms(fn, *args, iterations=iterations)
     return statistics.median(batch_ms(fn, *args, iterations=iterations) for _ in range(5))
 
 
