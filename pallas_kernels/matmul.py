@@ -53,8 +53,8 @@ HALF_SM_SMEM_BUDGET = 228 * 1024 // 2 - 1024 - 256  # half an SM's 228 KiB, less
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))  # float32: small-M kernel only
 _SMALL_M_ALIGN = 8  # wgmma N (the token side) comes in multiples of 8
 # Narrow (int8 / fp8) weights are converted and fed to wgmma in K chunks of this many (one 128-byte swizzle row),
-# so one chunk's conversion overlaps the previous chunk's wgmma; 0: the whole tile_k at once (ncu, H200, gate_up
-# at M = 8, tile_k 256, weights then loaded 2 bytes a thread: int8 38.9 -> 38.4 µs, fp8 35.9 -> 34.9 µs with 128).
+# so one chunk's conversion overlaps the previous chunk's wgmma (ncu, H200, gate_up at M = 8, tile_k 256, weights
+# then loaded 2 bytes a thread: int8 38.9 -> 38.4 µs, fp8 35.9 -> 34.9 µs against the whole tile_k at once).
 NARROW_CHUNK_K = 128
 _GROUP_DOT_REGS = 96  # group-scaled weights: registers per thread for the group wgmmas in flight (a guess, untuned)
 # Large-M kernel: SMEM per CTA up to Hopper's 227 KiB less 1 KiB for the pipeline's barriers (its default
@@ -124,8 +124,9 @@ def _k_split(total_steps: int, splits: int, split):
     return steps, lambda kk: jnp.minimum(first + kk, last_block), lambda kk: first + kk <= last_block
 
 
-def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_smem: bool, group_size: int = 0):
-    # a_ref [Mp, K] bf16 (f16 with int8 | fp8 weights: _narrow_operand), or int8 | fp8 with w_ref of the same type
+def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, narrow: bool, dequant_via_smem: bool,
+                    group_size: int = 0):
+    # a_ref [Mp, K] bf16 (f16 with int8 | fp8 weights, ``narrow``: _narrow_operand), or int8 | fp8 with w_ref of the same type
     # (8-bit x 8-bit); w_ref [K, N] bf16, or
     # [N, K] (weights_nk) bf16 | int8 | fp8, or with group_size g > 0 (group-scaled) [G, N, g] int4 codes
     # followed by scale_ref [G, N] f32 (G = K / g); out_ref [S, N, Mp] partial sums of out^T in the
@@ -138,8 +139,6 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
     m_pad, k = a_ref.shape
     n_idx, split = lax.axis_index("n"), lax.axis_index("split")
     steps, k_block, real_step = _k_split(k // tile_k, splits, split)
-
-    narrow = weights_nk and not group_size and w_ref.dtype != a_ref.dtype  # int8 | fp8 weights, f16 tokens
 
     def weight_operand(w_smem, wg, ks=slice(None)):
         """This warpgroup's [rows, tile_k] (group-scaled: [rows, g]) wgmma A operand of the tokens' type (bf16; narrow
@@ -162,7 +161,7 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, dequant_via_s
             return deq_smem[0].at[wg, :, ks]
         return w
 
-    chunk = min(tile_k, NARROW_CHUNK_K) if narrow and NARROW_CHUNK_K else tile_k
+    chunk = min(tile_k, NARROW_CHUNK_K) if narrow else tile_k
 
     def step(indices, a_smem, w_smem, acc_ref):  # a_smem [Mp, tile_k] of the tokens' type
         @pl.when(real_step(indices[0]))  # past K (uneven split): the clamped block is skipped
@@ -274,7 +273,7 @@ def small_m_m_pad(m: int) -> int:
 
 def small_m_smem_bytes(config, m: int, weight_itemsize: float, activation_itemsize: int = 2) -> int:
     """SMEM one CTA of the small-M kernel needs on the GPU: the pipelined token and weight tiles and the
-    f32 / int32 output tile (narrow weights are dequantized in registers; only the interpreter adds a bf16 tile)."""
+    f32 / int32 output tile (narrow weights are dequantized in registers; only the interpreter adds an f16 / bf16 tile)."""
     m_pad = small_m_m_pad(m)
     stages = config.num_stages * (m_pad * config.tile_k * activation_itemsize + config.tile_n * config.tile_k * weight_itemsize)
     return stages + config.tile_n * m_pad * 4
@@ -318,7 +317,7 @@ def small_m_partial_sums(a, w, config, weights_nk: bool = False, group_scales=No
         deq_k, deq_dtype = group_size or config.tile_k, narrow_operand.OPERAND_DTYPE if narrow else jnp.bfloat16
         scratch.append(plgpu.SMEM((wgs, rows, deq_k), deq_dtype, transforms=smem_transforms(deq_k, deq_dtype)))
     kernel = plgpu.kernel(
-        functools.partial(_small_m_kernel, config=config, weights_nk=weights_nk or bool(group_size),
+        functools.partial(_small_m_kernel, config=config, weights_nk=weights_nk or bool(group_size), narrow=narrow,
                           dequant_via_smem=via_smem, group_size=group_size),
         out_type=jax.ShapeDtypeStruct((config.num_k_splits, n, m_pad), acc_dtype),
         scratch_types=tuple(scratch),
@@ -328,10 +327,9 @@ def small_m_partial_sums(a, w, config, weights_nk: bool = False, group_scales=No
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    if narrow:
-        sums = kernel(jnp.pad(narrow_operand.operand_tokens(a), ((0, m_pad - m), (0, 0))), w)
-        return sums * (1 / narrow_operand.TOKEN_SCALE)  # exact (a power of two); fused into the caller's epilogue
-    return kernel(jnp.pad(a, ((0, m_pad - m), (0, 0))), w, *(() if group_scales is None else (group_scales,)))
+    tokens = narrow_operand.operand_tokens(a) if narrow else a
+    sums = kernel(jnp.pad(tokens, ((0, m_pad - m), (0, 0))), w, *(() if group_scales is None else (group_scales,)))
+    return sums * (1 / narrow_operand.TOKEN_SCALE) if narrow else sums  # exact (a power of two); fused downstream
 
 
 def _matmul_small_m(a, w, config: MatmulConfig, out_dtype):

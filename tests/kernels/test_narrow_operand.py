@@ -88,7 +88,7 @@ def test_register_reinterpretation_reads_weight_column_swap_k_bits_of_each_opera
 @pytest.mark.parametrize("weight_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 27392), (16, 4096, 4608), (8, 13696, 4096)])
 def test_register_path_lowers_for_cuda_at_glm4_shapes(m, k, n, weight_dtype):
-    """Outside the interpreter the weights go SMEM -> registers (4 bytes a thread) -> bf16 wgmma operand; Mosaic GPU's
+    """Outside the interpreter the weights go SMEM -> registers (4 bytes a thread) -> f16 wgmma operand; Mosaic GPU's
     layout inference and dialect lowering (which run here, on CPU) must take that for the tabled / default configs."""
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), weight_dtype),
             jax.ShapeDtypeStruct((n,), jnp.float32))
