@@ -6,9 +6,15 @@ Decode speed is isolated from prefill and compilation by timing two generation l
 the extra tokens by the extra time. Also reports offline throughput (``--offline_batch`` prompts at
 once) of ``--offline_schemes`` under each of ``--matmul_backends`` against the best bf16 (with "auto", W8A8
 decode steps of <= 128 tokens run ``pallas_kernels.w8a8_matmul``). Not a test; record the table in
-benchmarks/RESULTS.md (card, jax).
+benchmarks/RESULTS.md (card, jax). The engine holds one sequence (``max_batch_size=1``), so decode runs the
+1-row step program (the kernels pad the token to 8 rows).
 
     PYTHONPATH=. python3 benchmarks/quant_decode.py --schemes=bf16,int8,fp8,int4,w8a8-fp8,w8a8-int8,q8_0,q4_0
+
+Where a decode step's device time goes, per op kind (every kernel named: command buffers off):
+
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= PYTHONPATH=. python3 benchmarks/quant_decode.py \
+      --schemes=bf16,int8 --matmul_backends=auto --offline_batch=0 --profile_tokens=32
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import jax
 from absl import app, flags
 
 from autoglm_jax import LLM, SamplingParams
+from autoglm_jax.tools.device_profile import profile_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "glm-4-9b-chat-hf", "Preset (random weights made on the device).")
@@ -30,6 +37,11 @@ flags.DEFINE_integer("short", 32, "Tokens of the short generation.")
 flags.DEFINE_integer("long", 288, "Tokens of the long generation.")
 flags.DEFINE_integer("offline_batch", 64, "Prompts of the offline-throughput measurement (0 = skip).")
 flags.DEFINE_list("offline_schemes", ["bf16", "w8a8-fp8"], "Schemes of the offline measurement.")
+flags.DEFINE_integer("profile_tokens", 0, "If > 0: after each batch-1 decode timing, trace one untimed generation of "
+                     "this many tokens and print the device ops merged by kind, in µs per token (where a decode step's "
+                     "time goes; the prompt's one prefill call is in it too). Run with "
+                     "XLA_FLAGS=--xla_gpu_enable_command_buffer= to see every kernel by name.")
+flags.DEFINE_integer("profile_top", 30, "--profile_tokens: the op kinds printed.")
 
 
 def _timed(llm, prompts, max_tokens):
@@ -55,9 +67,24 @@ def decode_tokens_per_s(scheme, matmul_backend):
     _timed(llm, prompt, FLAGS.short)  # warm every path
     t_short, _ = _timed(llm, prompt, FLAGS.short)
     t_long, _ = _timed(llm, prompt, FLAGS.long)
+    if FLAGS.profile_tokens:
+        print(f"  {scheme} matmul_backend={matmul_backend}: " + _decode_profile(llm, prompt), flush=True)
     del llm
     gc.collect()
     return (FLAGS.long - FLAGS.short) / (t_long - t_short)
+
+
+def _decode_profile(llm, prompt) -> str:
+    """The device ops of one ``--profile_tokens`` generation, merged by kind, as µs per generated token."""
+    tokens = FLAGS.profile_tokens
+    profile = profile_device(lambda: _timed(llm, prompt, tokens), warmup=0, python_tracer=False).by_kind()
+    if not profile.num_devices:
+        return profile.format()
+    lines = [f"trace of {tokens} tokens: device busy {profile.busy_ms * 1e3 / tokens:.1f} µs/token over a span of "
+             f"{profile.span_ms * 1e3 / tokens:.1f}, {profile.num_kernels / tokens:.1f} kernels/token"]
+    lines += [f"    {ms * 1e3 / tokens:8.2f} µs/token {calls / tokens:6.1f}/token  {name[:100]}"
+              for name, ms, calls in profile.top(FLAGS.profile_top)]
+    return "\n".join(lines)
 
 
 def offline_tokens_per_s(scheme, matmul_backend):

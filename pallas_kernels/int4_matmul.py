@@ -143,10 +143,9 @@ def int4_matmul(a, codes, scales, offsets=None, config: Int4MatmulConfig | None 
     if m > KERNEL_M_MAX:
         return bf16_matmul.matmul(a, dequantize(codes, scales, offsets, jnp.bfloat16), out_dtype=out_dtype)
     partial_sums = bf16_matmul.small_m_partial_sums(a, codes, config, group_scales=scales)  # [S, N, Mp]
-    out = partial_sums.sum(axis=0)[:, :m].T  # [M, N] f32
-    if offsets is not None:
-        out = out + jnp.dot(group_sums(a, group_size), offsets, precision=lax.Precision.HIGHEST)
-    return out.astype(out_dtype)
+    offset_term = None if offsets is None else (
+        lambda out: out + jnp.dot(group_sums(a, group_size), offsets, precision=lax.Precision.HIGHEST))
+    return bf16_matmul.small_m_result(partial_sums, m, out_dtype, offset_term)
 
 
 def int4_matmul_reference(a, codes, scales, offsets=None):

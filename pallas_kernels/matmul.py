@@ -61,6 +61,12 @@ _GROUP_DOT_REGS = 96  # group-scaled weights: registers per thread for the group
 # 128 x 256 tiles, tile_k 64, 4 stages take 224 KiB and run on an H100).
 LARGE_M_SMEM_BUDGET = 227 * 1024 - 1024
 _EPILOGUE_ROWS, _EPILOGUE_ROW_BYTES = 64, 128  # large-M epilogue piece: 64 x 64 bf16, or 64 x 32 f32 partial sums
+# Split-K partial sums are added in an XLA fusion of their own (``small_m_result``). Left to XLA, the sum is fused
+# into each consumer: into an RMSNorm's reduction over N (GLM-4-0414's post-attention norm of o_proj's output at
+# one token: the whole [S, N, 8] f32 read by that reduction's single thread block, 5.6 µs a layer, H200 trace of
+# session 21), and into each of several consumers (qkv's: K cache write, V cache write, q rotary), each adding
+# the S partials again.
+SPLIT_SUMS_APART = True
 _FLOPS_PER_HBM_BYTE = 295  # H100 SXM: 989 dense bf16 TFLOP/s / 3.35 TB/s (the large-M split-K heuristic's cost unit)
 
 
@@ -332,9 +338,18 @@ def small_m_partial_sums(a, w, config, weights_nk: bool = False, group_scales=No
     return sums * (1 / narrow_operand.TOKEN_SCALE) if narrow else sums  # exact (a power of two); fused downstream
 
 
+def small_m_result(partial_sums, m: int, out_dtype, epilogue=None):
+    """[S, N, Mp] partial sums of ``small_m_partial_sums`` -> [M, N] in out_dtype: added over S, the M real
+    rows kept, transposed, ``epilogue`` ([M, N] sums in the accumulator type -> [M, N] f32: scales, offsets)
+    applied, rounded once. With S > 1 (and ``SPLIT_SUMS_APART``) the result is its own XLA fusion (an
+    optimization barrier), not fused into its consumers (see ``SPLIT_SUMS_APART``)."""
+    out = partial_sums.sum(axis=0)[:, :m].T
+    out = (out if epilogue is None else epilogue(out)).astype(out_dtype)
+    return lax.optimization_barrier(out) if SPLIT_SUMS_APART and partial_sums.shape[0] > 1 else out
+
+
 def _matmul_small_m(a, w, config: MatmulConfig, out_dtype):
-    partial_sums = small_m_partial_sums(a, w, config)  # [S, N, Mp]
-    return partial_sums.sum(axis=0)[:, :a.shape[0]].T.astype(out_dtype)
+    return small_m_result(small_m_partial_sums(a, w, config), a.shape[0], out_dtype)
 
 
 def large_m_smem_bytes(config: MatmulConfig) -> int:

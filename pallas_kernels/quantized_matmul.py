@@ -13,7 +13,7 @@ registers 4 bytes a thread, converts them to f16 there (exact) and feeds them, a
 the A operand against the token tile: the tokens, f16 times 2^-8, K permuted to match (``_narrow_operand``:
 no data moves between threads; the GPU interpreter, which runs wgmma only from SMEM, stages the
 f16 tile through SMEM instead, in the same K order). The per-channel scale multiplies the f32
-partial sums in the XLA epilogue that also adds the split-K partials and transposes.
+sums in the XLA epilogue that also adds the split-K partials and transposes (``matmul.small_m_result``).
 
 Large M (prefill, M > ``matmul.SMALL_M_MAX``) is compute-bound, so the wrapper dequantizes the
 weights once to bf16 in XLA and uses ``matmul``'s prefill kernel.
@@ -125,8 +125,7 @@ def quantized_matmul(a, w_q, scale, config: QuantizedMatmulConfig | None = None,
     if m > bf16_matmul.SMALL_M_MAX:
         return bf16_matmul.matmul(a, dequantize(w_q, scale, jnp.bfloat16))
     partial_sums = bf16_matmul.small_m_partial_sums(a, w_q, config, weights_nk=True)  # [S, N, Mp]
-    out_t = partial_sums.sum(axis=0) * scale[:, None].astype(jnp.float32)
-    return out_t[:, :m].T.astype(out_dtype)
+    return bf16_matmul.small_m_result(partial_sums, m, out_dtype, lambda out: out * scale.astype(jnp.float32))
 
 
 def quantized_matmul_reference(a, w_q, scale):

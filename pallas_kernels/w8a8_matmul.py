@@ -111,7 +111,7 @@ def w8a8_matmul(a_q, a_scale, w_q, w_scale, config: W8A8MatmulConfig | None = No
         acc = lax.dot_general(a_q, w_q, (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype)  # [M, N]
         return _scaled(acc.T, a_scale, w_scale).T.astype(out_dtype)
     partial_sums = bf16_matmul.small_m_partial_sums(a_q, w_q, config, weights_nk=True)  # [S, N, Mp]
-    return _scaled(partial_sums.sum(axis=0)[:, :m], a_scale, w_scale).T.astype(out_dtype)
+    return bf16_matmul.small_m_result(partial_sums, m, out_dtype, lambda acc: _scaled(acc.T, a_scale, w_scale).T)
 
 
 def w8a8_matmul_reference(a_q, a_scale, w_q, w_scale):

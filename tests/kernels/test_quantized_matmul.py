@@ -61,3 +61,18 @@ def test_rejects_bad_shapes():
 def test_glm4_gate_up_gpu(weight_dtype, m):
     a, w_q, scale = random_quantized(m, 4096, 27392, weight_dtype, seed=m)
     assert_close(qm.quantized_matmul(a, w_q, scale), qm.quantized_matmul_reference(a, w_q, scale), what="gate_up")
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_split_sums_are_their_own_fusion(splits, kernel_context):
+    """With split-K the partial sums are added behind an optimization barrier (``matmul.small_m_result``): XLA
+    must not fuse that sum into the consumers (an RMSNorm's single-block reduction re-read all S partials)."""
+    a, w_q, scale = random_quantized(1, 512, 256, jnp.int8, seed=3)
+    config = qm.QuantizedMatmulConfig(tile_n=128, tile_k=128, num_stages=2, num_k_splits=splits)
+    consumer = jax.jit(lambda a, w, s: jnp.sum(qm.quantized_matmul(a, w, s, config=config).astype(jnp.float32) ** 2))
+    with kernel_context():
+        text = consumer.lower(a, w_q, scale).as_text()
+        out = consumer(a, w_q, scale)
+    assert ("optimization_barrier" in text) == (splits > 1)
+    ref = jnp.sum(qm.quantized_matmul_reference(a, w_q, scale).astype(jnp.bfloat16).astype(jnp.float32) ** 2)
+    assert_close(out, ref, what=f"sum of squares, {splits} splits")
