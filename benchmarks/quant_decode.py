@@ -6,8 +6,9 @@ Decode speed is isolated from prefill and compilation by timing two generation l
 the extra tokens by the extra time. Also reports offline throughput (``--offline_batch`` prompts at
 once) of ``--offline_schemes`` under each of ``--matmul_backends`` against the best bf16 (with "auto", W8A8
 decode steps of <= 128 tokens run ``pallas_kernels.w8a8_matmul``). Not a test; record the table in
-benchmarks/RESULTS.md (card, jax). The engine holds one sequence (``max_batch_size=1``), so decode runs the
-1-row step program (the kernels pad the token to 8 rows).
+benchmarks/RESULTS.md (card, jax). By default the engine holds one sequence (``max_batch_size=1``), so decode runs
+the 1-row step program (the kernels pad the token to 8 rows); ``--decode_slots=8`` gives it the slots of a serving
+engine, whose ladder runs one sequence in the 8-row program on a GPU (``engine.buckets``).
 
     PYTHONPATH=. python3 benchmarks/quant_decode.py --schemes=bf16,int8,fp8,int4,w8a8-fp8,w8a8-int8,q8_0,q4_0
 
@@ -42,6 +43,9 @@ flags.DEFINE_integer("profile_tokens", 0, "If > 0: after each batch-1 decode tim
                      "time goes; the prompt's one prefill call is in it too). Run with "
                      "XLA_FLAGS=--xla_gpu_enable_command_buffer= to see every kernel by name.")
 flags.DEFINE_integer("profile_top", 30, "--profile_tokens: the op kinds printed.")
+flags.DEFINE_integer("decode_slots", 1, "Engine max_batch_size of the batch-1 decode measurement (one sequence either "
+                     "way): 1 runs the 1-row step program; >= 8 on a GPU the 8-row program a serving engine runs one "
+                     "sequence in (engine.buckets).")
 
 
 def _timed(llm, prompts, max_tokens):
@@ -62,7 +66,7 @@ def _engine(scheme, batch, matmul_backend="xla"):
 
 
 def decode_tokens_per_s(scheme, matmul_backend):
-    llm = _engine(scheme, 1, matmul_backend)
+    llm = _engine(scheme, FLAGS.decode_slots, matmul_backend)
     prompt = [{"prompt_token_ids": list(range(10, 10 + FLAGS.prompt_len))}]
     _timed(llm, prompt, FLAGS.short)  # warm every path
     t_short, _ = _timed(llm, prompt, FLAGS.short)

@@ -12,7 +12,8 @@ Two kernels, picked by M:
     tile_n / 2 output channels. Grid (N / tile_n, num_k_splits): split-K (uneven splits allowed:
     the last split skips the steps past K) spreads the weights over every SM (one CTA per SM: the
     warp-specialized pipeline gives the compute warpgroups the register file, 168 registers a thread at
-    launch); partial sums (f32) are added and transposed in XLA. The same kernel takes
+    launch); partial sums (f32) are added and transposed in XLA (``small_m_result``: with split-K in a fusion
+    of their own, not inside each consumer). The same kernel takes
     int8 / fp8 weights [N, K] for ``quantized_matmul``, dequantized in registers (4 bytes a thread,
     converted to f16 and used in place as the wgmma operand against f16 tokens in the matching K order: ``_narrow_operand``;
     in K chunks of ``NARROW_CHUNK_K``, one chunk converted while the previous one's wgmma runs), and group-scaled int4
