@@ -16,7 +16,7 @@ losing the whole run; a test failure is never retried.
 import gc
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # on a GPU machine: JAX_PLATFORMS=cuda,cpu (tests/kernels/conftest.py)
 # The GPU interpreter needs a CPU thread per warpgroup (pallas_kernels/_interpret.py); CI has 2 cores.
 os.environ.setdefault("PJRT_NPROC", "8")
 

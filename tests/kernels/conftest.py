@@ -2,7 +2,9 @@
 
 On a machine without a GPU every kernel runs in the Mosaic GPU interpreter (``gpu_interpret``);
 on a GPU the same tests run the compiled kernels. ``gpu``-marked tests are skipped on CPU by
-``tests/conftest.py`` (run with ``JAX_PLATFORMS=cuda`` on a GPU machine).
+``tests/conftest.py``. On a GPU machine run with ``JAX_PLATFORMS=cuda,cpu``: the GPU is the default backend, and
+the tests that run the interpreter on purpose (``gpu_interpret`` around a kernel) find the CPU device it needs
+(with ``cuda`` alone their ``io_callback`` fails: session 21).
 """
 
 from __future__ import annotations

@@ -51,12 +51,12 @@ def test_matches_reference(dtype, m, k, n, config, out_dtype, kernel_context):
                  what=f"{jnp.dtype(dtype).name} {m}x{k}x{n}")
 
 
-def test_int8_sums_are_exact():
+def test_int8_sums_are_exact(kernel_context):
     """int8 x int8 accumulates in int32 (split-K partials too): with unit scales the result is the exact integer."""
     a_q, _, w_q, _ = random_w8a8(5, 512, 128, jnp.int8, seed=7)
     ones_m, ones_n = jnp.ones((5,), jnp.float32), jnp.ones((128,), jnp.float32)
     config = w8.W8A8MatmulConfig(tile_n=128, tile_k=128, num_stages=2, num_k_splits=3)
-    with gpu_interpret():
+    with kernel_context():  # on a GPU the real kernel (the interpreter needs a CPU device: JAX_PLATFORMS=cuda has none)
         out = w8.w8a8_matmul(a_q, ones_m, w_q, ones_n, config=config, out_dtype=jnp.float32)
     exact = np.asarray(a_q, np.int64) @ np.asarray(w_q, np.int64).T
     np.testing.assert_array_equal(np.asarray(out, np.float64), exact.astype(np.float64))
