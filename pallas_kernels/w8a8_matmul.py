@@ -91,9 +91,9 @@ def _check_args(a_q, a_scale, w_q, w_scale, config: W8A8MatmulConfig, out_dtype)
         raise ValueError(error)
 
 
-def _scaled(acc_t, a_scale, w_scale):
-    """acc_t [N, M] int32 | f32 -> f32 (acc * a_scale[m]) * w_scale[n], in the order of the model's XLA rule."""
-    return acc_t.astype(jnp.float32) * a_scale[None, :].astype(jnp.float32) * w_scale[:, None].astype(jnp.float32)
+def _scaled(acc, a_scale, w_scale):
+    """acc [M, N] int32 | f32 -> f32 (acc * a_scale[m]) * w_scale[n], in the order of the model's XLA rule."""
+    return acc.astype(jnp.float32) * a_scale[:, None].astype(jnp.float32) * w_scale[None, :].astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype"))
@@ -109,9 +109,9 @@ def w8a8_matmul(a_q, a_scale, w_q, w_scale, config: W8A8MatmulConfig | None = No
     acc_dtype = jnp.int32 if a_q.dtype == jnp.int8 else jnp.float32
     if m > bf16_matmul.SMALL_M_MAX:
         acc = lax.dot_general(a_q, w_q, (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype)  # [M, N]
-        return _scaled(acc.T, a_scale, w_scale).T.astype(out_dtype)
+        return _scaled(acc, a_scale, w_scale).astype(out_dtype)
     partial_sums = bf16_matmul.small_m_partial_sums(a_q, w_q, config, weights_nk=True)  # [S, N, Mp]
-    return bf16_matmul.small_m_result(partial_sums, m, out_dtype, lambda acc: _scaled(acc.T, a_scale, w_scale).T)
+    return bf16_matmul.small_m_result(partial_sums, m, out_dtype, lambda acc: _scaled(acc, a_scale, w_scale))
 
 
 def w8a8_matmul_reference(a_q, a_scale, w_q, w_scale):
