@@ -37,6 +37,7 @@ from jaxlib.mlir import ir  # the MLIR bindings Mosaic GPU builds with (not a pr
 
 K_BLOCK = 16  # the permutation acts within each 16 consecutive K
 OPERAND_DTYPE = jnp.dtype(jnp.float16)
+LOAD_LAYOUT = plgpu.Layout.WGMMA_UPCAST_2X  # the layout the 8-bit tile is loaded in before ``upcast_operand``
 TOKEN_SCALE = 2.0 ** -8  # tokens enter f16 times this (a power of two: exact); the sums are divided by it
 # int8 -> f16 of one 32-bit register of 4 weights (bytes b0..b3) into two f16x2 registers ($0: b0, b1; $1: b2, b3):
 # u = b ^ 0x80 is the weight + 128; f16 0x64uu = 1024 + u; minus 1152 (0x6480) = the weight, exactly.
@@ -68,23 +69,18 @@ def operand_tokens(a):
 
 
 def operand_register(idx: tuple[int, ...], half: int) -> tuple[int, ...]:
-    """The wgmma-layout register index that takes elements [2 * half, 2 * half + 2) of the ``load_layout()`` register
+    """The wgmma-layout register index that takes elements [2 * half, 2 * half + 2) of the ``LOAD_LAYOUT`` register
     at ``idx``: [row tiles, 16-column tiles, ..., row half, ...] -> [row tiles, 8-column tiles, ..., row half, ...]
     (the load layout's register index has one more, trailing, dimension)."""
     return (idx[0], 2 * idx[1] + half, *idx[2:-1])
 
 
-def load_layout():
-    """The layout to load the 8-bit tile in before ``upcast_operand``."""
-    return plgpu.Layout.WGMMA_UPCAST_2X
-
-
 def upcast_operand(w):
-    """w [R, C] int8 | float8_e4m3fn in ``load_layout()`` (R a multiple of 64, C of 16) -> [R, C] f16 in the wgmma
+    """w [R, C] int8 | float8_e4m3fn in ``LOAD_LAYOUT`` (R a multiple of 64, C of 16) -> [R, C] f16 in the wgmma
     A layout, whose column o is w's column swap_k_bits(o). Each thread converts its own registers; nothing moves."""
     shape, dtype = tuple(w.shape), jnp.dtype(w.dtype)
 
-    @plgpu.inline_mgpu(arg_types=(load_layout(),),
+    @plgpu.inline_mgpu(arg_types=(LOAD_LAYOUT,),
                        return_type=plgpu.ShapeDtypeStruct(shape, OPERAND_DTYPE, layout=plgpu.Layout.WGMMA))
     def upcast(_, x):
         f16, i32 = ir.F16Type.get(), ir.IntegerType.get_signless(32)

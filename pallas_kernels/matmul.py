@@ -156,7 +156,7 @@ def _small_m_kernel(a_ref, w_ref, *refs, config, weights_nk: bool, narrow: bool,
             return w_smem.at[pl.ds(wg * rows, rows)]
         tile = w_smem.at[pl.ds(wg * rows, rows), ks]  # narrow, SMEM -> registers, dequantized there
         if narrow and not dequant_via_smem:  # 4 bytes a thread, converted in place; K order: swap_k_bits
-            return narrow_operand.upcast_operand(plgpu.load(tile, layout=narrow_operand.load_layout()))
+            return narrow_operand.upcast_operand(plgpu.load(tile, layout=narrow_operand.LOAD_LAYOUT))
         w = tile[...]
         if narrow:  # the interpreter: the register path's operand (f16, K in its order)
             w = narrow_operand.swap_k_bits(w.astype(narrow_operand.OPERAND_DTYPE))
